@@ -1,0 +1,116 @@
+"""Failure names and the one table of patterns that recognises them in pw.x's output."""
+
+from __future__ import annotations
+
+import re
+import signal
+from dataclasses import dataclass, field
+from enum import Enum
+
+from qe_factory.parsers import PwOutput
+
+
+class DFTErrorType(Enum):
+    """Every outcome of a pw.x run has a name, a number and a message users can search for."""
+
+    OK = (0, "converged SCF with energy, forces and stress")
+    SCF_NOT_CONVERGED = (410, "SCF did not converge within electron_maxstep")
+    DIAGONALIZATION = (462, "eigensolver failure (Cholesky, S matrix, bands or eigenvectors not converged)")
+    BROYDEN_MIXING = (463, "charge-density mixing (Broyden) broke down")
+    WRONG_CHARGE = (464, "the number of electrons is wrong (smearing or bands)")
+    PW_WALLTIME = (400, "pw.x stopped at max_seconds and saved its state")
+    TIMEOUT = (401, "the factory's timeout killed pw.x")
+    OUT_OF_MEMORY = (320, "killed for lack of memory (OOM killer, SIGKILL or failed allocation)")
+    SIGNAL = (321, "pw.x died on a signal (segmentation fault or similar)")
+    TOO_MANY_POOLS = (330, "more k-point pools than k-points or ranks")
+    MISSING_PSEUDO = (303, "a pseudopotential file could not be read")
+    BAD_INPUT = (302, "pw.x refused the input")
+    GEOMETRY = (304, "atoms too close: the overlap matrix is singular; only the geometry is at fault")
+    OUTPUT_INCOMPLETE = (305, "the output ends early with no JOB DONE and no CRASH file")
+    UNKNOWN = (399, "pw.x failed for a reason not in the table")
+
+    @property
+    def code(self) -> int:
+        return self.value[0]
+
+    @property
+    def message(self) -> str:
+        return self.value[1]
+
+
+# Ordered: the first match wins. Applied to pw.x's error blocks, the CRASH file, stdout and stderr.
+PATTERNS: list[tuple[DFTErrorType, re.Pattern[str]]] = [
+    (DFTErrorType.TOO_MANY_POOLS, re.compile(r"some nodes have no k-points|invalid number of pools")),
+    (DFTErrorType.OUT_OF_MEMORY, re.compile(
+        r"oom-kill|out of memory|cannot allocate memory|error allocating|allocation failed|"
+        r"exited on signal 9\b|\bKilled\b", re.IGNORECASE)),
+    (DFTErrorType.SIGNAL, re.compile(r"segmentation fault|SIGSEGV|SIGBUS|exited on signal \d+", re.IGNORECASE)),
+    (DFTErrorType.MISSING_PSEUDO, re.compile(
+        r"Error in routine\s+(readpp|read_ps\w*|upf\w*|read_upf\w*|import_upf)\b", re.IGNORECASE)),
+    (DFTErrorType.BAD_INPUT, re.compile(
+        r"Error in routine\s+(read_namelists|read_cards|card_\w+|iosys|cell_base_init|setup|input)\b",
+        re.IGNORECASE)),
+    (DFTErrorType.DIAGONALIZATION, re.compile(
+        r"S matrix not positive definite|problems computing cholesky|too many bands are not converged|"
+        r"eigenvectors failed to converge|zhegvd failed|dsyevd failed|\[Q, ?R\] = qr\(X, ?0\) failed|"
+        r"Error in routine\s+[cr]diaghg", re.IGNORECASE)),
+    (DFTErrorType.BROYDEN_MIXING, re.compile(r"Error in routine\s+(mix_rho|broyden|approx_screening)", re.I)),
+    (DFTErrorType.WRONG_CHARGE, re.compile(r"charge is wrong", re.IGNORECASE)),
+    (DFTErrorType.PW_WALLTIME, re.compile(r"Maximum CPU time exceeded")),
+    (DFTErrorType.SCF_NOT_CONVERGED, re.compile(r"convergence NOT achieved")),
+]
+
+_ERROR_LINE = re.compile(
+    r"Error in routine.*|convergence NOT achieved.*|Maximum CPU time exceeded|MPI_ABORT.*|.*signal \d+.*|"
+    r".*[Ss]egmentation fault.*|.*[Kk]illed.*|.*oom.*", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The error type of one run and the lines that show it."""
+
+    error_type: DFTErrorType
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        detail = "; ".join(self.lines[:3])
+        return f"{self.error_type.name} ({self.error_type.code}): {self.error_type.message}" + (
+            f" — {detail}" if detail else ""
+        )
+
+
+def _signal_name(returncode: int) -> str | None:
+    number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else None
+    if number is None:
+        return None
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def classify(
+    output: PwOutput, stdout: str = "", stderr: str = "", returncode: int | None = 0, timed_out: bool = False
+) -> Diagnosis:
+    """Name the outcome of a run from its parsed output, raw texts, exit code and whether we killed it."""
+    if timed_out:
+        return Diagnosis(DFTErrorType.TIMEOUT, [f"killed after the timeout; {output.scf_iterations} SCF iterations"])
+    texts = [*output.errors, output.crash or "", stdout, stderr]
+    for error_type, pattern in PATTERNS:
+        for text in texts:
+            if match := pattern.search(text):
+                lines = list(dict.fromkeys(output.errors + _ERROR_LINE.findall(text)))
+                return Diagnosis(error_type, [line.strip() for line in lines if line.strip()] or [match.group(0)])
+    if returncode is not None and (signal_name := _signal_name(returncode)):
+        kind = DFTErrorType.OUT_OF_MEMORY if signal_name == "SIGKILL" else DFTErrorType.SIGNAL
+        return Diagnosis(kind, [f"exit code {returncode} ({signal_name})"])
+    if output.errors or output.crash:
+        return Diagnosis(DFTErrorType.UNKNOWN, output.errors or [output.crash.strip()[:500]])
+    if output.missing_results() or not output.converged:
+        if not output.job_done:
+            return Diagnosis(DFTErrorType.OUTPUT_INCOMPLETE, [f"exit code {returncode}; no JOB DONE, no CRASH"])
+        return Diagnosis(DFTErrorType.UNKNOWN, [f"exit code {returncode}; missing {output.missing_results()}"])
+    if returncode not in (0, None):
+        return Diagnosis(DFTErrorType.UNKNOWN, [f"exit code {returncode} after a complete run"])
+    return Diagnosis(DFTErrorType.OK)

@@ -1,0 +1,146 @@
+"""InputGenerator: the physics rules that turn an ase.Atoms into a pw.x SCF input."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import re
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.io.espresso import write_espresso_in
+from pydantic import BaseModel
+
+from qe_factory.config import NAMELISTS, DFTConfig
+from qe_factory.pseudos import PseudoFamily, ResolvedPseudo, load_family, resolve_pseudos
+
+# Elements that get a spin-polarised start when the Atoms carry no initial moments (μB per atom).
+MAGNETIC_MOMENTS = {"Cr": 5.0, "Mn": 5.0, "Fe": 5.0, "Co": 5.0, "Ni": 5.0, "Gd": 7.0}
+
+
+class InputError(ValueError):
+    """The requested calculation is not one the factory runs (e.g. a relaxation)."""
+
+
+class PwInput(BaseModel):
+    """A complete, serialisable pw.x parameter set for one structure."""
+
+    parameters: dict[str, dict[str, Any]]
+    kpts: tuple[int, int, int]
+    pseudopotentials: dict[str, str]
+    pseudo_md5: dict[str, str]
+    starting_magnetization: list[float] | None = None
+
+    def namelist_value(self, namelist: str, key: str, default: Any = None) -> Any:
+        """A value of one namelist (e.g. ('electrons', 'mixing_beta'))."""
+        return self.parameters.get(namelist, {}).get(key, default)
+
+
+def kpoint_mesh(atoms: Atoms, density: float) -> tuple[int, int, int]:
+    """Monkhorst-Pack mesh with spacing at most `density` (1/Å, 2π included); 1 along non-periodic axes."""
+    reciprocal_lengths = 2 * math.pi * np.linalg.norm(atoms.cell.reciprocal(), axis=1)
+    return tuple(  # type: ignore[return-value]
+        max(1, math.ceil(length / density - 1e-9)) if periodic else 1
+        for length, periodic in zip(reciprocal_lengths, atoms.pbc)
+    )
+
+
+def irreducible_kpoint_count(kpts: tuple[int, int, int]) -> int:
+    """Points pw.x keeps from an unshifted MP mesh with nosym: time reversal pairs k with -k."""
+    total = math.prod(kpts)
+    self_inverse = math.prod(1 if n % 2 else 2 for n in kpts)
+    return (total + self_inverse) // 2
+
+
+def starting_moments(atoms: Atoms) -> np.ndarray | None:
+    """Initial moments (μB per atom): the Atoms' own if set, else defaults for magnetic elements, else None."""
+    if atoms.has("initial_magmoms"):
+        moments = np.asarray(atoms.get_initial_magnetic_moments(), dtype=float)
+        if moments.ndim != 1:
+            raise InputError("non-collinear initial magnetic moments are not supported")
+        return moments if np.any(moments != 0) else None
+    moments = np.array([MAGNETIC_MOMENTS.get(s, 0.0) for s in atoms.get_chemical_symbols()])
+    return moments if np.any(moments) else None
+
+
+def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    merged = copy.deepcopy(base)
+    for namelist, values in extra.items():
+        if namelist not in NAMELISTS:
+            raise InputError(f"unknown namelist {namelist!r}: use one of {NAMELISTS}")
+        merged.setdefault(namelist, {}).update(values)
+    return merged
+
+
+class InputGenerator:
+    """Chooses pseudopotentials, cutoffs, k-points, smearing and spin for an SCF run."""
+
+    def __init__(self, config: DFTConfig | None = None, family: PseudoFamily | None = None):
+        self.config = config or DFTConfig()
+        self.family = family or load_family(self.config.pseudo_family, self.config.pseudo_dir)
+
+    def pseudos(self, atoms: Atoms) -> dict[str, ResolvedPseudo]:
+        """The checked pseudopotential of each element in the structure."""
+        return resolve_pseudos(self.family, atoms.get_chemical_symbols())
+
+    def generate(self, atoms: Atoms, params: dict[str, dict[str, Any]] | None = None) -> PwInput:
+        """Parameters for an SCF of `atoms`; `params` (per namelist) override everything else."""
+        cfg = self.config
+        pseudos = self.pseudos(atoms)
+        moments = starting_moments(atoms)
+        control = {
+            "calculation": "scf", "tstress": True, "tprnfor": True, "disk_io": "low",
+            "pseudo_dir": str(self.family.directory.resolve()), "outdir": "./out", "prefix": "pwscf",
+        }
+        system = {
+            "ecutwfc": cfg.ecutwfc or max(p.cutoff_wfc for p in pseudos.values()),
+            "ecutrho": cfg.ecutrho or max(p.cutoff_rho for p in pseudos.values()),
+            "occupations": "smearing", "smearing": cfg.smearing, "degauss": cfg.degauss,
+            "nosym": True, "nspin": 2 if moments is not None else 1,
+        }
+        electrons = {
+            "conv_thr": cfg.conv_thr_per_atom * len(atoms), "mixing_beta": cfg.mixing_beta,
+            "mixing_mode": "plain", "electron_maxstep": cfg.electron_maxstep,
+        }
+        parameters = _merge({"control": control, "system": system, "electrons": electrons}, cfg.pw_parameters)
+        parameters = _merge(parameters, params or {})
+        if parameters["control"]["calculation"] != "scf":
+            raise InputError(
+                f"calculation={parameters['control']['calculation']!r} refused: the factory runs only 'scf' "
+                "(relaxing would move the structures the data set is meant to sample)"
+            )
+        magnetization = None
+        if moments is not None and parameters["system"]["nspin"] == 2:
+            valence = np.array([pseudos[s].header.z_valence for s in atoms.get_chemical_symbols()])
+            magnetization = [round(float(m), 6) for m in np.clip(moments / valence, -1.0, 1.0)]
+        return PwInput(
+            parameters=parameters,
+            kpts=kpoint_mesh(atoms, cfg.kpoint_density),
+            pseudopotentials={el: p.path.name for el, p in pseudos.items()},
+            pseudo_md5={el: p.md5 for el, p in pseudos.items()},
+            starting_magnetization=magnetization,
+        )
+
+    def create_input_string(self, atoms: Atoms, params: dict[str, dict[str, Any]] | None = None) -> str:
+        """The pw.in text for `atoms` (the spec's entry point)."""
+        return render(atoms, self.generate(atoms, params))
+
+
+def render(atoms: Atoms, pw_input: PwInput) -> str:
+    """pw.in text of a PwInput; the same input always gives the same text."""
+    atoms = atoms.copy()
+    atoms.calc = None
+    if pw_input.starting_magnetization is not None:
+        # ASE writes each atom's initial moment as its species' starting_magnetization (a fraction).
+        atoms.set_initial_magnetic_moments(pw_input.starting_magnetization)
+    elif atoms.has("initial_magmoms"):
+        atoms.set_initial_magnetic_moments(None)
+    buffer = io.StringIO()
+    write_espresso_in(
+        buffer, atoms, input_data=copy.deepcopy(pw_input.parameters),
+        pseudopotentials=pw_input.pseudopotentials, kpts=pw_input.kpts,
+    )
+    # ASE writes empty &IONS/&CELL/&FCP/&RISM namelists that pw.x 6.7 reports as ignored cards: drop them.
+    return re.sub(r"^&\w+\n/\n", "", buffer.getvalue(), flags=re.MULTILINE)

@@ -1,0 +1,180 @@
+"""Pseudopotential families: tables as data files, resolution with existence, md5 and UPF-header checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+
+class PseudopotentialError(ValueError):
+    """A pseudopotential is missing, corrupt or inconsistent with the structure or the family."""
+
+
+@dataclass(frozen=True)
+class PseudoEntry:
+    """One row of a family table."""
+
+    filename: str
+    cutoff_wfc: float
+    cutoff_rho: float
+    md5: str | None = None
+
+
+@dataclass(frozen=True)
+class PseudoFamily:
+    """A named set of pseudopotentials, one per element, all for one functional."""
+
+    name: str
+    functional: str | None
+    directory: Path
+    entries: dict[str, PseudoEntry]
+
+
+@dataclass(frozen=True)
+class UpfHeader:
+    """What the UPF header says about itself."""
+
+    element: str
+    functional: str
+    z_valence: float
+    suggested_wfc: float | None
+    suggested_rho: float | None
+
+
+@dataclass(frozen=True)
+class ResolvedPseudo:
+    """A checked pseudopotential file ready to be named in pw.in."""
+
+    element: str
+    path: Path
+    md5: str
+    cutoff_wfc: float
+    cutoff_rho: float
+    header: UpfHeader
+
+
+def bundled_families() -> list[str]:
+    """Names of the families shipped with the package."""
+    return sorted(p.name[:-5] for p in resources.files("qe_factory.data").iterdir() if p.name.endswith(".json"))
+
+
+def load_family(name_or_path: str, pseudo_dir: Path | None = None) -> PseudoFamily:
+    """Load a bundled family by name, or an SSSP-style JSON file ({El: {filename, md5, cutoff_wfc, cutoff_rho}})."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        raw = json.loads(path.read_text())
+        default_dir = path.parent
+    elif name_or_path in bundled_families():
+        raw = json.loads(resources.files("qe_factory.data").joinpath(f"{name_or_path}.json").read_text())
+        default_dir = Path(raw["default_dir"]).expanduser()
+    else:
+        raise PseudopotentialError(
+            f"unknown pseudopotential family {name_or_path!r}: give one of {bundled_families()} "
+            "or the path of an SSSP-style JSON file"
+        )
+    table = raw.get("pseudopotentials", raw)
+    entries = {
+        el: PseudoEntry(row["filename"], float(row["cutoff_wfc"]), float(row["cutoff_rho"]), row.get("md5"))
+        for el, row in table.items()
+    }
+    name = raw.get("name", path.stem) if isinstance(raw.get("name"), str) else path.stem
+    return PseudoFamily(name, raw.get("functional"), Path(pseudo_dir or default_dir), entries)
+
+
+_FUNCTIONAL_ALIASES = {
+    "PBE": "PBE", "SLA PW PBX PBC": "PBE", "SLA PW PBE PBE": "PBE", "GGA PBE": "PBE",
+    "PZ": "LDA", "SLA PZ NOGX NOGC": "LDA", "LDA": "LDA",
+    "PBESOL": "PBESOL", "SLA PW PSX PSC": "PBESOL",
+}
+
+
+def normalise_functional(text: str) -> str:
+    """Map the many spellings of a functional in UPF headers to one name (PBE, LDA, PBESOL, or as given)."""
+    key = " ".join(text.upper().replace("-", " ").split())
+    if key in _FUNCTIONAL_ALIASES:
+        return _FUNCTIONAL_ALIASES[key]
+    first_four = " ".join(key.split()[:4])
+    return _FUNCTIONAL_ALIASES.get(first_four, key)
+
+
+def _attr(text: str, name: str) -> str | None:
+    match = re.search(rf'\b{name}\s*=\s*"([^"]*)"', text, re.IGNORECASE)
+    return match.group(1).strip() if match else None
+
+
+def _v1_field(text: str, label: str) -> str | None:
+    match = re.search(rf"^\s*(.+?)\s+{label}\s*$", text, re.MULTILINE | re.IGNORECASE)
+    return match.group(1).strip() if match else None
+
+
+def parse_upf_header(text: str) -> UpfHeader:
+    """Read element, functional, valence and suggested cutoffs from UPF v1 or v2 text."""
+    start = text.find("<PP_HEADER")
+    if start < 0:
+        raise PseudopotentialError("no <PP_HEADER> found: not a UPF file")
+    end = text.find("</PP_HEADER>", start)
+    end = text.find("/>", start) if end < 0 else end
+    header = text[start:end]
+    element = _attr(header, "element") or _v1_field(header, "Element")
+    functional = _attr(header, "functional")
+    if functional is None:
+        v1 = _v1_field(header, "Exchange-Correlation functional")
+        functional = " ".join(v1.split()[:4]) if v1 else None
+    z_valence = _attr(header, "z_valence") or _v1_field(header, "Z valence")
+    if not (element and functional and z_valence):
+        raise PseudopotentialError("UPF header lacks element, functional or z_valence")
+    info = text[:start]
+    wfc = re.search(r"Suggested minimum cutoff for wavefunctions:\s*([\d.]+)", info)
+    rho = re.search(r"Suggested minimum cutoff for charge density:\s*([\d.]+)", info)
+    return UpfHeader(
+        element=element.strip().capitalize(),
+        functional=normalise_functional(functional),
+        z_valence=float(z_valence.lower().replace("d", "e")),
+        suggested_wfc=float(wfc.group(1)) or None if wfc else None,
+        suggested_rho=float(rho.group(1)) or None if rho else None,
+    )
+
+
+@lru_cache(maxsize=256)
+def _read_pseudo(path: Path, mtime_ns: int) -> tuple[str, UpfHeader]:
+    data = path.read_bytes()
+    try:
+        header = parse_upf_header(data.decode("utf-8", errors="replace"))
+    except PseudopotentialError as exc:
+        raise PseudopotentialError(f"{path}: {exc}") from None
+    return hashlib.md5(data).hexdigest(), header
+
+
+def resolve_pseudos(family: PseudoFamily, elements: list[str]) -> dict[str, ResolvedPseudo]:
+    """Check and return the pseudopotential of every element; all problems are reported at once."""
+    missing, problems, resolved = [], [], {}
+    for el in sorted(set(elements)):
+        entry = family.entries.get(el)
+        if entry is None:
+            missing.append(f"{el} (not in family {family.name})")
+            continue
+        path = family.directory / entry.filename
+        if not path.is_file():
+            missing.append(f"{el} (expected {path})")
+            continue
+        md5, header = _read_pseudo(path, path.stat().st_mtime_ns)
+        if entry.md5 and md5 != entry.md5:
+            problems.append(f"{el}: {path} has md5 {md5}, the family table says {entry.md5}")
+        if header.element != el:
+            problems.append(f"{el}: {path} is a pseudopotential for {header.element}")
+        if family.functional and header.functional != normalise_functional(family.functional):
+            problems.append(f"{el}: {path} is for {header.functional}, the family is {family.functional}")
+        resolved[el] = ResolvedPseudo(el, path, md5, entry.cutoff_wfc, entry.cutoff_rho, header)
+    if missing:
+        raise PseudopotentialError(f"no pseudopotential for: {', '.join(missing)}")
+    functionals = {p.header.functional for p in resolved.values()}
+    if len(functionals) > 1:
+        problems.append(f"mixed functionals {sorted(functionals)}: all pseudopotentials must share one")
+    if problems:
+        raise PseudopotentialError("; ".join(problems))
+    return resolved

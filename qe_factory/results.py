@@ -1,0 +1,92 @@
+"""DFTResult: the label of one structure with its provenance, and its extxyz form for MLIP training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from pydantic import BaseModel
+
+
+class Attempt(BaseModel):
+    """One pw.x run of a structure."""
+
+    number: int
+    correction: str | None = None  # what was changed before this attempt
+    directory: str
+    parameters: dict[str, dict[str, Any]]
+    ranks: int
+    pools: int
+    error_type: str
+    error_code: int
+    message: str
+    scf_iterations: int
+    final_scf_accuracy: float | None = None
+    returncode: int | None
+    wall_time: float
+
+
+class DFTResult(BaseModel):
+    """Energy (eV), forces (eV/Å, N×3) and stress (eV/Å³, 3×3, ASE sign) of one structure, or why not."""
+
+    uid: str
+    energy: float | None = None
+    forces: list[list[float]] | None = None
+    stress: list[list[float]] | None = None
+    succeeded: bool
+    error_message: str | None = None
+    error_type: str | None = None
+    wall_time: float
+    parameters: dict[str, dict[str, Any]] = {}
+    final_mixing_beta: float | None = None
+    # provenance
+    formula: str
+    numbers: list[int]
+    positions: list[list[float]]
+    cell: list[list[float]]
+    pbc: list[bool]
+    kpoints: list[int] | None = None
+    ecutwfc: float | None = None
+    ecutrho: float | None = None
+    pseudopotentials: dict[str, dict[str, str]] = {}
+    pw_version: str | None = None
+    scf_iterations: int | None = None
+    total_magnetization: float | None = None
+    problems: list[str] = []
+    label_deviations: dict[str, tuple[Any, Any]] = {}
+    attempts: list[Attempt] = []
+
+    @property
+    def nominal_settings(self) -> bool:
+        """True when the label was computed with the data set's nominal smearing and cutoffs."""
+        return not self.label_deviations
+
+    def structure(self) -> Atoms:
+        """The structure this result belongs to."""
+        return Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+
+    def to_atoms(self) -> Atoms:
+        """The structure with REF_energy/REF_forces/REF_stress (extxyz keys for MLIP training) and provenance."""
+        atoms = self.structure()
+        atoms.info.update(uid=self.uid, succeeded=self.succeeded, nominal_settings=self.nominal_settings)
+        if self.error_message:
+            atoms.info["error"] = self.error_message
+        if self.succeeded:
+            atoms.info["REF_energy"] = self.energy
+            atoms.info["REF_stress"] = np.asarray(self.stress).reshape(9)
+            atoms.arrays["REF_forces"] = np.asarray(self.forces)
+            atoms.info.update(
+                ecutwfc=self.ecutwfc, ecutrho=self.ecutrho, kpoints=np.asarray(self.kpoints),
+                degauss=self.parameters.get("system", {}).get("degauss"),
+                smearing=self.parameters.get("system", {}).get("smearing"),
+            )
+        return atoms
+
+
+class DFTFatalError(RuntimeError):
+    """Recovery is exhausted or impossible; `.result` holds the full report of every attempt."""
+
+    def __init__(self, result: DFTResult):
+        super().__init__(f"{result.uid}: {result.error_message}")
+        self.result = result

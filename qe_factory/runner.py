@@ -1,0 +1,293 @@
+"""QERunner: run one structure through pw.x with retries, scratch handling and cleanup."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+
+from qe_factory.config import DFTConfig
+from qe_factory.errors import DFTErrorType, Diagnosis, classify
+from qe_factory.inputs import InputGenerator, PwInput, irreducible_kpoint_count, render
+from qe_factory.parallel import available_ranks, choose_pools, pw_command, pw_environment
+from qe_factory.parsers import PwOutput, read_pw_run
+from qe_factory.recovery import Correction, RecoveryHandler, apply_correction, label_deviations
+from qe_factory.results import Attempt, DFTFatalError, DFTResult
+from qe_factory.sanitize import sanitize
+from qe_factory.structure import check_structure, check_uid, closest_contact
+
+log = logging.getLogger(__name__)
+
+SCRATCH_DIR = "out"  # pw.x outdir, shared by a structure's attempts (restarts read it), removed at the end
+SCRATCH_PATTERNS = ("*.wfc*", "*.mix*", "*.save", "*.restart*", "*.hub*", "*.igk*", "*.xml")
+# Settings that apply to the next attempt only.
+TRANSIENT = {"control": ("restart_mode",), "electrons": ("startingpot", "startingwfc")}
+# Below this fraction of the covalent radii sum a diagonalization failure is blamed on the geometry.
+OVERLAP_FACTOR = 0.75
+
+
+class ExecutableNotFoundError(RuntimeError):
+    """pw.x (or the MPI launcher) is not installed or not on PATH."""
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How one process ended."""
+
+    returncode: int | None
+    timed_out: bool
+    wall_time: float
+
+
+def execute(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> Execution:
+    """Run argv in cwd with stdout/stderr to pw.out/pw.err; on timeout kill its whole process group."""
+    start = time.monotonic()
+    with open(cwd / "pw.out", "wb") as stdout, open(cwd / "pw.err", "wb") as stderr:
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise ExecutableNotFoundError(
+                f"cannot run {argv[0]!r}: not found. Install Quantum ESPRESSO (apt-get install quantum-espresso) "
+                "or set DFTConfig.command / QE_FACTORY_COMMAND"
+            ) from exc
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+        except BaseException:
+            _kill_group(proc)
+            raise
+    return Execution(proc.returncode, timed_out, time.monotonic() - start)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def clean_scratch(run_dir: Path) -> None:
+    """Remove pw.x's scratch (wavefunctions, mixing files, saved state) below run_dir."""
+    for pattern in (SCRATCH_DIR, *SCRATCH_PATTERNS):
+        for path in run_dir.rglob(pattern):
+            if path.name in ("pw.in", "pw.out", "pw.err", "CRASH"):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+
+
+NOMINAL = "nominal settings"
+
+
+def _nominal_correction(pw_input: PwInput, nominal: PwInput) -> Correction | None:
+    """After convergence with label-changing settings: rerun at the nominal ones, from the converged density."""
+    deviations = label_deviations(pw_input.parameters, nominal.parameters)
+    if not deviations:
+        return None
+    changes: dict[str, dict[str, Any]] = {}
+    for key, (_, nominal_value) in deviations.items():
+        namelist, name = key.split(".")
+        changes.setdefault(namelist, {})[name] = nominal_value
+    return Correction(NOMINAL, changes, reuse_density=True)
+
+
+def _without_transient(params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {nl: {k: v for k, v in values.items() if k not in TRANSIENT.get(nl, ())} for nl, values in params.items()}
+
+
+class QERunner:
+    """Runs pw.x SCF calculations: `run(atoms, uid) -> DFTResult` with automatic recovery."""
+
+    def __init__(
+        self,
+        config: DFTConfig | None = None,
+        generator: InputGenerator | None = None,
+        recovery: RecoveryHandler | None = None,
+    ):
+        self.config = config or DFTConfig()
+        self.generator = generator or InputGenerator(self.config)
+        self.recovery = recovery or RecoveryHandler()
+
+    # -- one attempt -------------------------------------------------------------------------------------------
+    def run_attempt(
+        self, atoms: Atoms, run_dir: Path, number: int, params: dict[str, dict[str, Any]],
+        correction: str | None = None,
+    ) -> tuple[Attempt, PwOutput, PwInput]:
+        """Write pw.in into run_dir/attempt_<number>, run pw.x, parse and classify."""
+        cfg = self.config
+        namelists = {nl: v for nl, v in params.items() if nl != "run"}
+        namelists = apply_correction(namelists, Correction("scratch", {"control": {"outdir": f"../{SCRATCH_DIR}"}}))
+        pw_input = self.generator.generate(atoms, namelists)
+        attempt_dir = run_dir / f"attempt_{number}"
+        if attempt_dir.exists():
+            shutil.rmtree(attempt_dir)
+        attempt_dir.mkdir(parents=True)
+        (attempt_dir / "pw.in").write_text(render(atoms, pw_input))
+        ranks = cfg.mpi_ranks or available_ranks()
+        spins = 2 if pw_input.namelist_value("system", "nspin") == 2 else 1
+        kpoint_count = irreducible_kpoint_count(pw_input.kpts) * spins
+        pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
+        argv = pw_command(cfg.command, cfg.mpi_launcher, ranks, pools)
+        execution = execute(argv, attempt_dir, pw_environment(cfg.omp_threads), cfg.timeout)
+        output = read_pw_run(attempt_dir)
+        diagnosis = classify(
+            output, (attempt_dir / "pw.out").read_text(errors="replace"),
+            (attempt_dir / "pw.err").read_text(errors="replace"), execution.returncode, execution.timed_out,
+        )
+        diagnosis = self._blame_geometry(atoms, diagnosis)
+        attempt = Attempt(
+            number=number, correction=correction, directory=str(attempt_dir), parameters=pw_input.parameters,
+            ranks=ranks, pools=pools, error_type=diagnosis.error_type.name, error_code=diagnosis.error_type.code,
+            message=diagnosis.message, scf_iterations=output.scf_iterations,
+            final_scf_accuracy=output.scf_accuracy[-1] if output.scf_accuracy else None,
+            returncode=execution.returncode, wall_time=round(execution.wall_time, 3),
+        )
+        return attempt, output, pw_input
+
+    def _blame_geometry(self, atoms: Atoms, diagnosis: Diagnosis) -> Diagnosis:
+        if diagnosis.error_type is not DFTErrorType.DIAGONALIZATION:
+            return diagnosis
+        contact = closest_contact(atoms)
+        if contact and contact[3] < OVERLAP_FACTOR:
+            i, j, d, ratio = contact
+            reason = f"atoms {i} and {j} are {d:.3f} Å apart ({ratio:.2f} of their covalent radii sum)"
+            return Diagnosis(DFTErrorType.GEOMETRY, [reason, *diagnosis.lines])
+        return diagnosis
+
+    # -- the retry loop ----------------------------------------------------------------------------------------
+    def run(self, atoms: Atoms, uid: str, raise_on_failure: bool = True) -> DFTResult:
+        """SCF energy, forces and stress of `atoms`, retrying with the recovery tree; see DFTResult.
+
+        Bad input (uid, structure, pseudopotentials) raises before pw.x runs. Exhausted recovery raises
+        DFTFatalError carrying the full report, or returns it with succeeded=False if raise_on_failure is False.
+        """
+        cfg = self.config
+        check_uid(uid)
+        check_structure(atoms, cfg.min_distance_factor)
+        nominal = self.generator.generate(atoms)  # raises on missing pseudopotentials or a relax request
+        run_dir = Path(cfg.work_dir) / f"run_{uid}"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        try:
+            result = self._retry_loop(atoms, uid, run_dir, nominal)
+        finally:
+            if not cfg.keep_files:
+                clean_scratch(run_dir)
+        return self._deliver(result, raise_on_failure)
+
+    def _retry_loop(self, atoms: Atoms, uid: str, run_dir: Path, nominal: PwInput) -> DFTResult:
+        started = time.monotonic()
+        max_attempts = self.config.max_retries if self.config.recoverable else 1
+        params: dict[str, dict[str, Any]] = {}
+        tried: list[str] = []
+        attempts: list[Attempt] = []
+        correction: Correction | None = None
+        while True:
+            attempt, output, pw_input = self.run_attempt(
+                atoms, run_dir, len(attempts) + 1, params, correction.name if correction else None
+            )
+            attempts.append(attempt)
+            error_type = DFTErrorType[attempt.error_type]
+            finishing = correction is not None and correction.name == NOMINAL
+            if error_type is DFTErrorType.OK:
+                converged = (output, pw_input)
+                correction = None if finishing else _nominal_correction(pw_input, nominal)
+                if correction is None:
+                    return self._finish(uid, atoms, attempts, *converged, nominal, started)
+            elif finishing:  # the nominal-settings run failed: keep the converged result, marked with its settings
+                return self._finish(uid, atoms, attempts, *converged, nominal, started)
+            else:
+                correction = None
+                if len(attempts) < max_attempts:
+                    correction = self.recovery.next_correction(error_type, pw_input.parameters, tried, output)
+                if correction is None:
+                    why = "no correction left" if len(attempts) < max_attempts else f"{max_attempts} attempt(s) made"
+                    message = f"{attempt.message} [gave up: {why}]"
+                    return self._failure(uid, atoms, attempts, message, started)
+                tried.append(correction.name)
+                log.warning(
+                    "Retrying uid=%s attempt %d: %s after %s (%s iterations, accuracy %s Ry)",
+                    uid, len(attempts) + 1, correction.name, error_type.name, attempt.scf_iterations,
+                    attempt.final_scf_accuracy,
+                )
+            params = self._next_params(params, correction, run_dir)
+
+    @staticmethod
+    def _deliver(result: DFTResult, raise_on_failure: bool) -> DFTResult:
+        if not result.succeeded:
+            log.error("uid=%s failed: %s", result.uid, result.error_message)
+            if raise_on_failure:
+                raise DFTFatalError(result)
+        return result
+
+    @staticmethod
+    def _next_params(
+        params: dict[str, dict[str, Any]], correction: Correction, run_dir: Path
+    ) -> dict[str, dict[str, Any]]:
+        params = apply_correction(_without_transient(params), correction)
+        if correction.reuse_density and any((run_dir / SCRATCH_DIR).rglob("charge-density*")):
+            params = apply_correction(params, Correction("reuse density", {"electrons": {"startingpot": "file"}}))
+        return params
+
+    def _base(self, uid: str, atoms: Atoms, attempts: list[Attempt], started: float) -> dict[str, Any]:
+        return dict(
+            uid=uid, formula=atoms.get_chemical_formula(), numbers=atoms.numbers.tolist(),
+            positions=atoms.positions.tolist(), cell=atoms.cell.array.tolist(), pbc=atoms.pbc.tolist(),
+            attempts=attempts, wall_time=round(time.monotonic() - started, 3),
+        )
+
+    def _failure(self, uid: str, atoms: Atoms, attempts: list[Attempt], message: str, started: float) -> DFTResult:
+        last = attempts[-1]
+        return DFTResult(
+            **self._base(uid, atoms, attempts, started), succeeded=False, error_message=message,
+            error_type=last.error_type, parameters=last.parameters,
+            final_mixing_beta=last.parameters.get("electrons", {}).get("mixing_beta"),
+        )
+
+    def _finish(
+        self, uid: str, atoms: Atoms, attempts: list[Attempt], output: PwOutput, pw_input: PwInput,
+        nominal: PwInput, started: float,
+    ) -> DFTResult:
+        problems = sanitize(output, len(atoms), self.config.sanitizer)
+        result = DFTResult(
+            **self._base(uid, atoms, attempts, started),
+            energy=output.energy, forces=output.forces, stress=output.stress,
+            succeeded=not problems,
+            error_message=f"unphysical result: {'; '.join(problems)}" if problems else None,
+            error_type="UNPHYSICAL" if problems else None,
+            parameters=pw_input.parameters,
+            final_mixing_beta=pw_input.namelist_value("electrons", "mixing_beta"),
+            kpoints=list(pw_input.kpts),
+            ecutwfc=pw_input.namelist_value("system", "ecutwfc"),
+            ecutrho=pw_input.namelist_value("system", "ecutrho"),
+            pseudopotentials={
+                el: {"filename": name, "md5": pw_input.pseudo_md5[el]} for el, name in pw_input.pseudopotentials.items()
+            },
+            pw_version=output.pw_version, scf_iterations=output.scf_iterations,
+            total_magnetization=output.total_magnetization, problems=problems,
+            label_deviations=label_deviations(pw_input.parameters, nominal.parameters),
+        )
+        return result

@@ -1,0 +1,76 @@
+"""Refusal of structures that cannot give a meaningful pw.x result, before anything runs."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols, covalent_radii
+from ase.neighborlist import neighbor_list
+
+
+class StructureError(ValueError):
+    """The structure cannot be calculated as given; the message says why."""
+
+
+_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,199}$")
+
+
+def check_uid(uid: str) -> str:
+    """A uid names a directory: letters, digits and _.+=- only, no path separators, no '..'."""
+    if not isinstance(uid, str) or not _UID.match(uid) or ".." in uid:
+        raise StructureError(
+            f"uid {uid!r} refused: use 1-200 letters, digits or _.+=- (no path separators, no '..', "
+            "not starting with a dot)"
+        )
+    return uid
+
+
+def closest_contact(atoms: Atoms) -> tuple[int, int, float, float] | None:
+    """(i, j, distance Å, distance / sum of covalent radii) of the closest pair, periodic images included."""
+    if len(atoms) < 2 and not atoms.pbc.any():
+        return None
+    radii = covalent_radii[atoms.numbers]
+    cutoff = [max(1.0, r) for r in radii]  # neighbours within r_i + r_j (at least 2 Å)
+    i, j, d = neighbor_list("ijd", atoms, cutoff, self_interaction=False)
+    if len(d) == 0:
+        return None
+    ratio = d / (radii[i] + radii[j])
+    k = int(np.argmin(ratio))
+    return int(i[k]), int(j[k]), float(d[k]), float(ratio[k])
+
+
+def check_structure(atoms: Atoms, min_distance_factor: float = 0.5) -> None:
+    """Raise StructureError if pw.x cannot (or should not) run on `atoms`."""
+    if not isinstance(atoms, Atoms):
+        raise StructureError(f"expected an ase.Atoms, got {type(atoms).__name__}")
+    if len(atoms) == 0:
+        raise StructureError("the structure has no atoms")
+    unknown = sorted({s for s in atoms.get_chemical_symbols() if s not in chemical_symbols[1:]})
+    if unknown or np.any(atoms.numbers <= 0):
+        raise StructureError(f"unknown element(s): {unknown or 'atomic number 0 (X)'}")
+    if not np.all(np.isfinite(atoms.positions)):
+        bad = np.where(~np.all(np.isfinite(atoms.positions), axis=1))[0].tolist()
+        raise StructureError(f"non-finite positions (NaN/inf) for atoms {bad}")
+    cell = np.asarray(atoms.cell)
+    if not np.all(np.isfinite(cell)):
+        raise StructureError("the cell contains NaN/inf")
+    lengths = np.linalg.norm(cell, axis=1)
+    if np.any(lengths < 1e-6):
+        missing = [ax for ax, ln in zip("abc", lengths) if ln < 1e-6]
+        raise StructureError(
+            f"no cell vector along {', '.join(missing)}: pw.x needs a full 3D cell (put molecules in a box, "
+            "e.g. atoms.center(vacuum=6))"
+        )
+    volume = float(np.linalg.det(cell))
+    if volume <= 1e-6:
+        raise StructureError(f"the cell volume is {volume:.4g} Å^3: the cell must be right-handed and non-degenerate")
+    contact = closest_contact(atoms)
+    if contact and contact[3] < min_distance_factor:
+        i, j, d, ratio = contact
+        s = atoms.get_chemical_symbols()
+        raise StructureError(
+            f"atoms {i} ({s[i]}) and {j} ({s[j]}) are {d:.3f} Å apart, {ratio:.2f} of their covalent radii sum "
+            f"(minimum allowed {min_distance_factor}): overlapping cores give no meaningful DFT label"
+        )
