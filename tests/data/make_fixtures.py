@@ -1,0 +1,206 @@
+"""Regenerate the pw.x test fixtures by running the REAL pw.x (never hand-written outputs).
+
+    .venv/bin/python tests/data/make_fixtures.py                     # every fixture
+    .venv/bin/python tests/data/make_fixtures.py si_scf fe_magnetic  # only these
+
+Each fixture is a directory tests/data/<name>/ holding pw.in, pw.out, pw.err, CRASH (when pw.x wrote one) and
+meta.json (exit code, argv, wall time, what the fixture is for). The files are kept exactly as pw.x wrote them
+(including the absolute pseudo_dir); pw.x's scratch directory is deleted. Inputs come from qe_factory's own
+InputGenerator with low cutoffs and coarse k-point meshes, so the whole set costs well under a minute of pw.x time.
+`si_truncated` is the one derived fixture: si_scf's real pw.out cut in the middle of the forces block.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.build import bulk
+
+from qe_factory.config import DFTConfig
+from qe_factory.inputs import InputGenerator
+from qe_factory.parallel import pw_command, pw_environment
+from qe_factory.runner import clean_scratch, execute
+
+HERE = Path(__file__).resolve().parent
+PW_COMMAND = "pw.x"
+LAUNCHER = "mpirun"
+TIMEOUT = 300  # seconds per pw.x run: a safety net only, every run here takes a few seconds
+KEEP = ("pw.in", "pw.out", "pw.err", "CRASH", "meta.json")
+
+SI_SETTINGS = dict(ecutwfc=25.0, ecutrho=200.0, kpoint_density=0.6)
+SI_PSEUDO = "Si.pbe-nl-rrkjus_psl.1.0.0.UPF"
+
+
+def si_crystal() -> Atoms:
+    """2-atom diamond Si, slightly sheared and rattled: non-zero forces and off-diagonal stress without symmetry."""
+    atoms = bulk("Si", "diamond", a=5.43)
+    strain = np.array([[1.0, 0.01, 0.0], [0.01, 1.0, 0.005], [0.0, 0.005, 1.0]])
+    atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+    atoms.positions += np.array([[0.03, -0.02, 0.01], [-0.01, 0.04, -0.03]])
+    return atoms
+
+
+def si_input(params: dict | None = None) -> str:
+    return InputGenerator(DFTConfig(**SI_SETTINGS)).create_input_string(si_crystal(), params)
+
+
+def run_pw(name: str, text: str, purpose: str, ranks: int = 1, pools: int = 1, **extra) -> dict:
+    """Run pw.x on `text` in a fresh tests/data/<name>/, keep its outputs, delete its scratch, write meta.json."""
+    directory = HERE / name
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir()
+    (directory / "pw.in").write_text(text)
+    argv = pw_command(PW_COMMAND, LAUNCHER, ranks, pools)
+    execution = execute(argv, directory, pw_environment(1), TIMEOUT)
+    clean_scratch(directory)
+    leftovers = sorted(p.name for p in directory.iterdir() if p.name not in KEEP)
+    for path in directory.iterdir():  # anything else pw.x left (e.g. an empty outdir) is scratch too
+        if path.name not in KEEP:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    meta = {
+        "name": name,
+        "purpose": purpose,
+        "generated_by": "tests/data/make_fixtures.py (real pw.x run)",
+        "argv": argv,
+        "omp_threads": 1,
+        "returncode": execution.returncode,
+        "timed_out": execution.timed_out,
+        "wall_time_s": round(execution.wall_time, 2),
+        "crash_file": (directory / "CRASH").exists(),
+        "removed_scratch": leftovers,
+        **extra,
+    }
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+# -- the fixtures ----------------------------------------------------------------------------------------------------
+def si_scf() -> dict:
+    return run_pw("si_scf", si_input(), "converged 2-atom Si, sheared and rattled: forces and off-diagonal stress")
+
+
+def fe_magnetic() -> dict:
+    atoms = bulk("Fe", "bcc", a=2.83)
+    config = DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_density=0.8, degauss=0.02)
+    text = InputGenerator(config).create_input_string(atoms, {"electrons": {"conv_thr": 1e-8}})
+    return run_pw("fe_magnetic", text, "converged spin-polarised 1-atom bcc Fe with a non-zero total magnetization")
+
+
+def si_unconverged() -> dict:
+    text = si_input({"electrons": {"electron_maxstep": 3}})
+    return run_pw("si_unconverged", text, "electron_maxstep=3: 'convergence NOT achieved', exit code 2, JOB DONE")
+
+
+def si_walltime() -> dict:
+    # max_seconds is checked once per SCF iteration: a tiny limit stops the run after the first iteration(s).
+    text = si_input({"control": {"max_seconds": 1.0}})
+    return run_pw("si_walltime", text, "max_seconds=1: 'Maximum CPU time exceeded' (also exit code 2)")
+
+
+def si_missing_pseudo() -> dict:
+    text = si_input().replace(SI_PSEUDO, "Si.does-not-exist.UPF")
+    return run_pw("si_missing_pseudo", text, "ATOMIC_SPECIES names a UPF file that does not exist")
+
+
+def si_bad_input() -> dict:
+    text = re.sub(r"^&SYSTEM\n", "&SYSTEM\n   not_a_variable   = 1\n", si_input(), count=1, flags=re.MULTILINE)
+    return run_pw("si_bad_input", text, "an unknown variable in &SYSTEM")
+
+
+def si_too_many_pools() -> dict:
+    atoms = Atoms("Si2", positions=[[2.0, 3.0, 3.0], [4.25, 3.0, 3.0]], cell=[6.0, 6.0, 6.0], pbc=True)
+    config = DFTConfig(ecutwfc=25.0, ecutrho=200.0, kpoint_density=10.0)  # -> 1x1x1 mesh: a single k-point
+    text = InputGenerator(config).create_input_string(atoms)
+    return run_pw("si_too_many_pools", text, "one k-point run with 2 MPI ranks and -nk 2", ranks=2, pools=2)
+
+
+def si_pools_out_of_range() -> dict:
+    # Added because si_too_many_pools is NOT fatal in pw.x 6.7 (only an info message): this is the real pool error.
+    atoms = Atoms("Si2", positions=[[2.0, 3.0, 3.0], [4.25, 3.0, 3.0]], cell=[6.0, 6.0, 6.0], pbc=True)
+    config = DFTConfig(ecutwfc=25.0, ecutrho=200.0, kpoint_density=10.0)
+    text = InputGenerator(config).create_input_string(atoms)
+    return run_pw("si_pools_out_of_range", text, "2 MPI ranks with -nk 3: more pools than ranks", ranks=2, pools=3)
+
+
+def h2_overlap() -> dict:
+    atoms = Atoms("H2", positions=[[3.0, 3.0, 2.85], [3.0, 3.0, 3.15]], cell=[6.0, 6.0, 6.0], pbc=True)
+    config = DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_density=10.0)
+    text = InputGenerator(config).create_input_string(atoms)
+    return run_pw("h2_overlap", text, "two H atoms 0.3 A apart in a 6 A box: what pw.x does with overlapping atoms")
+
+
+def si_truncated() -> dict:
+    """si_scf's real pw.out cut just after the first atom's force line (as if pw.x died while writing forces)."""
+    source = HERE / "si_scf"
+    if not (source / "pw.out").exists():
+        si_scf()
+    directory = HERE / "si_truncated"
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir()
+    lines = (source / "pw.out").read_text().splitlines(keepends=True)
+    header = next(i for i, line in enumerate(lines) if "Forces acting on atoms" in line)
+    first_atom = next(i for i in range(header, len(lines)) if re.match(r"\s*atom\s+1\s+type", lines[i]))
+    (directory / "pw.out").write_text("".join(lines[: first_atom + 1]))
+    for name in ("pw.in", "pw.err"):
+        shutil.copy(source / name, directory / name)
+    source_meta = json.loads((source / "meta.json").read_text())
+    meta = {
+        "name": "si_truncated",
+        "purpose": "a pw.out that ends in the middle of the forces block (pw.x killed while writing)",
+        "generated_by": "tests/data/make_fixtures.py: DERIVED, not a pw.x run",
+        "derived_from": "si_scf",
+        "derivation": f"si_scf/pw.out cut after line {first_atom + 1} of {len(lines)} (atom 1's force line); "
+        "pw.in and pw.err copied",
+        "argv": source_meta["argv"],
+        "returncode": None,
+        "timed_out": False,
+        "wall_time_s": 0.0,
+        "crash_file": False,
+    }
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+FIXTURES: dict[str, Callable[[], dict]] = {
+    "si_scf": si_scf,
+    "fe_magnetic": fe_magnetic,
+    "si_unconverged": si_unconverged,
+    "si_walltime": si_walltime,
+    "si_missing_pseudo": si_missing_pseudo,
+    "si_bad_input": si_bad_input,
+    "si_too_many_pools": si_too_many_pools,
+    "si_pools_out_of_range": si_pools_out_of_range,
+    "si_truncated": si_truncated,
+    "h2_overlap": h2_overlap,
+}
+
+
+def main(names: list[str]) -> int:
+    unknown = [name for name in names if name not in FIXTURES]
+    if unknown:
+        print(f"unknown fixture(s) {unknown}; choose from {list(FIXTURES)}", file=sys.stderr)
+        return 2
+    total = 0.0
+    started = time.monotonic()
+    for name in names or list(FIXTURES):
+        meta = FIXTURES[name]()
+        total += meta["wall_time_s"]
+        size = sum(p.stat().st_size for p in (HERE / name).iterdir()) / 1024
+        crash = " CRASH" if meta["crash_file"] else ""
+        print(f"{name:20s} exit {meta['returncode']!s:>4}  pw.x {meta['wall_time_s']:6.2f} s  {size:6.1f} KB{crash}")
+    print(f"total pw.x wall time {total:.1f} s ({time.monotonic() - started:.1f} s elapsed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
