@@ -52,14 +52,35 @@ def si_input(params: dict | None = None) -> str:
     return InputGenerator(DFTConfig(**SI_SETTINGS)).create_input_string(si_crystal(), params)
 
 
-def run_pw(name: str, text: str, purpose: str, ranks: int = 1, pools: int = 1, **extra) -> dict:
+_NOTABLE = re.compile(
+    r"Error in routine|Message from routine|convergence (NOT )?(has been )?achieved|Maximum CPU time|"
+    r"Calculation stopped|JOB DONE|^!"
+)
+
+
+def observed(text: str) -> list[str]:
+    """The lines of a pw.x stdout worth reading first (error/info messages with their next line, outcome)."""
+    lines = text.splitlines()
+    found: dict[str, None] = {}
+    for i, line in enumerate(lines):
+        if _NOTABLE.search(line):
+            found[line.strip()] = None
+            if "routine" in line and i + 1 < len(lines):
+                found[lines[i + 1].strip()] = None
+    negative = [line.strip() for line in lines if "negative rho" in line]
+    return [*found, *negative[-1:]]
+
+
+def run_pw(
+    name: str, text: str, purpose: str, ranks: int = 1, pools: int = 1, command: str = PW_COMMAND, **extra
+) -> dict:
     """Run pw.x on `text` in a fresh tests/data/<name>/, keep its outputs, delete its scratch, write meta.json."""
     directory = HERE / name
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir()
     (directory / "pw.in").write_text(text)
-    argv = pw_command(PW_COMMAND, LAUNCHER, ranks, pools)
+    argv = pw_command(command, LAUNCHER, ranks, pools)
     execution = execute(argv, directory, pw_environment(1), TIMEOUT)
     clean_scratch(directory)
     leftovers = sorted(p.name for p in directory.iterdir() if p.name not in KEEP)
@@ -77,6 +98,7 @@ def run_pw(name: str, text: str, purpose: str, ranks: int = 1, pools: int = 1, *
         "wall_time_s": round(execution.wall_time, 2),
         "crash_file": (directory / "CRASH").exists(),
         "removed_scratch": leftovers,
+        "observed": observed((directory / "pw.out").read_text(errors="replace")),
         **extra,
     }
     (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -131,6 +153,17 @@ def si_pools_out_of_range() -> dict:
     return run_pw("si_pools_out_of_range", text, "2 MPI ranks with -nk 3: more pools than ranks", ranks=2, pools=3)
 
 
+def si_out_of_memory() -> dict:
+    # A real allocation failure: pw.x under a 150 MB address-space limit (si_scf needs ~300 MB of address space,
+    # mostly MPI and libraries). Where it fails varies from run to run; that it fails with gfortran's
+    # "Error allocating ... Cannot allocate memory" on stderr and exit code 1 does not.
+    limit = 150_000_000
+    return run_pw(
+        "si_out_of_memory", si_input(), f"si_scf input under prlimit --as={limit}: a failed allocation",
+        command=f"prlimit --as={limit} {PW_COMMAND}",
+    )
+
+
 def h2_overlap() -> dict:
     atoms = Atoms("H2", positions=[[3.0, 3.0, 2.85], [3.0, 3.0, 3.15]], cell=[6.0, 6.0, 6.0], pbc=True)
     config = DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_density=10.0)
@@ -180,6 +213,7 @@ FIXTURES: dict[str, Callable[[], dict]] = {
     "si_bad_input": si_bad_input,
     "si_too_many_pools": si_too_many_pools,
     "si_pools_out_of_range": si_pools_out_of_range,
+    "si_out_of_memory": si_out_of_memory,
     "si_truncated": si_truncated,
     "h2_overlap": h2_overlap,
 }

@@ -1,0 +1,59 @@
+"""DFTConfig: defaults, YAML, environment variables, and refusal of bad keys and values."""
+
+from __future__ import annotations
+
+import pytest
+
+from qe_factory import ConfigError, DFTConfig
+
+
+def test_defaults_follow_the_spec():
+    cfg = DFTConfig()
+    assert (cfg.timeout, cfg.recoverable, cfg.max_retries, cfg.mixing_beta) == (3600, True, 5, 0.7)
+    assert (cfg.kpoint_density, cfg.smearing, cfg.degauss) == (0.15, "cold", 0.02)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("kpoint_density: 0.3\ntimeout: 60\nsanitizer:\n  max_force: 50\n")
+    cfg = DFTConfig.from_yaml(path, timeout=90)
+    assert (cfg.kpoint_density, cfg.timeout, cfg.sanitizer.max_force) == (0.3, 90, 50)
+
+
+def test_unknown_key_is_refused_by_name(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("kpoint_densty: 0.3\n")
+    with pytest.raises(ConfigError, match="kpoint_densty"):
+        DFTConfig.from_yaml(path)
+    path.write_text("sanitizer:\n  max_forse: 3\n")
+    with pytest.raises(ConfigError, match="max_forse"):
+        DFTConfig.from_yaml(path)
+
+
+def test_bad_values_are_refused_by_name(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("mixing_beta: 1.5\ntimeout: -3\n")
+    with pytest.raises(ConfigError) as info:
+        DFTConfig.from_yaml(path)
+    assert "mixing_beta" in str(info.value) and "timeout" in str(info.value)
+    with pytest.raises(ConfigError, match="smearing"):
+        DFTConfig.create(smearing="hot")
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        DFTConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        DFTConfig.from_yaml(tmp_path / "absent.yaml")
+
+
+def test_environment_variables(monkeypatch):
+    monkeypatch.setenv("QE_FACTORY_TIMEOUT", "120")
+    monkeypatch.setenv("QE_FACTORY_COMMAND", "/opt/qe/bin/pw.x")
+    cfg = DFTConfig()
+    assert (cfg.timeout, cfg.command) == (120, "/opt/qe/bin/pw.x")
+    monkeypatch.setenv("QE_FACTORY_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="timeout"):
+        DFTConfig.create()

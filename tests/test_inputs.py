@@ -1,0 +1,114 @@
+"""InputGenerator: the physics rules, checked on the generated parameters and pw.in text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from qe_factory import DFTConfig, InputError, InputGenerator, PseudopotentialError
+from qe_factory.inputs import irreducible_kpoint_count, kpoint_mesh
+
+
+@pytest.fixture
+def generator() -> InputGenerator:
+    return InputGenerator(DFTConfig())
+
+
+def test_iron_is_spin_polarised_with_normalised_moments(generator):
+    fe = bulk("Fe", "bcc", a=2.87, cubic=True)
+    fe.set_initial_magnetic_moments(None)  # as read from a file without moments
+    pw_input = generator.generate(fe)
+    assert pw_input.parameters["system"]["nspin"] == 2
+    # 5 μB over the 16 valence electrons of the Debian Fe pseudopotential
+    assert pw_input.starting_magnetization == [pytest.approx(5 / 16)] * 2
+    text = generator.create_input_string(fe)
+    assert "nspin            = 2" in text
+    assert "starting_magnetization(1) = 0.3125" in text
+
+
+def test_initial_moments_on_the_atoms_are_honoured(generator):
+    fe = bulk("Fe", "bcc", a=2.87, cubic=True)
+    fe.set_initial_magnetic_moments([2.0, -2.0])
+    pw_input = generator.generate(fe)
+    assert pw_input.starting_magnetization == [0.125, -0.125]
+    text = generator.create_input_string(fe)
+    assert "starting_magnetization(2) = -0.125" in text  # antiparallel atoms become two species
+    fe.set_initial_magnetic_moments([0.0, 0.0])  # explicitly non-magnetic
+    assert generator.generate(fe).parameters["system"]["nspin"] == 1
+
+
+def test_non_magnetic_structure_is_not_spin_polarised(generator):
+    text = generator.create_input_string(bulk("Si"))
+    assert "nspin            = 1" in text
+    assert "starting_magnetization" not in text
+
+
+def test_kpoints_inversely_proportional_to_cell_length():
+    small, large = bulk("Si", a=5.43, cubic=True), bulk("Si", a=10.86, cubic=True)
+    n_small, n_large = kpoint_mesh(small, 0.15), kpoint_mesh(large, 0.15)
+    assert n_small == (8, 8, 8)  # ceil(2π / 5.43 / 0.15) = ceil(7.71)
+    assert n_large == (4, 4, 4)  # ceil(3.86)
+    # the spacing 2π/(L n) never exceeds the requested density
+    assert 2 * np.pi / (5.43 * 8) <= 0.15
+
+
+def test_molecule_in_a_box_gets_gamma_only(generator):
+    water = molecule("H2O", vacuum=5.0)
+    assert not water.pbc.any()
+    assert generator.generate(water).kpts == (1, 1, 1)
+
+
+def test_slab_gets_one_kpoint_along_its_normal():
+    slab = bulk("Si", a=5.43, cubic=True)
+    slab.center(vacuum=8.0, axis=2)
+    slab.pbc = (True, True, False)
+    assert kpoint_mesh(slab, 0.15) == (8, 8, 1)
+
+
+def test_pseudopotentials_cutoffs_and_fixed_flags(generator):
+    text = generator.create_input_string(bulk("Si"))
+    assert "Si 28.085 Si.pbe-nl-rrkjus_psl.1.0.0.UPF" in text
+    for line in ("calculation      = 'scf'", "nosym            = .true.", "tstress          = .true.",
+                 "tprnfor          = .true.", "disk_io          = 'low'", "ecutwfc          = 45.0"):
+        assert line in text
+    assert "&CELL" not in text and "&RISM" not in text
+
+
+def test_cutoffs_are_the_maximum_over_elements(generator):
+    sio = Atoms("SiO", positions=[(0, 0, 0), (1.6, 0, 0)], cell=[8, 8, 8], pbc=True)
+    system = generator.generate(sio).parameters["system"]
+    assert (system["ecutwfc"], system["ecutrho"]) == (45.0, 360.0)  # Si 45/360 beats O 40/320
+
+
+def test_conv_thr_scales_with_atoms(generator):
+    one = generator.generate(bulk("Si", cubic=True)).parameters["electrons"]["conv_thr"]
+    two = generator.generate(bulk("Si", cubic=True) * (2, 1, 1)).parameters["electrons"]["conv_thr"]
+    assert two == pytest.approx(2 * one)
+
+
+def test_relax_is_refused(generator):
+    with pytest.raises(InputError, match="only 'scf'"):
+        generator.generate(bulk("Si"), {"control": {"calculation": "relax"}})
+    with pytest.raises(InputError, match="only 'scf'"):
+        InputGenerator(DFTConfig(pw_parameters={"control": {"calculation": "vc-relax"}})).generate(bulk("Si"))
+
+
+def test_same_input_same_text(generator):
+    atoms = bulk("Si")
+    atoms.rattle(0.05, seed=3)
+    assert generator.create_input_string(atoms) == generator.create_input_string(atoms.copy())
+
+
+def test_missing_pseudopotentials_are_all_named(generator):
+    with pytest.raises(PseudopotentialError) as info:
+        generator.generate(Atoms("SiAuZn", positions=[(0, 0, 0), (2, 0, 0), (0, 2, 0)], cell=[6, 6, 6], pbc=True))
+    assert "Au" in str(info.value) and "Zn" in str(info.value) and "Si" not in str(info.value).split(":")[1]
+
+
+def test_irreducible_kpoints_with_time_reversal_only():
+    assert irreducible_kpoint_count((1, 1, 1)) == 1
+    assert irreducible_kpoint_count((2, 2, 2)) == 8  # every point is its own inverse
+    assert irreducible_kpoint_count((3, 3, 3)) == 14
+    assert irreducible_kpoint_count((5, 5, 5)) == 63  # pw.x reported 63 points for this mesh

@@ -1,0 +1,119 @@
+"""QERunner with real pw.x on tiny cells: happy path, provenance, cleanup, parallel flags, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+
+from qe_factory import DFTFatalError, PseudopotentialError, QERunner, StructureError
+from qe_factory.runner import ExecutableNotFoundError
+
+pytestmark = pytest.mark.pwx
+
+
+def rattled_si(seed: int = 0) -> Atoms:
+    atoms = bulk("Si")
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def files_left(run_dir) -> set[str]:
+    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*")}
+
+
+def test_si_energy_forces_stress_and_provenance(fast_config):
+    result = QERunner(fast_config).run(rattled_si(), uid="si-0")
+    assert result.succeeded and result.error_message is None
+    forces, stress = np.array(result.forces), np.array(result.stress)
+    assert forces.shape == (2, 3) and np.abs(forces).max() > 0.1  # rattled: real forces
+    assert np.allclose(forces.sum(axis=0), 0, atol=1e-4)
+    assert stress.shape == (3, 3) and np.allclose(stress, stress.T, atol=1e-8)
+    assert -300 < result.energy < -250  # two Si atoms, about -139 eV each with this pseudopotential
+    assert result.pw_version.startswith("v.6")
+    assert result.pseudopotentials == {
+        "Si": {"filename": "Si.pbe-nl-rrkjus_psl.1.0.0.UPF", "md5": "78279d3766ecb5dbdc0623f3e93c9a23"}
+    }
+    assert result.kpoints == [3, 3, 3] and (result.ecutwfc, result.ecutrho) == (25, 200)
+    assert result.scf_iterations > 3 and result.final_mixing_beta == 0.7
+    assert [a.error_type for a in result.attempts] == ["OK"]
+    assert result.parameters["control"]["calculation"] == "scf"
+
+
+def test_cleanup_leaves_only_inputs_and_outputs(fast_config):
+    QERunner(fast_config).run(rattled_si(), uid="clean")
+    assert files_left(fast_config.work_dir / "run_clean") == {
+        "attempt_1", "attempt_1/pw.in", "attempt_1/pw.out", "attempt_1/pw.err"
+    }
+
+
+def test_keep_files_keeps_the_scratch(fast_config):
+    config = fast_config.model_copy(update={"keep_files": True})
+    QERunner(config).run(rattled_si(), uid="kept")
+    left = files_left(config.work_dir / "run_kept")
+    assert "out/pwscf.save/charge-density.dat" in left
+
+
+def test_energy_is_reproducible(fast_config):
+    runner = QERunner(fast_config)
+    first = runner.run(rattled_si(1), uid="a").energy
+    second = runner.run(rattled_si(1), uid="b").energy
+    assert abs(first - second) < 1e-6
+
+
+def test_two_ranks_with_pools_give_the_same_answer(fast_config):
+    one = QERunner(fast_config).run(rattled_si(2), uid="one")
+    two = QERunner(fast_config.model_copy(update={"mpi_ranks": 2})).run(rattled_si(2), uid="two")
+    assert (two.attempts[0].ranks, two.attempts[0].pools) == (2, 2)
+    assert abs(one.energy - two.energy) < 1e-5
+    assert np.allclose(one.forces, two.forces, atol=1e-4)
+
+
+def test_bcc_iron_ends_magnetic(fast_config):
+    fe = bulk("Fe", "bcc", a=2.83)  # one atom; ASE's default initial moment 2.3 μB
+    result = QERunner(fast_config.model_copy(update={"ecutwfc": 30, "ecutrho": 240})).run(fe, uid="fe")
+    assert result.parameters["system"]["nspin"] == 2
+    assert result.total_magnetization > 1.5
+
+
+def test_bad_input_is_refused_before_pw_runs(fast_config):
+    runner = QERunner(fast_config)
+    with pytest.raises(StructureError, match="uid"):
+        runner.run(rattled_si(), uid="../escape")
+    with pytest.raises(StructureError, match="apart"):
+        runner.run(Atoms("Si2", positions=[(0, 0, 0), (0.4, 0, 0)], cell=[5, 5, 5], pbc=True), uid="overlap")
+    with pytest.raises(PseudopotentialError, match="Zn"):
+        runner.run(Atoms("Zn", cell=[3, 3, 3], pbc=True), uid="zinc")
+    assert not fast_config.work_dir.exists() or not any(fast_config.work_dir.iterdir())
+
+
+def test_missing_executable_is_a_clear_error(fast_config):
+    runner = QERunner(fast_config.model_copy(update={"command": "/nonexistent/pw.x"}))
+    with pytest.raises(ExecutableNotFoundError, match="apt-get install quantum-espresso"):
+        runner.run(rattled_si(), uid="nopw")
+
+
+def test_recovery_rescues_a_non_converging_scf(fast_config):
+    config = fast_config.model_copy(update={"pw_parameters": {"electrons": {"electron_maxstep": 4}}})
+    result = QERunner(config).run(rattled_si(), uid="rescue")
+    assert result.succeeded
+    assert [a.error_type for a in result.attempts] == ["SCF_NOT_CONVERGED", "OK"]
+    second_input = (config.work_dir / "run_rescue" / "attempt_2" / "pw.in").read_text()
+    assert "mixing_beta      = 0.3" in second_input
+    assert "startingpot      = 'file'" in second_input  # restarted from the failed attempt's density
+    assert result.final_mixing_beta == 0.3
+
+
+def test_no_recovery_means_one_attempt_and_a_full_report(fast_config):
+    config = fast_config.model_copy(
+        update={"recoverable": False, "pw_parameters": {"electrons": {"electron_maxstep": 2}}}
+    )
+    with pytest.raises(DFTFatalError) as info:
+        QERunner(config).run(rattled_si(), uid="once")
+    report = info.value.result
+    assert not report.succeeded and report.energy is None
+    assert len(report.attempts) == 1 and report.error_type == "SCF_NOT_CONVERGED"
+    assert "convergence NOT achieved" in report.error_message
+    quiet = QERunner(config).run(rattled_si(), uid="once", raise_on_failure=False)
+    assert not quiet.succeeded and quiet.attempts[0].scf_iterations == 2

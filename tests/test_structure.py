@@ -1,0 +1,78 @@
+"""Refusal of bad input before pw.x runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from qe_factory import StructureError
+from qe_factory.structure import check_structure, check_uid, closest_contact
+
+
+@pytest.mark.parametrize("uid", ["../x", "a/b", "..", ".hidden", "", "a b", "x" * 201, "a\\b"])
+def test_bad_uids_are_refused(uid):
+    with pytest.raises(StructureError, match="uid"):
+        check_uid(uid)
+
+
+def test_good_uid():
+    assert check_uid("si-0_frame.12") == "si-0_frame.12"
+
+
+def test_empty_structure():
+    with pytest.raises(StructureError, match="no atoms"):
+        check_structure(Atoms())
+
+
+def test_no_cell():
+    with pytest.raises(StructureError, match="box"):
+        check_structure(molecule("H2O"))
+
+
+def test_degenerate_and_left_handed_cells():
+    atoms = Atoms("Si2", positions=[(0, 0, 0), (1.5, 1.5, 0)], cell=[[4, 0, 0], [0, 4, 0], [4, 4, 0]], pbc=True)
+    with pytest.raises(StructureError, match="volume"):
+        check_structure(atoms)
+    atoms.cell = [[4, 0, 0], [0, 4, 0], [0, 0, -4]]
+    with pytest.raises(StructureError, match="volume"):
+        check_structure(atoms)
+
+
+def test_nan_positions():
+    atoms = bulk("Si")
+    atoms.positions[1, 2] = np.nan
+    with pytest.raises(StructureError, match=r"NaN/inf.*\[1\]"):
+        check_structure(atoms)
+
+
+def test_unknown_element():
+    atoms = Atoms("X2", positions=[(0, 0, 0), (2, 0, 0)], cell=[5, 5, 5], pbc=True)
+    with pytest.raises(StructureError, match="unknown element"):
+        check_structure(atoms)
+
+
+def test_overlapping_atoms_name_the_pair():
+    atoms = Atoms("Si2", positions=[(0, 0, 0), (0.5, 0, 0)], cell=[6, 6, 6], pbc=True)
+    with pytest.raises(StructureError, match=r"atoms 0 \(Si\) and 1 \(Si\) are 0.500 Å apart"):
+        check_structure(atoms)
+
+
+def test_overlap_through_periodic_images():
+    atoms = Atoms("Si2", positions=[(0.1, 0, 0), (2.6, 0, 0)], cell=[3.0, 8, 8], pbc=True)  # image at 0.5 Å
+    assert closest_contact(atoms)[2] == pytest.approx(0.5)
+    with pytest.raises(StructureError, match="0.500 Å"):
+        check_structure(atoms)
+
+
+def test_threshold_is_configurable():
+    atoms = Atoms("H2", positions=[(0, 0, 0), (0.5, 0, 0)], cell=[6, 6, 6])  # 0.5 / 0.62 = 0.81
+    check_structure(atoms, min_distance_factor=0.5)
+    with pytest.raises(StructureError):
+        check_structure(atoms, min_distance_factor=0.9)
+
+
+def test_sane_structures_pass():
+    check_structure(bulk("Si"))
+    check_structure(molecule("H2O", vacuum=4.0))
