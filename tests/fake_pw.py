@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""A stand-in for pw.x, for failures real pw.x cannot produce cheaply and for the spec's mocked scenarios.
+
+FAKE_PW_PLAN is a comma-separated list of actions, one per call (the last one repeats); FAKE_PW_COUNTER names a
+file that counts the calls. Actions:
+  replay:<fixture>  print tests/data/<fixture>/pw.out (real pw.x output), its pw.err and CRASH, exit with its code
+  segfault          die on SIGSEGV        oom      die on SIGKILL after printing the OOM killer's words to stderr
+  hang              sleep until killed    garbage  print bytes that are no pw.x output and exit 0
+"""
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+
+
+def main() -> int:
+    plan = os.environ["FAKE_PW_PLAN"].split(",")
+    counter = Path(os.environ["FAKE_PW_COUNTER"])
+    calls = int(counter.read_text()) if counter.exists() else 0
+    counter.write_text(str(calls + 1))
+    action = plan[min(calls, len(plan) - 1)]
+    if action.startswith("replay:"):
+        fixture = DATA / action.split(":", 1)[1]
+        sys.stdout.write((fixture / "pw.out").read_text())
+        if (fixture / "pw.err").exists():
+            sys.stderr.write((fixture / "pw.err").read_text())
+        if (fixture / "CRASH").exists():
+            shutil.copy(fixture / "CRASH", "CRASH")
+        return json.loads((fixture / "meta.json").read_text())["returncode"]
+    sys.stdout.write("     Program PWSCF v.6.7MaX starts on  1Jan2026 at  0: 0: 0\n")
+    sys.stdout.flush()
+    if action == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if action == "oom":
+        sys.stderr.write("Out of memory: Killed process (pw.x)\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "hang":
+        time.sleep(3600)
+    if action == "garbage":
+        sys.stdout.write("\x00\x01 no pw.x here \ufffd\n" * 10)
+        return 0
+    raise SystemExit(f"fake pw.x: unknown action {action!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The retry loop end to end: the spec's mocked scenarios and crashes real pw.x cannot make cheaply.
+
+pw.x is replaced by tests/fake_pw.py, which replays real pw.x outputs from tests/data/ (made by
+tests/data/make_fixtures.py) or dies the way a node does: segfault, SIGKILL by the OOM killer, a hang, garbage.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from ase.build import bulk
+
+from qe_factory import DFTFatalError, QERunner
+
+FAKE_PW = Path(__file__).parent / "fake_pw.py"
+
+
+@pytest.fixture
+def fake_runner(fast_config, monkeypatch, tmp_path):
+    def make(plan: str, **changes) -> QERunner:
+        monkeypatch.setenv("FAKE_PW_PLAN", plan)
+        monkeypatch.setenv("FAKE_PW_COUNTER", str(tmp_path / "calls"))
+        return QERunner(fast_config.model_copy(update={"command": f"{sys.executable} {FAKE_PW}", **changes}))
+
+    return make
+
+
+def calls(tmp_path) -> int:
+    return int((tmp_path / "calls").read_text())
+
+
+def test_scenario_success(fake_runner, tmp_path):
+    result = fake_runner("replay:si_scf").run(bulk("Si"), uid="ok")
+    assert result.succeeded and result.energy == pytest.approx(-20.42062242 * 13.605693122994, abs=1e-3)
+    assert len(result.forces) == 2 and calls(tmp_path) == 1
+
+
+def test_scenario_fail_then_succeed(fake_runner, fast_config, tmp_path):
+    result = fake_runner("replay:si_unconverged,replay:si_scf").run(bulk("Si"), uid="retry")
+    assert result.succeeded
+    assert [a.error_type for a in result.attempts] == ["SCF_NOT_CONVERGED", "OK"]
+    first = (fast_config.work_dir / "run_retry" / "attempt_1" / "pw.in").read_text()
+    second = (fast_config.work_dir / "run_retry" / "attempt_2" / "pw.in").read_text()
+    assert "mixing_beta      = 0.7" in first
+    assert "mixing_beta      = 0.3" in second
+    assert result.attempts[1].correction == "mixing_beta=0.3"
+
+
+def test_scenario_fatal_after_n_tries(fake_runner, tmp_path):
+    runner = fake_runner("replay:si_unconverged", max_retries=3)
+    with pytest.raises(DFTFatalError) as info:
+        runner.run(bulk("Si"), uid="hopeless")
+    report = info.value.result
+    assert calls(tmp_path) == 3 and len(report.attempts) == 3
+    assert [a.correction for a in report.attempts] == [None, "mixing_beta=0.3", "mixing_mode=local-TF"]
+    assert "gave up: 3 attempt(s) made" in report.error_message
+    assert "hopeless" in str(info.value)
+
+
+def test_segfault_is_rerun_once_then_reported(fake_runner, tmp_path):
+    result = fake_runner("segfault").run(bulk("Si"), uid="segv", raise_on_failure=False)
+    assert [a.error_type for a in result.attempts] == ["SIGNAL", "SIGNAL"]
+    assert "SIGSEGV" in result.error_message and calls(tmp_path) == 2
+
+
+def test_segfault_then_success(fake_runner):
+    result = fake_runner("segfault,replay:si_scf").run(bulk("Si"), uid="segv-ok")
+    assert result.succeeded and result.attempts[1].correction == "rerun unchanged"
+
+
+def test_oom_kill_tries_one_pool_then_gives_up(fake_runner):
+    result = fake_runner("oom", mpi_ranks=2, command=f"{sys.executable} {FAKE_PW}").run(
+        bulk("Si"), uid="oom", raise_on_failure=False
+    )
+    assert [a.error_type for a in result.attempts] == ["OUT_OF_MEMORY", "OUT_OF_MEMORY"]
+    assert result.attempts[1].pools == 1 and result.attempts[1].correction == "pools=1"
+
+
+def test_hang_is_killed_at_the_timeout_and_not_retried(fake_runner):
+    result = fake_runner("hang", timeout=2).run(bulk("Si"), uid="hang", raise_on_failure=False)
+    assert [a.error_type for a in result.attempts] == ["TIMEOUT"]
+    assert 2 <= result.attempts[0].wall_time < 10
+
+
+def test_garbage_output_is_incomplete(fake_runner):
+    result = fake_runner("garbage").run(bulk("Si"), uid="junk", raise_on_failure=False)
+    assert result.attempts[0].error_type == "OUTPUT_INCOMPLETE"
+    assert not result.succeeded and result.energy is None
