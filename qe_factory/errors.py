@@ -38,31 +38,36 @@ class DFTErrorType(Enum):
         return self.value[1]
 
 
+def _routine(names: str) -> str:
+    """A fatal error in one of `names`, as stdout prints it ('Error in routine X (N):') or CRASH ('from X : error')."""
+    return rf"(?:Error in routine\s+(?:{names})\s*\(|from\s+(?:{names})\s*:\s*error)"
+
+
 # Ordered: the first match wins. Applied to pw.x's error blocks, the CRASH file, stdout and stderr.
+# ("some nodes have no k-points" alone is only a warning in pw.x 6.7: the run goes on and converges.)
 PATTERNS: list[tuple[DFTErrorType, re.Pattern[str]]] = [
-    (DFTErrorType.TOO_MANY_POOLS, re.compile(r"some nodes have no k-points|invalid number of pools")),
+    (DFTErrorType.TOO_MANY_POOLS, re.compile(
+        rf"invalid number of pools|{_routine('mp_start_pools|divide_et_impera')}")),
     (DFTErrorType.OUT_OF_MEMORY, re.compile(
         r"oom-kill|out of memory|cannot allocate memory|error allocating|allocation failed|"
         r"exited on signal 9\b|\bKilled\b", re.IGNORECASE)),
     (DFTErrorType.SIGNAL, re.compile(r"segmentation fault|SIGSEGV|SIGBUS|exited on signal \d+", re.IGNORECASE)),
-    (DFTErrorType.MISSING_PSEUDO, re.compile(
-        r"Error in routine\s+(readpp|read_ps\w*|upf\w*|read_upf\w*|import_upf)\b", re.IGNORECASE)),
+    (DFTErrorType.MISSING_PSEUDO, re.compile(_routine(r"readpp|read_ps\w*|upf\w*|read_upf\w*|import_upf"), re.I)),
     (DFTErrorType.BAD_INPUT, re.compile(
-        r"Error in routine\s+(read_namelists|read_cards|card_\w+|iosys|cell_base_init|setup|input)\b",
-        re.IGNORECASE)),
+        _routine(r"read_namelists|read_cards|card_\w+|iosys|cell_base_init|setup|input"), re.IGNORECASE)),
     (DFTErrorType.DIAGONALIZATION, re.compile(
         r"S matrix not positive definite|problems computing cholesky|too many bands are not converged|"
         r"eigenvectors failed to converge|zhegvd failed|dsyevd failed|\[Q, ?R\] = qr\(X, ?0\) failed|"
-        r"Error in routine\s+[cr]diaghg", re.IGNORECASE)),
-    (DFTErrorType.BROYDEN_MIXING, re.compile(r"Error in routine\s+(mix_rho|broyden|approx_screening)", re.I)),
+        + _routine(r"[cr]diaghg|[cr]diaghg_gpu|cegterg|regterg|pcegterg|prgterg"), re.IGNORECASE)),
+    (DFTErrorType.BROYDEN_MIXING, re.compile(_routine("mix_rho|broyden|approx_screening"), re.IGNORECASE)),
     (DFTErrorType.WRONG_CHARGE, re.compile(r"charge is wrong", re.IGNORECASE)),
     (DFTErrorType.PW_WALLTIME, re.compile(r"Maximum CPU time exceeded")),
     (DFTErrorType.SCF_NOT_CONVERGED, re.compile(r"convergence NOT achieved")),
 ]
 
 _ERROR_LINE = re.compile(
-    r"Error in routine.*|convergence NOT achieved.*|Maximum CPU time exceeded|MPI_ABORT.*|.*signal \d+.*|"
-    r".*[Ss]egmentation fault.*|.*[Kk]illed.*|.*oom.*", re.MULTILINE)
+    r"Error in routine.*|.*Error allocating.*|convergence NOT achieved.*|Maximum CPU time exceeded|MPI_ABORT.*|"
+    r".*signal \d+.*|.*[Ss]egmentation fault.*|.*[Kk]illed.*|.*oom.*", re.MULTILINE)
 
 
 @dataclass(frozen=True)

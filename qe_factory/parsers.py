@@ -65,10 +65,10 @@ def _number(text: str) -> float:
 
 
 def _seconds(text: str) -> float:
-    """pw.x times: '12.3s', '1m 2.5s', '1h 2m'."""
+    """pw.x times: '12.3s', '1m 2.5s', '1h 2m', '1d 2h 3m'."""
     total = 0.0
-    for value, unit in re.findall(r"(\d+\.?\d*)\s*([hms])", text):
-        total += float(value) * {"h": 3600, "m": 60, "s": 1}[unit]
+    for value, unit in re.findall(r"(\d+\.?\d*)\s*([dhms])", text):
+        total += float(value) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[unit]
     return total
 
 
@@ -96,13 +96,10 @@ def _forces(lines: list[str], natoms: int | None) -> list[list[float]] | None:
     pattern = re.compile(rf"atom\s+\d+\s+type\s+\d+\s+force\s+=\s+({_FLOAT})\s+({_FLOAT})\s+({_FLOAT})")
     forces = []
     for line in lines[start + 1 :]:
-        match = pattern.search(line)
-        if match:
+        if match := pattern.search(line):
             forces.append([_number(v) * Ry / Bohr for v in match.groups()])
-            if len(forces) == natoms:
-                return forces
-        elif forces or "Total force" in line:
-            break
+        elif "Total force" in line:  # the block is complete only when this line follows it
+            return forces if len(forces) == natoms else None
     return None
 
 
@@ -137,7 +134,11 @@ def parse_pw_output(text: str, crash: str | None = None) -> PwOutput:
     out["convergence_failed"] = "convergence NOT achieved" in text
     out["job_done"] = "JOB DONE" in text
     out["warnings"] = sorted(
-        {line.strip() for line in lines if re.search(r"warning|negative rho|Message from routine", line, re.I)}
+        {
+            " ".join(lines[i : i + 2 if "Message from routine" in line else i + 1]).strip()
+            for i, line in enumerate(lines)
+            if re.search(r"warning|negative rho|Message from routine", line, re.IGNORECASE)
+        }
     )
     out["errors"] = _error_blocks(text) + (_error_blocks(crash) if crash else [])
     if m := re.search(r"PWSCF\s*:\s*(.*?)CPU\s*(.*?)WALL", text):

@@ -193,7 +193,7 @@ launch() {
     out="$STATE_DIR/log/$name.out"
     rm -f "$pidfile"
     # shellcheck disable=SC2016  # $$ and $@ expand in the child shell
-    setsid -f bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$pidfile" "$@" </dev/null >>"$out" 2>&1
+    setsid -f bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$pidfile" "$@" </dev/null >>"$out" 2>&1 9>&-
     wait_for 5 test -s "$pidfile" || die "could not start $name (see $out)"
 }
 

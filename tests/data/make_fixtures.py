@@ -8,6 +8,12 @@ meta.json (exit code, argv, wall time, what the fixture is for). The files are k
 (including the absolute pseudo_dir); pw.x's scratch directory is deleted. Inputs come from qe_factory's own
 InputGenerator with low cutoffs and coarse k-point meshes, so the whole set costs well under a minute of pw.x time.
 `si_truncated` is the one derived fixture: si_scf's real pw.out cut in the middle of the forces block.
+
+Beyond the planned set: `si_pools_out_of_range` (the real fatal pool error; `si_too_many_pools` turned out to be only
+an info message in pw.x 6.7, exit 0), `si_out_of_memory` (a real failed allocation under `prlimit --as`) and
+`si_killed_sigkill` / `si_killed_sigsegv` (a rank of a real 2-rank run killed mid-SCF: mpirun's real words and exit
+codes 137 / 139). Some outcomes depend on timing (where max_seconds or the signal stops the SCF, which allocation
+fails first); the tests only rely on what does not.
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ def run_pw(
         "crash_file": (directory / "CRASH").exists(),
         "removed_scratch": leftovers,
         "observed": observed((directory / "pw.out").read_text(errors="replace")),
+        "stderr_head": [line.strip() for line in (directory / "pw.err").read_text(errors="replace").splitlines()
+                        if line.strip() and not line.startswith(("#", "-----"))][:3],
         **extra,
     }
     (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -142,7 +150,8 @@ def si_too_many_pools() -> dict:
     atoms = Atoms("Si2", positions=[[2.0, 3.0, 3.0], [4.25, 3.0, 3.0]], cell=[6.0, 6.0, 6.0], pbc=True)
     config = DFTConfig(ecutwfc=25.0, ecutrho=200.0, kpoint_density=10.0)  # -> 1x1x1 mesh: a single k-point
     text = InputGenerator(config).create_input_string(atoms)
-    return run_pw("si_too_many_pools", text, "one k-point run with 2 MPI ranks and -nk 2", ranks=2, pools=2)
+    purpose = "one k-point run with 2 MPI ranks and -nk 2 (pw.x 6.7 only prints an info message and converges)"
+    return run_pw("si_too_many_pools", text, purpose, ranks=2, pools=2)
 
 
 def si_pools_out_of_range() -> dict:
@@ -162,6 +171,26 @@ def si_out_of_memory() -> dict:
         "si_out_of_memory", si_input(), f"si_scf input under prlimit --as={limit}: a failed allocation",
         command=f"prlimit --as={limit} {PW_COMMAND}",
     )
+
+
+def _killed(name: str, signal_name: str) -> dict:
+    # Rank 0 of a 2-rank run is sent a signal 0.7 s after it starts (mid-SCF): what mpirun really reports and returns
+    # when the OOM killer (SIGKILL) or a crash (SIGSEGV) ends a rank. `exec` keeps the shell's PID for pw.x.
+    script = (
+        f'if [ "$OMPI_COMM_WORLD_RANK" = 0 ]; then (sleep 0.7; kill -{signal_name} $$) & fi; exec {PW_COMMAND} "$@"'
+    )
+    return run_pw(
+        name, si_input(), f"2-rank si_scf run whose rank 0 gets SIG{signal_name} mid-SCF", ranks=2,
+        command=f"sh -c '{script}' {PW_COMMAND}",
+    )
+
+
+def si_killed_sigkill() -> dict:
+    return _killed("si_killed_sigkill", "KILL")
+
+
+def si_killed_sigsegv() -> dict:
+    return _killed("si_killed_sigsegv", "SEGV")
 
 
 def h2_overlap() -> dict:
@@ -214,6 +243,8 @@ FIXTURES: dict[str, Callable[[], dict]] = {
     "si_too_many_pools": si_too_many_pools,
     "si_pools_out_of_range": si_pools_out_of_range,
     "si_out_of_memory": si_out_of_memory,
+    "si_killed_sigkill": si_killed_sigkill,
+    "si_killed_sigsegv": si_killed_sigsegv,
     "si_truncated": si_truncated,
     "h2_overlap": h2_overlap,
 }
