@@ -25,6 +25,7 @@ class Attempt(BaseModel):
     final_scf_accuracy: float | None = None
     returncode: int | None
     wall_time: float
+    cpu_time: float | None = None  # as pw.x reports it (rank 0)
 
 
 class DFTResult(BaseModel):

@@ -162,7 +162,7 @@ class QERunner:
             ranks=ranks, pools=pools, error_type=diagnosis.error_type.name, error_code=diagnosis.error_type.code,
             message=diagnosis.message, scf_iterations=output.scf_iterations,
             final_scf_accuracy=output.scf_accuracy[-1] if output.scf_accuracy else None,
-            returncode=execution.returncode, wall_time=round(execution.wall_time, 3),
+            returncode=execution.returncode, wall_time=round(execution.wall_time, 3), cpu_time=output.cpu_time,
         )
         return attempt, output, pw_input
 

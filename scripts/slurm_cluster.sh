@@ -45,6 +45,15 @@ usage() {
 
 pidfile_of() { echo "$STATE_DIR/$1.pid"; }
 
+# True if process $1 exists and is not a zombie. PID 1 on these machines is not an init that reaps
+# orphans at once: a dead daemon stays a zombie (still named like the daemon) for a second or two.
+pid_alive() {
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    stat="${stat##*) }"
+    [[ "${stat%% *}" != Z ]]
+}
+
 # Print the recorded PID of daemon $1 if that process is alive and is really that daemon.
 live_pid() {
     local name="$1" pidfile pid comm
@@ -54,6 +63,7 @@ live_pid() {
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     comm="$(cat "/proc/$pid/comm" 2>/dev/null)" || return 1
     [[ "$comm" == "$name" ]] || return 1
+    pid_alive "$pid" || return 1
     echo "$pid"
 }
 
@@ -197,16 +207,23 @@ launch() {
     wait_for 5 test -s "$pidfile" || die "could not start $name (see $out)"
 }
 
-wait_for() {   # wait_for <seconds> <command...>: poll every 0.05 s
-    local deadline=$((SECONDS + $1)); shift
+now_ms() { local t="${EPOCHREALTIME/[.,]/}"; echo "${t%???}"; }
+
+elapsed() { local ms=$(($(now_ms) - $1)); printf '%d.%02d s' $((ms / 1000)) $((ms % 1000 / 10)); }
+
+wait_for() {   # wait_for <seconds> <command...>: poll every 0.05 s until the command succeeds
+    local deadline=$(($(now_ms) + $1 * 1000)); shift
     until "$@"; do
-        ((SECONDS < deadline)) || return 1
+        (($(now_ms) < deadline)) || return 1
         sleep 0.05
     done
 }
 
 munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
-node_idle() { [[ "$(node_state)" == idle ]]; }
+# slurmctld listens on its port (6817 = 0x1AA1). Polling this first avoids sinfo's built-in 1 s retry
+# sleep when it is called before slurmctld accepts connections.
+ctld_listening() { grep -qsE '^ *[0-9]+: [0-9A-F]+:1AA1 [0-9A-F]+:0000 0A ' /proc/net/tcp /proc/net/tcp6; }
+node_idle() { ctld_listening && [[ "$(node_state)" == idle ]]; }
 
 print_logs_hint() {
     log "logs: $STATE_DIR/log/{slurmctld,slurmd}.log (daemon stdout/stderr: $STATE_DIR/log/*.out," \
@@ -214,22 +231,24 @@ print_logs_hint() {
 }
 
 dump_logs() {
-    local f
-    for f in "$STATE_DIR/log/slurmctld.log" "$STATE_DIR/log/slurmd.log" \
-             "$STATE_DIR/log/munged.out" "$STATE_DIR/log/slurmctld.out" "$STATE_DIR/log/slurmd.out"; do
+    local f n
+    # The *.out files get what a daemon prints before it opens its log file (e.g. config errors).
+    for f in munged.out:5 slurmctld.out:5 slurmd.out:5 slurmctld.log:25 slurmd.log:25; do
+        n="${f#*:}"; f="$STATE_DIR/log/${f%:*}"
         [[ -s "$f" ]] || continue
-        echo "----- tail -n 25 $f" >&2
-        tail -n 25 "$f" >&2
+        echo "----- tail -n $n $f" >&2
+        tail -n "$n" "$f" >&2
     done
 }
 
-# PIDs of untracked processes named $1 (e.g. started by hand or by a package script).
+# PIDs of untracked live processes named $1 (e.g. started by hand or by a package script).
 foreign_pids() {
-    local name="$1" mine pids
+    local name="$1" mine pid out=()
     mine="$(live_pid "$name" || true)"
-    pids="$(pgrep -x "$name" || true)"
-    [[ -n "$mine" ]] && pids="$(grep -vx "$mine" <<<"$pids" || true)"
-    echo "$pids" | xargs
+    for pid in $(pgrep -x "$name" || true); do
+        [[ "$pid" != "$mine" ]] && pid_alive "$pid" && out+=("$pid")
+    done
+    echo "${out[*]}"
 }
 
 running_count() {
@@ -241,7 +260,8 @@ running_count() {
 }
 
 cmd_start() {
-    local t0=$SECONDS
+    local t0
+    t0="$(now_ms)"
     mkdir -p "$STATE_DIR"
     exec 9>"$STATE_DIR/lock"
     flock -w 600 9 || die "could not lock $STATE_DIR/lock"
@@ -276,6 +296,8 @@ cmd_start() {
     launch munged setpriv --reuid=munge --regid=munge --init-groups munged --foreground
     wait_for 10 munge_ok || { dump_logs; stop_daemons; die "munged did not come up"; }
     launch slurmctld slurmctld -D
+    # slurmd started before slurmctld listens retries its registration only after 1 s: wait for the port.
+    wait_for 10 ctld_listening || true
     launch slurmd slurmd -D
 
     if ! wait_for "$IDLE_TIMEOUT" node_idle; then
@@ -297,7 +319,7 @@ cmd_start() {
     fi
     log "SLURM is up: node $(node_name) idle, partition debug; PIDs" \
         "munged=$(live_pid munged) slurmctld=$(live_pid slurmctld) slurmd=$(live_pid slurmd)" \
-        "($((SECONDS - t0)) s)"
+        "($(elapsed "$t0"))"
     print_logs_hint
 }
 
@@ -313,7 +335,7 @@ stop_daemons() {
         while :; do
             alive=()
             for pid in "${pids[@]}"; do
-                kill -0 "$pid" 2>/dev/null && alive+=("$pid")
+                pid_alive "$pid" && alive+=("$pid")
             done
             ((${#alive[@]})) || break
             if ((SECONDS >= deadline)); then
@@ -344,6 +366,8 @@ no_active_jobs() {
     [[ -z "$(timeout 5 squeue -h -o %A -t PENDING,RUNNING,SUSPENDED,CONFIGURING,COMPLETING 2>/dev/null)" ]]
 }
 
+no_slurmstepd() { [[ -z "$(foreign_pids slurmstepd)" ]]; }
+
 cmd_stop() {
     if [[ ! -d "$STATE_DIR" ]]; then
         log "not running (no state dir $STATE_DIR)"
@@ -356,13 +380,12 @@ cmd_stop() {
         log "not running"
         return 0
     fi
-    local t0=$SECONDS
+    local t0
+    t0="$(now_ms)"
     cancel_jobs
     stop_daemons
-    local left
-    left="$(pgrep -x slurmstepd | xargs || true)"
-    [[ -z "$left" ]] || log "warning: slurmstepd processes remain: $left"
-    log "stopped ($((SECONDS - t0)) s)"
+    wait_for 10 no_slurmstepd || log "warning: slurmstepd processes remain: $(foreign_pids slurmstepd)"
+    log "stopped ($(elapsed "$t0"))"
 }
 
 cmd_status() {

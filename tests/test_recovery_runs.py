@@ -88,3 +88,17 @@ def test_garbage_output_is_incomplete(fake_runner):
     result = fake_runner("garbage").run(bulk("Si"), uid="junk", raise_on_failure=False)
     assert result.attempts[0].error_type == "OUTPUT_INCOMPLETE"
     assert not result.succeeded and result.energy is None
+
+
+def test_result_kept_but_marked_when_the_nominal_settings_run_fails(fake_runner):
+    from qe_factory import DFTErrorType, RecoveryHandler
+    from qe_factory.recovery import MORE_SMEARING
+
+    runner = fake_runner("replay:si_unconverged,replay:si_scf,replay:si_unconverged")
+    runner.recovery = RecoveryHandler({DFTErrorType.SCF_NOT_CONVERGED: [MORE_SMEARING]})
+    result = runner.run(bulk("Si"), uid="marked")
+    assert [a.correction for a in result.attempts] == [None, "degauss=0.05", "nominal settings"]
+    assert result.succeeded and not result.nominal_settings
+    assert result.label_deviations == {"system.degauss": (0.05, 0.02)}
+    assert result.parameters["system"]["degauss"] == 0.05  # the settings the label was really made with
+    assert result.to_atoms().info["nominal_settings"] is False

@@ -117,3 +117,39 @@ def test_no_recovery_means_one_attempt_and_a_full_report(fast_config):
     assert "convergence NOT achieved" in report.error_message
     quiet = QERunner(config).run(rattled_si(), uid="once", raise_on_failure=False)
     assert not quiet.succeeded and quiet.attempts[0].scf_iterations == 2
+
+
+def test_walltime_stop_restarts_from_saved_state_and_matches_a_direct_run(fast_config):
+    atoms = bulk("Si", cubic=True)  # 8 atoms: each SCF iteration takes long enough to stop mid-way
+    atoms.rattle(0.1, seed=4)
+    fast_config = fast_config.model_copy(update={"mpi_ranks": 2})
+    direct = QERunner(fast_config).run(atoms, uid="direct")
+    config = fast_config.model_copy(
+        update={"max_retries": 10, "pw_parameters": {"control": {"max_seconds": 0.5 * direct.wall_time}}}
+    )
+    stopped = QERunner(config).run(atoms, uid="stopped")
+    kinds = [a.error_type for a in stopped.attempts]
+    assert kinds[0] == "PW_WALLTIME" and kinds[-1] == "OK"
+    assert all(a.correction == "restart_mode=restart" for a in stopped.attempts[1:])
+    assert abs(stopped.energy - direct.energy) < 1e-5
+    assert np.allclose(stopped.forces, direct.forces, atol=1e-3)
+
+
+def test_recovered_label_equals_a_direct_run_at_nominal_settings(fast_config):
+    """Label consistency: a metal rescued by more smearing is finished at the nominal smearing."""
+    from qe_factory import DFTErrorType, RecoveryHandler
+    from qe_factory.recovery import MORE_SMEARING
+
+    copper = bulk("Cu", "fcc", a=3.5) * (2, 1, 1)
+    copper.rattle(0.08, seed=1)
+    config = fast_config.model_copy(update={"ecutwfc": 25, "ecutrho": 200, "kpoint_density": 0.9, "mpi_ranks": 2})
+    direct = QERunner(config).run(copper, uid="direct")
+    hard = config.model_copy(update={"pw_parameters": {"electrons": {"electron_maxstep": 6}}})
+    smearing_only = RecoveryHandler({DFTErrorType.SCF_NOT_CONVERGED: [MORE_SMEARING]})
+    recovered = QERunner(hard, recovery=smearing_only).run(copper, uid="recovered")
+    corrections = [a.correction for a in recovered.attempts]
+    assert "degauss=0.05" in corrections and corrections[-1] == "nominal settings"
+    assert recovered.nominal_settings and recovered.parameters["system"]["degauss"] == 0.02
+    assert abs(recovered.energy - direct.energy) / len(copper) < 1e-3  # 1 meV/atom
+    assert np.abs(np.array(recovered.forces) - direct.forces).max() < 0.01  # 10 meV/Å
+
