@@ -8,11 +8,12 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ase import Atoms
+from pydantic import BaseModel
 
 from qe_factory.config import DFTConfig
 from qe_factory.errors import DFTErrorType, Diagnosis, classify
@@ -32,6 +33,26 @@ SCRATCH_PATTERNS = ("*.wfc*", "*.mix*", "*.save", "*.restart*", "*.hub*", "*.igk
 TRANSIENT = {"control": ("restart_mode",), "electrons": ("startingpot", "startingwfc")}
 # Below this fraction of the covalent radii sum a diagonalization failure is blamed on the geometry.
 OVERLAP_FACTOR = 0.75
+
+
+class RecoveryState(BaseModel):
+    """Where a structure's retry loop stands; serialisable, so a workflow job can hand it to the next attempt."""
+
+    params: dict[str, dict[str, Any]] = {}
+    tried: list[str] = []
+    attempts: list[Attempt] = []
+    correction: dict[str, Any] | None = None  # the Correction applied before the next attempt
+    converged_output: PwOutput | None = None  # kept while a converged run is re-done at nominal settings
+    converged_input: PwInput | None = None
+
+
+class ScfOutcome(BaseModel):
+    """What the SCF stage hands to validation: the converged output, or why there is none."""
+
+    attempts: list[Attempt]
+    output: PwOutput | None = None
+    pw_input: PwInput | None = None
+    failure: str | None = None
 
 
 class ExecutableNotFoundError(RuntimeError):
@@ -177,103 +198,89 @@ class QERunner:
         return diagnosis
 
     # -- the retry loop ----------------------------------------------------------------------------------------
+    def prepare(self, atoms: Atoms, uid: str) -> tuple[PwInput, Path]:
+        """Refuse bad input before pw.x runs; return the nominal input and a fresh run directory."""
+        check_uid(uid)
+        check_structure(atoms, self.config.min_distance_factor)
+        nominal = self.generator.generate(atoms)  # raises on missing pseudopotentials or a relax request
+        run_dir = Path(self.config.work_dir).resolve() / f"run_{uid}"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        return nominal, run_dir
+
     def run(self, atoms: Atoms, uid: str, raise_on_failure: bool = True) -> DFTResult:
         """SCF energy, forces and stress of `atoms`, retrying with the recovery tree; see DFTResult.
 
         Bad input (uid, structure, pseudopotentials) raises before pw.x runs. Exhausted recovery raises
         DFTFatalError carrying the full report, or returns it with succeeded=False if raise_on_failure is False.
         """
-        cfg = self.config
-        check_uid(uid)
-        check_structure(atoms, cfg.min_distance_factor)
-        nominal = self.generator.generate(atoms)  # raises on missing pseudopotentials or a relax request
-        run_dir = Path(cfg.work_dir) / f"run_{uid}"
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
+        nominal, run_dir = self.prepare(atoms, uid)
+        state: RecoveryState | ScfOutcome = RecoveryState()
         try:
-            result = self._retry_loop(atoms, uid, run_dir, nominal)
+            while isinstance(state, RecoveryState):
+                state = self.step(atoms, uid, run_dir, nominal, state)
         finally:
-            if not cfg.keep_files:
+            if not self.config.keep_files:
                 clean_scratch(run_dir)
-        return self._deliver(result, raise_on_failure)
+        return deliver(self.build_result(uid, atoms, state, nominal), raise_on_failure)
 
-    def _retry_loop(self, atoms: Atoms, uid: str, run_dir: Path, nominal: PwInput) -> DFTResult:
-        started = time.monotonic()
-        max_attempts = self.config.max_retries if self.config.recoverable else 1
-        params: dict[str, dict[str, Any]] = {}
-        tried: list[str] = []
-        attempts: list[Attempt] = []
-        correction: Correction | None = None
-        while True:
-            attempt, output, pw_input = self.run_attempt(
-                atoms, run_dir, len(attempts) + 1, params, correction.name if correction else None
+    def step(
+        self, atoms: Atoms, uid: str, run_dir: Path, nominal: PwInput, state: RecoveryState
+    ) -> RecoveryState | ScfOutcome:
+        """Run one attempt and decide: the state for the next attempt, or the outcome of the SCF stage."""
+        correction = Correction(**state.correction) if state.correction else None
+        attempt, output, pw_input = self.run_attempt(
+            atoms, run_dir, len(state.attempts) + 1, state.params, correction.name if correction else None
+        )
+        attempts = [*state.attempts, attempt]
+        error_type = DFTErrorType[attempt.error_type]
+        finishing = correction is not None and correction.name == NOMINAL
+        if error_type is DFTErrorType.OK:
+            correction = None if finishing else _nominal_correction(pw_input, nominal)
+            if correction is None:
+                return ScfOutcome(attempts=attempts, output=output, pw_input=pw_input)
+            converged = (output, pw_input)
+        elif finishing:  # the nominal-settings run failed: keep the converged result, marked with its settings
+            return ScfOutcome(attempts=attempts, output=state.converged_output, pw_input=state.converged_input)
+        else:
+            converged = (state.converged_output, state.converged_input)
+            max_attempts = self.config.max_retries if self.config.recoverable else 1
+            correction = None
+            if len(attempts) < max_attempts:
+                correction = self.recovery.next_correction(error_type, pw_input.parameters, state.tried, output)
+            if correction is None:
+                why = "no correction left" if len(attempts) < max_attempts else f"{max_attempts} attempt(s) made"
+                return ScfOutcome(attempts=attempts, failure=f"{attempt.message} [gave up: {why}]")
+            log.warning(
+                "Retrying uid=%s attempt %d: %s after %s (%s iterations, accuracy %s Ry)",
+                uid, len(attempts) + 1, correction.name, error_type.name, attempt.scf_iterations,
+                attempt.final_scf_accuracy,
             )
-            attempts.append(attempt)
-            error_type = DFTErrorType[attempt.error_type]
-            finishing = correction is not None and correction.name == NOMINAL
-            if error_type is DFTErrorType.OK:
-                converged = (output, pw_input)
-                correction = None if finishing else _nominal_correction(pw_input, nominal)
-                if correction is None:
-                    return self._finish(uid, atoms, attempts, *converged, nominal, started)
-            elif finishing:  # the nominal-settings run failed: keep the converged result, marked with its settings
-                return self._finish(uid, atoms, attempts, *converged, nominal, started)
-            else:
-                correction = None
-                if len(attempts) < max_attempts:
-                    correction = self.recovery.next_correction(error_type, pw_input.parameters, tried, output)
-                if correction is None:
-                    why = "no correction left" if len(attempts) < max_attempts else f"{max_attempts} attempt(s) made"
-                    message = f"{attempt.message} [gave up: {why}]"
-                    return self._failure(uid, atoms, attempts, message, started)
-                tried.append(correction.name)
-                log.warning(
-                    "Retrying uid=%s attempt %d: %s after %s (%s iterations, accuracy %s Ry)",
-                    uid, len(attempts) + 1, correction.name, error_type.name, attempt.scf_iterations,
-                    attempt.final_scf_accuracy,
-                )
-            params = self._next_params(params, correction, run_dir)
+        return RecoveryState(
+            params=_next_params(state.params, correction, run_dir), tried=[*state.tried, correction.name],
+            attempts=attempts, correction=asdict(correction), converged_output=converged[0],
+            converged_input=converged[1],
+        )
 
-    @staticmethod
-    def _deliver(result: DFTResult, raise_on_failure: bool) -> DFTResult:
-        if not result.succeeded:
-            log.error("uid=%s failed: %s", result.uid, result.error_message)
-            if raise_on_failure:
-                raise DFTFatalError(result)
-        return result
-
-    @staticmethod
-    def _next_params(
-        params: dict[str, dict[str, Any]], correction: Correction, run_dir: Path
-    ) -> dict[str, dict[str, Any]]:
-        params = apply_correction(_without_transient(params), correction)
-        if correction.reuse_density and any((run_dir / SCRATCH_DIR).rglob("charge-density*")):
-            params = apply_correction(params, Correction("reuse density", {"electrons": {"startingpot": "file"}}))
-        return params
-
-    def _base(self, uid: str, atoms: Atoms, attempts: list[Attempt], started: float) -> dict[str, Any]:
-        return dict(
+    def build_result(self, uid: str, atoms: Atoms, outcome: ScfOutcome, nominal: PwInput) -> DFTResult:
+        """Validation: the DFTResult of an SCF outcome, sanitized, with its provenance."""
+        attempts = outcome.attempts
+        base = dict(
             uid=uid, formula=atoms.get_chemical_formula(), numbers=atoms.numbers.tolist(),
             positions=atoms.positions.tolist(), cell=atoms.cell.array.tolist(), pbc=atoms.pbc.tolist(),
-            attempts=attempts, wall_time=round(time.monotonic() - started, 3),
+            attempts=attempts, wall_time=round(sum(a.wall_time for a in attempts), 3),
         )
-
-    def _failure(self, uid: str, atoms: Atoms, attempts: list[Attempt], message: str, started: float) -> DFTResult:
-        last = attempts[-1]
-        return DFTResult(
-            **self._base(uid, atoms, attempts, started), succeeded=False, error_message=message,
-            error_type=last.error_type, parameters=last.parameters,
-            final_mixing_beta=last.parameters.get("electrons", {}).get("mixing_beta"),
-        )
-
-    def _finish(
-        self, uid: str, atoms: Atoms, attempts: list[Attempt], output: PwOutput, pw_input: PwInput,
-        nominal: PwInput, started: float,
-    ) -> DFTResult:
+        if outcome.failure is not None:
+            last = attempts[-1]
+            return DFTResult(
+                **base, succeeded=False, error_message=outcome.failure, error_type=last.error_type,
+                parameters=last.parameters, final_mixing_beta=last.parameters.get("electrons", {}).get("mixing_beta"),
+            )
+        output, pw_input = outcome.output, outcome.pw_input
         problems = sanitize(output, len(atoms), self.config.sanitizer)
-        result = DFTResult(
-            **self._base(uid, atoms, attempts, started),
+        return DFTResult(
+            **base,
             energy=output.energy, forces=output.forces, stress=output.stress,
             succeeded=not problems,
             error_message=f"unphysical result: {'; '.join(problems)}" if problems else None,
@@ -290,4 +297,19 @@ class QERunner:
             total_magnetization=output.total_magnetization, problems=problems,
             label_deviations=label_deviations(pw_input.parameters, nominal.parameters),
         )
-        return result
+
+
+def deliver(result: DFTResult, raise_on_failure: bool) -> DFTResult:
+    """Log a failed result and raise DFTFatalError with it if asked to."""
+    if not result.succeeded:
+        log.error("uid=%s failed: %s", result.uid, result.error_message)
+        if raise_on_failure:
+            raise DFTFatalError(result)
+    return result
+
+
+def _next_params(params: dict[str, dict[str, Any]], correction: Correction, run_dir: Path) -> dict[str, dict[str, Any]]:
+    params = apply_correction(_without_transient(params), correction)
+    if correction.reuse_density and any((run_dir / SCRATCH_DIR).rglob("charge-density*")):
+        params = apply_correction(params, Correction("reuse density", {"electrons": {"startingpot": "file"}}))
+    return params
