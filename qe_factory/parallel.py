@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import subprocess
 
 LAUNCHERS = ("mpirun", "mpiexec", "srun", "aprun")
 
@@ -41,3 +43,37 @@ def pw_environment(omp_threads: int, base: dict[str, str] | None = None) -> dict
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     return env
+
+
+def parse_slurm_time(text: str) -> int | None:
+    """Seconds in a SLURM time ('M:SS', 'H:MM:SS', 'D-HH:MM:SS', 'MM'); None for UNLIMITED/unparseable."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        return None
+    days, *parts = match.groups()
+    numbers = [int(p) for p in parts if p is not None]
+    if "-" in text:  # D-H, D-H:M, D-H:M:S
+        numbers += [0] * (3 - len(numbers))
+        hours, minutes, seconds = numbers
+    elif len(numbers) == 1:  # minutes
+        hours, minutes, seconds = 0, numbers[0], 0
+    elif len(numbers) == 2:  # M:S
+        hours, (minutes, seconds) = 0, numbers
+    else:
+        hours, minutes, seconds = numbers
+    return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def seconds_left_in_allocation(environ: dict[str, str] | None = None) -> int | None:
+    """Wall-clock seconds left in the SLURM job this process runs in (squeue's %L); None outside SLURM."""
+    environ = os.environ if environ is None else environ
+    job_id = environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    try:
+        left = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_slurm_time(left) if left.strip() else None

@@ -18,7 +18,13 @@ from pydantic import BaseModel
 from qe_factory.config import DFTConfig
 from qe_factory.errors import DFTErrorType, Diagnosis, classify
 from qe_factory.inputs import InputGenerator, PwInput, irreducible_kpoint_count, render
-from qe_factory.parallel import available_ranks, choose_pools, pw_command, pw_environment
+from qe_factory.parallel import (
+    available_ranks,
+    choose_pools,
+    pw_command,
+    pw_environment,
+    seconds_left_in_allocation,
+)
 from qe_factory.parsers import PwOutput, read_pw_run
 from qe_factory.recovery import Correction, RecoveryHandler, apply_correction, label_deviations
 from qe_factory.results import Attempt, DFTFatalError, DFTResult
@@ -107,6 +113,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def time_budget(timeout: float, allocation_left: float | None, margin: float = 30.0) -> float:
+    """Seconds one pw.x run may take: the configured timeout, cut to what is left of a SLURM allocation."""
+    if allocation_left is None:
+        return timeout
+    return max(10.0, min(timeout, allocation_left - margin))
+
+
 def clean_scratch(run_dir: Path) -> None:
     """Remove pw.x's scratch (wavefunctions, mixing files, saved state) below run_dir."""
     for pattern in (SCRATCH_DIR, *SCRATCH_PATTERNS):
@@ -159,8 +172,10 @@ class QERunner:
         """Write pw.in into run_dir/attempt_<number>, run pw.x, parse and classify."""
         cfg = self.config
         namelists = {nl: v for nl, v in params.items() if nl != "run"}
-        namelists = apply_correction(namelists, Correction("scratch", {"control": {"outdir": f"../{SCRATCH_DIR}"}}))
-        pw_input = self.generator.generate(atoms, namelists)
+        budget = time_budget(cfg.timeout, seconds_left_in_allocation())
+        max_seconds = min(namelists.get("control", {}).get("max_seconds", budget), round(0.9 * budget, 1))
+        run_settings = {"control": {"outdir": f"../{SCRATCH_DIR}", "max_seconds": max_seconds}}
+        pw_input = self.generator.generate(atoms, apply_correction(namelists, Correction("run", run_settings)))
         attempt_dir = run_dir / f"attempt_{number}"
         if attempt_dir.exists():
             shutil.rmtree(attempt_dir)
@@ -171,7 +186,7 @@ class QERunner:
         kpoint_count = irreducible_kpoint_count(pw_input.kpts) * spins
         pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
         argv = pw_command(cfg.command, cfg.mpi_launcher, ranks, pools)
-        execution = execute(argv, attempt_dir, pw_environment(cfg.omp_threads), cfg.timeout)
+        execution = execute(argv, attempt_dir, pw_environment(cfg.omp_threads), budget)
         output = read_pw_run(attempt_dir)
         diagnosis = classify(
             output, (attempt_dir / "pw.out").read_text(errors="replace"),

@@ -15,7 +15,7 @@
 #   QE_FACTORY_SLURM_TIMEOUT      seconds to wait for the node to become idle (default 30)
 #   QE_FACTORY_SLURM_MEM_RESERVE  MB of real memory not offered to jobs (default 512)
 #
-# Facts behind the settings: docs/slurm-single-node.md in the shared notes.
+# Settings follow a trial of Debian 12 slurm-wlm 22.05 without systemd (see README, "SLURM").
 
 set -euo pipefail
 

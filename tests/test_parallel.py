@@ -1,0 +1,46 @@
+"""Parallel flags: ranks from the allocation, pools from k-points, argv, SLURM time left."""
+
+from __future__ import annotations
+
+import pytest
+
+from qe_factory.parallel import available_ranks, choose_pools, parse_slurm_time, pw_command, pw_environment
+from qe_factory.runner import time_budget
+
+
+def test_ranks_from_slurm_else_cores():
+    assert available_ranks({"SLURM_NTASKS": "8"}) == 8
+    assert available_ranks({}) >= 1
+
+
+@pytest.mark.parametrize("ranks, kpoints, pools", [(1, 10, 1), (4, 10, 4), (4, 3, 2), (6, 4, 3), (8, 1, 1), (2, 2, 2)])
+def test_pools_divide_ranks_and_never_exceed_kpoints(ranks, kpoints, pools):
+    assert choose_pools(ranks, kpoints) == pools
+
+
+def test_command_is_an_argument_list():
+    assert pw_command("pw.x", "mpirun", 1, 1) == ["pw.x", "-in", "pw.in"]
+    assert pw_command("pw.x", "mpirun", 4, 2) == ["mpirun", "-np", "4", "pw.x", "-nk", "2", "-in", "pw.in"]
+    # a command that already names its launcher is used as given
+    assert pw_command("srun --mpi=pmix pw.x", "mpirun", 4, 1) == ["srun", "--mpi=pmix", "pw.x", "-in", "pw.in"]
+
+
+def test_environment(monkeypatch):
+    env = pw_environment(2, base={"PATH": "/usr/bin", "OMP_NUM_THREADS": "16"})
+    assert env["OMP_NUM_THREADS"] == "2" and env["GFORTRAN_UNBUFFERED_ALL"] == "y" and env["PATH"] == "/usr/bin"
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("59:30", 3570), ("1:00:00", 3600), ("2-03:04:05", 183845), ("10", 600), ("0:45", 45), ("1-00", 86400),
+     ("UNLIMITED", None), ("", None)],
+)
+def test_slurm_times(text, seconds):
+    assert parse_slurm_time(text) == seconds
+
+
+def test_time_budget_respects_the_allocation():
+    assert time_budget(3600, None) == 3600
+    assert time_budget(3600, 600) == 570
+    assert time_budget(100, 600) == 100
+    assert time_budget(3600, 5) == 10  # never below 10 s
