@@ -1,4 +1,4 @@
-"""The `qe-factory` command."""
+"""The `qe-factory` command: compute directly, or submit/run/watch/export through FireWorks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from ase import Atoms
-from ase.io import read, write
+from ase.io import write
 from ase.units import GPa
 from tqdm import tqdm
 
@@ -19,19 +18,9 @@ from qe_factory.inputs import InputError
 from qe_factory.pseudos import PseudopotentialError
 from qe_factory.results import DFTResult
 from qe_factory.runner import ExecutableNotFoundError, QERunner
-from qe_factory.structure import StructureError, check_uid
+from qe_factory.structure import StructureError, check_uid, read_structures
 
 REFUSALS = (StructureError, PseudopotentialError, InputError)
-
-
-def read_structures(path: Path) -> list[tuple[str, Atoms]]:
-    """Every frame of a structure file with its uid (atoms.info['uid'] or '<file stem>-<index>')."""
-    try:
-        frames = read(path, index=":")
-    except Exception as exc:  # ASE raises many types for unreadable files
-        raise ConfigError(f"cannot read structures from {path}: {exc}") from exc
-    frames = frames if isinstance(frames, list) else [frames]
-    return [(str(atoms.info.get("uid") or f"{path.stem}-{i:05d}"), atoms) for i, atoms in enumerate(frames)]
 
 
 def summary_line(result: DFTResult) -> str:
@@ -48,9 +37,9 @@ def summary_line(result: DFTResult) -> str:
 
 def compute(args: argparse.Namespace) -> int:
     """Run every structure of a file in turn and write the labelled ones as extxyz."""
-    config = DFTConfig.from_yaml(args.config) if args.config else DFTConfig.create()
+    config = _config(args)
     runner = QERunner(config)
-    structures = read_structures(Path(args.structures))
+    structures = read_structures(args.structures)
     output = Path(args.output)
     report = Path(args.report) if args.report else output.with_suffix(".jsonl")
     output.unlink(missing_ok=True)
@@ -78,25 +67,206 @@ def compute(args: argparse.Namespace) -> int:
     return 0 if counts["ok"] == len(structures) else 1
 
 
+def _config(args: argparse.Namespace) -> DFTConfig:
+    return DFTConfig.from_yaml(args.config) if args.config else DFTConfig.create()
+
+
+def _resources(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("ntasks", args.ntasks), ("walltime", args.walltime)) if v}
+
+
+def init(args: argparse.Namespace) -> int:
+    """Create the factory home (configuration, embedded LaunchPad, JobStore) and say how to use it."""
+    from qe_factory.launchpad import activate, embedded_file
+
+    home = activate(args.home)
+    mode = f"embedded LaunchPad {embedded_file(home)}" if embedded_file(home) else "MongoDB LaunchPad"
+    print(f"factory home {home} ({mode}); for lpad/rlaunch/qlaunch run:  eval \"$(qe-factory env)\"")
+    return 0
+
+
+def env(args: argparse.Namespace) -> int:
+    """Print the exports that point stock lpad/rlaunch/qlaunch at the factory home."""
+    from qe_factory.launchpad import activate, config_environment
+
+    for key, value in config_environment(activate(args.home)).items():
+        print(f"export {key}={value}")
+    return 0
+
+
+def submit_cmd(args: argparse.Namespace) -> int:
+    """Add one workflow per structure to the LaunchPad."""
+    from qe_factory.launchpad import activate, get_jobstore
+
+    activate(args.home)
+    from qe_factory.flows import submit
+
+    report = submit(args.structures, _config(args), resources=_resources(args), store=get_jobstore())
+    for uid, why in report.refused.items():
+        print(f"{uid:<24} REFUSED {why}")
+    for uid, other in report.duplicates.items():
+        print(f"{uid:<24} DUPLICATE of {other} (same structure and settings)")
+    print(report.summary())
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Run READY Fireworks in this process (what the SLURM template launches)."""
+    from qe_factory.launchpad import activate, run_worker
+
+    home = activate(args.home)
+    launched = run_worker(max_structures=args.structures, nlaunches=args.nlaunches, launch_root=home / "launches")
+    print(f"worker ran {launched} Firework(s)")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Submit, run locally in this process, and export: the whole pipeline with no server."""
+    from qe_factory.launchpad import (
+        activate,
+        archive_completed,
+        embedded_file,
+        finished_count,
+        get_jobstore,
+        get_launchpad,
+        run_worker,
+        status_report,
+    )
+
+    home = activate(args.home)
+    from qe_factory.flows import submit
+    from qe_factory.results import load_results, write_training_set
+
+    config, launchpad, store = _config(args), get_launchpad(), get_jobstore()
+    structures = read_structures(args.structures)
+    uids = [uid for uid, _ in structures]
+    print(f"factory home {home}; LaunchPad {embedded_file(home) or 'MongoDB'}; {len(structures)} structures")
+    progress = tqdm(total=len(structures), desc="structures", unit="structure", file=sys.stderr)
+    skipped = 0
+    for start in range(0, len(structures), args.batch):
+        batch = structures[start : start + args.batch]
+        for uid, atoms in batch:
+            atoms.info["uid"] = uid
+        report = submit([atoms for _, atoms in batch], config, launchpad=launchpad, store=store)
+        for uid, why in report.refused.items():
+            tqdm.write(f"{uid:<24} REFUSED {why}")
+        skipped += len(report.refused) + len(report.duplicates)
+        progress.update(len(report.refused) + len(report.duplicates))
+        before = finished_count(launchpad)
+
+        def advance(lp, before=before, done=[0]):  # noqa: B006 - a counter shared between calls
+            now = finished_count(lp) - before
+            progress.update(now - done[0])
+            done[0] = now
+
+        run_worker(launchpad, launch_root=home / "launches", on_launch=advance)
+        archive_completed(launchpad)
+    progress.close()
+    results = load_results(store, uids)
+    for result in results:
+        print(summary_line(result))
+    failures = [f for f in status_report(launchpad)["failures"] if f["uid"] in set(uids)]
+    for failure in failures:
+        print(f"{failure['uid']:<24} FAILED at {failure['stage']}: {failure['error_type']} {failure['message']}")
+    written = write_training_set(results, args.output, include_marked=args.include_marked)
+    print(f"{written} labelled structures in {args.output}; {len(failures)} failed; "
+          f"{len(uids) - len(results) - len(failures)} neither (refused or still waiting)")
+    return 0 if written == len(uids) else 1
+
+
+def status(args: argparse.Namespace) -> int:
+    """Fireworks per state and every failure with its reason."""
+    from qe_factory.launchpad import activate, embedded_file, get_launchpad, status_report
+
+    home = activate(args.home)
+    report = status_report(get_launchpad(read_only=True))
+    file = embedded_file(home)
+    print(f"LaunchPad: {file if file else 'MongoDB'}")
+    if file:
+        print("  embedded (file-backed): ONE client at a time; concurrent workers need MongoDB")
+    print("workflows: " + (", ".join(f"{n} {state}" for state, n in sorted(report["workflows"].items())) or "none"))
+    for state, stages in sorted(report["fireworks"].items()):
+        print(f"  {state:<10} " + ", ".join(f"{n} {stage}" for stage, n in sorted(stages.items())))
+    for failure in report["failures"]:
+        print(f"FAILED {failure['uid']} ({failure['stage']}, fw {failure['fw_id']}): "
+              f"{failure['error_type']} {failure['message']}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """Write the validated results as an extxyz training set."""
+    from qe_factory.launchpad import activate, get_jobstore
+
+    activate(args.home)
+    from qe_factory.results import load_results, write_training_set
+
+    results = load_results(get_jobstore())
+    written = write_training_set(results, args.output, include_marked=args.include_marked)
+    print(f"{written} of {len(results)} results written to {args.output}")
+    return 0
+
+
+def rerun_lost(args: argparse.Namespace) -> int:
+    """Put RUNNING Fireworks whose worker died (no ping for --time seconds) back to READY."""
+    from qe_factory.launchpad import activate, get_launchpad, save_launchpad
+
+    activate(args.home)
+    launchpad = get_launchpad()
+    lost_launches, lost_fws, _ = launchpad.detect_lostruns(expiration_secs=args.time, rerun=True)
+    save_launchpad(launchpad)
+    print(f"{len(lost_fws)} lost Firework(s) put back to READY: {lost_fws}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qe-factory", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every retry and pw.x run")
+    parser.add_argument("--home", help="factory home (default $QE_FACTORY_HOME or ./factory)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("compute", help="run pw.x on each structure in turn (no LaunchPad)")
-    p.add_argument("structures", help="any file ASE reads (extxyz, CIF, POSCAR, ...)")
-    p.add_argument("-o", "--output", default="results.extxyz", help="extxyz with REF_energy/REF_forces/REF_stress")
-    p.add_argument("-c", "--config", help="YAML file of DFTConfig settings")
+
+    def command(name, func, help_text, structures=False, config=False, output=False):
+        p = sub.add_parser(name, help=help_text, description=func.__doc__)
+        if structures:
+            p.add_argument("structures", help="any file ASE reads (extxyz, CIF, POSCAR, ...)")
+        if config:
+            p.add_argument("-c", "--config", help="YAML file of DFTConfig settings")
+        if output:
+            p.add_argument("-o", "--output", default="results.extxyz", help="extxyz with REF_energy/forces/stress")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("compute", compute, "run pw.x on each structure in turn (no LaunchPad)", True, True, True)
     p.add_argument("--report", help="JSON-lines report of every structure (default: <output>.jsonl)")
-    p.set_defaults(func=compute)
+    command("init", init, "create the factory home")
+    command("env", env, "print exports for stock lpad/rlaunch/qlaunch")
+    p = command("submit", submit_cmd, "add workflows to the LaunchPad", True, True)
+    p.add_argument("--ntasks", type=int, help="MPI ranks per structure (SLURM, qlaunch -r)")
+    p.add_argument("--walltime", help="wall time per SCF job, HH:MM:SS (SLURM, qlaunch -r)")
+    p = command("worker", worker, "run READY Fireworks in this process")
+    p.add_argument("--structures", type=int, help="stop after this many structures finished")
+    p.add_argument("--nlaunches", type=int, help="stop after this many Fireworks")
+    p = command("run", run, "submit + run locally + export (the whole pipeline)", True, True, True)
+    p.add_argument("--batch", type=int, default=100, help="structures per LaunchPad batch (keeps it small)")
+    p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
+    command("status", status, "counts per state and failures with reasons")
+    p = command("export", export, "write validated results as extxyz", output=True)
+    p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
+    p = command("rerun-lost", rerun_lost, "requeue Fireworks whose worker died")
+    p.add_argument("--time", type=int, default=4 * 3600, help="seconds without a ping before a run is lost")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    level = logging.INFO if args.verbose else logging.WARNING
+    # FireWorks' loggers print their own INFO lines; pass on only ours (and anyone's warnings)
+    handler.addFilter(lambda record: record.name.startswith("qe_factory") or record.levelno >= logging.WARNING)
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         return args.func(args)
-    except (ConfigError, ExecutableNotFoundError) as exc:
+    except (ConfigError, ExecutableNotFoundError, StructureError) as exc:
         print(f"qe-factory: {exc}", file=sys.stderr)
         return 2
 

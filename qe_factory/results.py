@@ -91,3 +91,30 @@ class DFTFatalError(RuntimeError):
     def __init__(self, result: DFTResult):
         super().__init__(f"{result.uid}: {result.error_message}")
         self.result = result
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as FireWorks stores it with a FIZZLED launch (`_exception._details`)."""
+        return self.result.model_dump(mode="json")
+
+
+def load_results(store, uids: list[str] | None = None) -> list[DFTResult]:
+    """Validated results from a JobStore (outputs of the workflows' validate jobs), in uid order."""
+    criteria: dict[str, Any] = {"metadata.stage": "validate"}
+    if uids is not None:
+        criteria["metadata.uid"] = {"$in": list(uids)}
+    docs = store.query(criteria, properties=["output"], load=True)
+    results = [DFTResult(**doc["output"]) for doc in docs if doc.get("output")]
+    return sorted(results, key=lambda r: r.uid)
+
+
+def write_training_set(results: list[DFTResult], path, include_marked: bool = False) -> int:
+    """Write labelled structures as extxyz (REF_energy, REF_forces, REF_stress); returns how many.
+
+    Only sanitized results by default; results made with settings other than the nominal ones (label_deviations)
+    are left out unless `include_marked`.
+    """
+    from ase.io import write
+
+    keep = [r.to_atoms() for r in results if r.succeeded and (include_marked or r.nominal_settings)]
+    write(path, keep, format="extxyz")
+    return len(keep)

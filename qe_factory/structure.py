@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms
@@ -74,3 +76,47 @@ def check_structure(atoms: Atoms, min_distance_factor: float = 0.5) -> None:
             f"atoms {i} ({s[i]}) and {j} ({s[j]}) are {d:.3f} Å apart, {ratio:.2f} of their covalent radii sum "
             f"(minimum allowed {min_distance_factor}): overlapping cores give no meaningful DFT label"
         )
+
+
+def atoms_to_dict(atoms: Atoms) -> dict:
+    """A JSON-friendly copy of what a calculation needs from an Atoms (initial moments included when set)."""
+    data = {
+        "numbers": atoms.numbers.tolist(), "positions": atoms.positions.tolist(),
+        "cell": atoms.cell.array.tolist(), "pbc": atoms.pbc.tolist(),
+    }
+    if atoms.has("initial_magmoms"):
+        data["magmoms"] = atoms.get_initial_magnetic_moments().tolist()
+    return data
+
+
+def atoms_from_dict(data: dict) -> Atoms:
+    """The inverse of atoms_to_dict."""
+    atoms = Atoms(numbers=data["numbers"], positions=data["positions"], cell=data["cell"], pbc=data["pbc"])
+    if "magmoms" in data:
+        atoms.set_initial_magnetic_moments(data["magmoms"])
+    return atoms
+
+
+def read_structures(source: str | Path | Atoms | Iterable) -> list[tuple[str | None, Atoms]]:
+    """(uid or None, Atoms) for Atoms, pymatgen Structures or files (any format ASE reads, all frames)."""
+    from ase.io import read
+
+    if isinstance(source, (str, Path)):
+        try:
+            frames = read(source, index=":")
+        except Exception as exc:  # ASE raises many types for unreadable files
+            raise StructureError(f"cannot read structures from {source}: {exc}") from exc
+        stem = Path(source).stem
+        return [(str(a.info.get("uid") or f"{stem}-{i:05d}"), a) for i, a in enumerate(frames)]
+    items = [source] if isinstance(source, Atoms) else list(source)
+    out: list[tuple[str | None, Atoms]] = []
+    for item in items:
+        if isinstance(item, (str, Path)):
+            out.extend(read_structures(item))
+        elif isinstance(item, Atoms):
+            out.append((item.info.get("uid"), item))
+        elif hasattr(item, "to_ase_atoms"):  # pymatgen Structure / Molecule
+            out.append((None, item.to_ase_atoms()))
+        else:
+            raise TypeError(f"cannot use {type(item).__name__} as a structure")
+    return out

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/qe-factory compute examples/structures.extxyz -c examples/config.yaml -o results.extxyz "$@"
+.venv/bin/qe-factory run examples/structures.extxyz -c examples/config.yaml -o results.extxyz "$@"
