@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -218,6 +219,14 @@ def rerun_lost(args: argparse.Namespace) -> int:
     return 0
 
 
+def qlaunch(args: argparse.Namespace) -> int:
+    """Stock qlaunch with this home's configuration (safe with the embedded LaunchPad: see launchpad.py)."""
+    from qe_factory.launchpad import activate, qlaunch_command
+
+    argv, environment = qlaunch_command(args.qlaunch_args, activate(args.home))
+    return subprocess.run(argv, env=environment).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qe-factory", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every retry and pw.x run")
@@ -251,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("status", status, "counts per state and failures with reasons")
     p = command("export", export, "write validated results as extxyz", output=True)
     p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
+    p = command("qlaunch", qlaunch, "stock qlaunch on this home, e.g. qe-factory qlaunch rapidfire -m 1")
+    p.add_argument("qlaunch_args", nargs=argparse.REMAINDER, help="arguments for qlaunch")
     p = command("rerun-lost", rerun_lost, "requeue Fireworks whose worker died")
     p.add_argument("--time", type=int, default=4 * 3600, help="seconds without a ping before a run is lost")
     return parser

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from qe_factory.parallel import seconds_left_in_allocation
+
 if TYPE_CHECKING:
     from fireworks import LaunchPad
     from jobflow import JobStore
@@ -158,6 +160,9 @@ def finished_count(launchpad: LaunchPad) -> int:
     return validated + launchpad.fireworks.count_documents({"state": "FIZZLED"})
 
 
+MIN_SECONDS_FOR_A_LAUNCH = 60  # a worker in a SLURM job starts no Firework with less time left
+
+
 def run_worker(
     launchpad: LaunchPad | None = None,
     max_structures: int | None = None,
@@ -167,8 +172,9 @@ def run_worker(
 ) -> int:
     """Run READY Fireworks one after another in this process, saving the LaunchPad after every state change.
 
-    Stops when nothing is READY, after `max_structures` structures finished or `nlaunches` Fireworks ran, or
-    after the current Firework once SIGUSR1 arrives (the SLURM template sends it before the time limit).
+    Stops when nothing is READY, after `max_structures` structures finished or `nlaunches` Fireworks ran, when
+    less than a minute is left in its SLURM allocation, or after the current Firework once SIGUSR1 arrives (the
+    SLURM template sends it before the time limit).
     Returns the number of Fireworks run; `on_launch(launchpad)` is called after each.
     """
     import signal
@@ -186,6 +192,9 @@ def run_worker(
     finished_before, launched = finished_count(launchpad), 0
     try:
         while not stopping and launchpad.run_exists(fworker):
+            left = seconds_left_in_allocation()
+            if left is not None and left < MIN_SECONDS_FOR_A_LAUNCH:
+                break  # leave the rest to the next batch job rather than be killed mid-run
             launch_dir = launch_root / f"launcher_{time.strftime('%Y-%m-%d-%H-%M-%S')}_{os.getpid()}_{launched}"
             launch_dir.mkdir(parents=True)
             cwd = Path.cwd()
@@ -249,3 +258,20 @@ def archive_completed(launchpad: LaunchPad) -> int:
             launchpad.delete_wf(fw_id, delete_launch_dirs=False)
     save_launchpad(launchpad)
     return len(done)
+
+
+def qlaunch_command(args: list[str], home: Path) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for stock `qlaunch` on this home.
+
+    With the embedded LaunchPad, qlaunch gets a snapshot copy of the file: it only reads which Fireworks are READY,
+    and its exit-time write must not overwrite what the worker jobs saved meanwhile. Workers read the real file
+    (the queue adapter's pre_rocket points them at the configuration). Keep one worker job at a time (-m 1).
+    """
+    env = {**os.environ, **config_environment(home)}
+    launchpad_file = embedded_file(home)
+    if launchpad_file is not None:
+        snapshot = launchpad_file.with_name("qlaunch-snapshot.json")
+        snapshot.write_bytes(launchpad_file.read_bytes())
+        env["MONGOMOCK_SERVERSTORE_FILE"] = str(snapshot)
+    qlaunch = Path(sys.executable).with_name("qlaunch")
+    return [str(qlaunch), "-c", str(home / "fw_config"), *args], env
