@@ -35,9 +35,10 @@ def structure_flow(
     for stage, job in (("inputs", inputs), ("scf", scf), ("validate", check)):
         job.name = f"{stage} {uid}" if stage != "scf" else f"scf {uid} attempt 1"
         job.metadata = {"uid": uid, "stage": stage, "qe_factory_key": key}
-        job.update_config({"manager_config": {"_priority": PRIORITY[stage]}})
-    if resources:
-        scf.update_config({"manager_config": {"_queueadapter": dict(resources)}})
+        manager_config = {"_priority": PRIORITY[stage]}
+        if resources and stage == "scf":
+            manager_config["_queueadapter"] = dict(resources)
+        job.update_config({"manager_config": manager_config})
     return Flow([inputs, scf, check], name=f"qe_factory {uid}")
 
 

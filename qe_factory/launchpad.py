@@ -137,6 +137,15 @@ def save_launchpad(launchpad: LaunchPad) -> None:
     os.replace(tmp, store._filename)
 
 
+def release_launchpad(launchpad: LaunchPad) -> None:
+    """Save an embedded LaunchPad now and stop this client from writing again (e.g. at exit), so another process
+    (rlaunch, a worker) can be the one client."""
+    save_launchpad(launchpad)
+    store = _embedded_store(launchpad)
+    if store is not None:
+        store._finalizer.detach()
+
+
 def persist_every_change(launchpad: LaunchPad) -> LaunchPad:
     """Make an embedded LaunchPad save itself after each checkout and completion, so a killed worker leaves a
     RUNNING Firework (found by `lpad detect_lostruns`) instead of losing every state change."""
