@@ -116,7 +116,11 @@ def get_launchpad(read_only: bool = False, reset_if_new: bool = True) -> LaunchP
         store._finalizer.detach()
     elif reset_if_new and launchpad.fw_id_assigner.count_documents({}) == 0:  # a new, empty database
         launchpad.reset("", require_password=False)
-        save_launchpad(launchpad)
+        if store is not None:
+            # The file keeps no indexes, and mongomock checks unique ones by scanning every document on each
+            # insert (quadratic bulk adds): continue with a client loaded from the file, as every later one is.
+            release_launchpad(launchpad)
+            launchpad = LaunchPad.from_file(LAUNCHPAD_LOC)
     return launchpad
 
 
