@@ -58,7 +58,7 @@ def p1(workdir: Path) -> None:
         with open(run_dir / "pw.out", "w") as out:
             subprocess.run(argv, cwd=run_dir, stdout=out, stderr=subprocess.DEVNULL, env=pw_environment(1), check=True)
     bare = time.perf_counter() - start
-    print(f"P1  qe-factory run: {factory:.1f} s   bare pw.x loop: {bare:.1f} s   ratio {factory / bare:.3f} (goal ≤ 1.03)")
+    print(f"P1  qe-factory run {factory:.1f} s, bare pw.x loop {bare:.1f} s: ratio {factory / bare:.3f} (goal ≤ 1.03)")
     print(f"    overhead per structure {(factory - bare) / 8:.2f} s (Python start-up, 3 Fireworks, parsing, store)")
 
 
