@@ -78,9 +78,10 @@ def submit(
     """
     from jobflow.managers.fireworks import flow_to_workflow
 
-    from qe_factory.launchpad import get_launchpad, save_launchpad
+    from qe_factory.launchpad import get_jobstore, get_launchpad, save_launchpad
 
     launchpad = launchpad or get_launchpad()
+    store = store if store is not None else get_jobstore()
     config = config.model_copy(update={"work_dir": Path(config.work_dir).resolve()})
     generator = InputGenerator(config)
     report, keyed, uids = SubmitReport(), {}, set()
@@ -105,10 +106,10 @@ def submit(
         {"metadata.qe_factory_key": 1, "metadata.uid": 1},
     ))
     existing = {doc["metadata"]["qe_factory_key"]: doc["metadata"]["uid"] for doc in known}
-    if store is not None:  # finished and archived from the LaunchPad: their results are in the JobStore
-        for doc in store.query({"metadata.stage": "validate", "metadata.qe_factory_key": {"$in": list(keyed)}},
-                               properties=["metadata"]):
-            existing.setdefault(doc["metadata"]["qe_factory_key"], doc["metadata"]["uid"])
+    # finished and archived from the LaunchPad: their results are in the JobStore
+    archived = {"metadata.stage": "validate", "metadata.qe_factory_key": {"$in": list(keyed)}}
+    for doc in store.query(archived, properties=["metadata"]):
+        existing.setdefault(doc["metadata"]["qe_factory_key"], doc["metadata"]["uid"])
     taken_uids = {doc["metadata"]["uid"] for doc in known}
     workflows = []
     for key, (uid, atoms) in keyed.items():
