@@ -146,10 +146,17 @@ def parse_pw_output(text: str, crash: str | None = None) -> PwOutput:
     return PwOutput(**out)
 
 
-def read_pw_run(directory: Path, stdout_name: str = "pw.out") -> PwOutput:
+def read_run_texts(directory: Path) -> tuple[str, str, str | None]:
+    """(stdout, stderr, CRASH file or None) of a pw.x run directory; missing files read as empty."""
+
+    def text(name: str) -> str | None:
+        path = directory / name
+        return path.read_text(errors="replace") if path.exists() else None
+
+    return text("pw.out") or "", text("pw.err") or "", text("CRASH")
+
+
+def read_pw_run(directory: Path) -> PwOutput:
     """Parse the pw.x stdout file and the CRASH file (if any) in a run directory."""
-    stdout = directory / stdout_name
-    text = stdout.read_text(errors="replace") if stdout.exists() else ""
-    crash_file = directory / "CRASH"
-    crash = crash_file.read_text(errors="replace") if crash_file.exists() else None
-    return parse_pw_output(text, crash)
+    stdout, _, crash = read_run_texts(directory)
+    return parse_pw_output(stdout, crash)

@@ -25,7 +25,7 @@ from qe_factory.parallel import (
     pw_environment,
     seconds_left_in_allocation,
 )
-from qe_factory.parsers import PwOutput, read_pw_run
+from qe_factory.parsers import PwOutput, parse_pw_output, read_run_texts
 from qe_factory.recovery import Correction, RecoveryHandler, apply_correction, label_deviations
 from qe_factory.results import Attempt, DFTFatalError, DFTResult
 from qe_factory.sanitize import sanitize
@@ -187,11 +187,9 @@ class QERunner:
         pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
         argv = pw_command(cfg.command, cfg.mpi_launcher, ranks, pools)
         execution = execute(argv, attempt_dir, pw_environment(cfg.omp_threads), budget)
-        output = read_pw_run(attempt_dir)
-        diagnosis = classify(
-            output, (attempt_dir / "pw.out").read_text(errors="replace"),
-            (attempt_dir / "pw.err").read_text(errors="replace"), execution.returncode, execution.timed_out,
-        )
+        stdout, stderr, crash = read_run_texts(attempt_dir)
+        output = parse_pw_output(stdout, crash)
+        diagnosis = classify(output, stdout, stderr, execution.returncode, execution.timed_out)
         diagnosis = self._blame_geometry(atoms, diagnosis)
         attempt = Attempt(
             number=number, correction=correction, directory=str(attempt_dir), parameters=pw_input.parameters,
