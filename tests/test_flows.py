@@ -50,6 +50,28 @@ def rattled_si(seed: int, amount: float = 0.05) -> Atoms:
     return atoms
 
 
+def test_home_is_rendered_and_stock_lpad_sees_the_same_launchpad(home, fast_config):
+    from qe_factory.flows import submit
+    from qe_factory.launchpad import qlaunch_command
+
+    for path in [*(home / "fw_config").iterdir(), *(home / "templates").iterdir()]:
+        assert "${QE_FACTORY" not in path.read_text(), path
+    settings = (home / "fw_config" / "FW_config.yaml").read_text()
+    assert f"MONGOMOCK_SERVERSTORE_FILE: {home}/state/launchpad.json" in settings
+    launchpad = get_launchpad()
+    submit([rattled_si(3)], fast_config, launchpad=launchpad)
+    release_launchpad(launchpad)
+    env = {**os.environ, **config_environment(home)}
+    lpad = subprocess.run([str(BIN / "lpad"), "-c", str(home / "fw_config"), "get_wflows", "-d", "count"],
+                          env=env, capture_output=True, text=True, check=True)
+    assert lpad.stdout.strip() == "1"
+    argv, qlaunch_env = qlaunch_command(["rapidfire", "-m", "1"], home)
+    assert argv[1:4] == ["-c", str(home / "fw_config"), "rapidfire"]
+    snapshot = Path(qlaunch_env["MONGOMOCK_SERVERSTORE_FILE"])
+    assert snapshot != home / "state" / "launchpad.json"  # qlaunch's exit-time write lands on a copy
+    assert snapshot.read_bytes() == (home / "state" / "launchpad.json").read_bytes()
+
+
 def test_flow_compiles_to_three_linked_fireworks(fast_config):
     from jobflow.managers.fireworks import flow_to_workflow
 
