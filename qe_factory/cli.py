@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name, func, help_text, structures=False, config=False, output=False):
         p = sub.add_parser(name, help=help_text, description=func.__doc__)
+        p.add_argument("--home", default=argparse.SUPPRESS, help="factory home (default $QE_FACTORY_HOME or ./factory)")
         if structures:
             p.add_argument("structures", help="any file ASE reads (extxyz, CIF, POSCAR, ...)")
         if config:

@@ -11,7 +11,6 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from string import Template
 from typing import TYPE_CHECKING
 
 import yaml
@@ -47,14 +46,17 @@ def init_home(home: Path) -> Path:
     Existing files are left alone, so a user's edits (e.g. a MongoDB host) survive.
     """
     values = {"QE_FACTORY_HOME": str(home), "QE_FACTORY_BIN": str(Path(sys.executable).parent)}
-    for name, source in CONFIG_TEMPLATES.items():
+    for folder, source in CONFIG_TEMPLATES.items():
         if not source.is_dir():
             raise FileNotFoundError(f"{source} is missing: install qe_factory from its repository (pip install -e .)")
         for template in sorted(source.iterdir()):
-            target = home / name / template.name
+            target = home / folder / template.name
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(Template(template.read_text()).safe_substitute(values))
+                text = template.read_text()
+                for name, value in values.items():  # only ours: FireWorks' own $${key} placeholders stay as they are
+                    text = text.replace("${" + name + "}", value)
+                target.write_text(text)
     (home / "logs").mkdir(exist_ok=True)
     launchpad_file = embedded_file(home)
     if launchpad_file is not None and not launchpad_file.exists():
@@ -72,7 +74,9 @@ def embedded_file(home: Path) -> Path | None:
 
 def activate(home: str | Path | None = None) -> Path:
     """Create the home if needed and point FireWorks and jobflow at it (also if they were imported already)."""
-    home = init_home(factory_home(home))
+    home = factory_home(home)
+    new_store = not (home / "state" / "jobstore").exists()
+    init_home(home)
     os.environ.update(config_environment(home))
     if "fireworks.fw_config" in sys.modules:  # imported earlier: re-read the configuration
         fw_config = importlib.reload(sys.modules["fireworks.fw_config"])
@@ -81,11 +85,12 @@ def activate(home: str | Path | None = None) -> Path:
         import jobflow
 
         jobflow.SETTINGS = jobflow.settings.JobflowSettings()
-    _create_jobstore_once()
+    if new_store:
+        _create_jobstore()
     return home
 
 
-def _create_jobstore_once() -> None:
+def _create_jobstore() -> None:
     """Create the JobStore's collections before any worker starts (montydb races when two processes create them)."""
     store = get_jobstore()
     for sub in (store.docs_store, *store.additional_stores.values()):

@@ -56,6 +56,7 @@ def test_home_is_rendered_and_stock_lpad_sees_the_same_launchpad(home, fast_conf
 
     for path in [*(home / "fw_config").iterdir(), *(home / "templates").iterdir()]:
         assert "${QE_FACTORY" not in path.read_text(), path
+    assert "#SBATCH --ntasks=$${ntasks}" in (home / "templates" / "SLURM_template.txt").read_text()  # for FireWorks
     settings = (home / "fw_config" / "FW_config.yaml").read_text()
     assert f"MONGOMOCK_SERVERSTORE_FILE: {home}/state/launchpad.json" in settings
     launchpad = get_launchpad()
