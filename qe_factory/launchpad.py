@@ -107,7 +107,7 @@ def get_jobstore() -> JobStore:
     return store
 
 
-def get_launchpad(read_only: bool = False, reset_if_new: bool = True) -> LaunchPad:
+def get_launchpad(read_only: bool = False) -> LaunchPad:
     """A LaunchPad client for the active home, initialised if its database is new.
 
     `read_only` clients never write the embedded file back (safe beside a running worker).
@@ -119,7 +119,7 @@ def get_launchpad(read_only: bool = False, reset_if_new: bool = True) -> LaunchP
     store = _embedded_store(launchpad)
     if read_only and store is not None:
         store._finalizer.detach()
-    elif reset_if_new and launchpad.fw_id_assigner.count_documents({}) == 0:  # a new, empty database
+    elif launchpad.fw_id_assigner.count_documents({}) == 0:  # a new, empty database
         launchpad.reset("", require_password=False)
         if store is not None:
             # The file keeps no indexes, and mongomock checks unique ones by scanning every document on each
