@@ -60,9 +60,15 @@ def scf_still_converging(accuracy: Sequence[float], conv_thr: float, maxstep: in
 
 @dataclass
 class RecoveryHandler:
-    """Chooses the next correction for a failed run; never repeats one already tried."""
+    """Chooses the next correction for a failed run; never repeats one already tried.
+
+    `read_trend`: when the SCF accuracy was still falling steadily as the steps ran out, first ask for more steps
+    (from the last density) instead of walking the ladder. Off by default: on the recovery benchmark
+    (benchmarks/recovery.py) it cost more pw.x CPU than lowering mixing_beta from the same density.
+    """
 
     ladders: dict[DFTErrorType, list[Correction]] = field(default_factory=lambda: dict(LADDERS))
+    read_trend: bool = False
 
     @staticmethod
     def analyze(stdout: str, stderr: str = "", crash: str | None = None, returncode: int | None = None) -> DFTErrorType:
@@ -79,7 +85,8 @@ class RecoveryHandler:
         """First untried correction for `error_type` that changes the effective `parameters`; None = give up."""
         electrons = parameters.get("electrons", {})
         if (
-            error_type is DFTErrorType.SCF_NOT_CONVERGED
+            self.read_trend
+            and error_type is DFTErrorType.SCF_NOT_CONVERGED
             and output is not None
             and "more electron steps" not in tried
             and scf_still_converging(

@@ -67,11 +67,16 @@ def test_steadily_falling_trace_asks_for_more_steps():
     falling = [10.0 ** (-1 - 0.1 * i) for i in range(100)]  # 1e-1 → 1e-11 would need ~20 more steps
     assert scf_still_converging(falling, conv_thr=1e-11, maxstep=100)
     out = PwOutput(scf_accuracy=falling, scf_iterations=100, convergence_failed=True)
-    correction = RecoveryHandler().next_correction(DFTErrorType.SCF_NOT_CONVERGED, NOMINAL, (), out)
+    assert RecoveryHandler().next_correction(DFTErrorType.SCF_NOT_CONVERGED, NOMINAL, (), out).name == (
+        "mixing_beta=0.3"  # trend reading is opt-in
+    )
+    correction = RecoveryHandler(read_trend=True).next_correction(DFTErrorType.SCF_NOT_CONVERGED, NOMINAL, (), out)
     assert correction.name == "more electron steps"
     assert correction.changes == {"electrons": {"electron_maxstep": 200}}
     # asked once only
-    again = RecoveryHandler().next_correction(DFTErrorType.SCF_NOT_CONVERGED, NOMINAL, [correction.name], out)
+    again = RecoveryHandler(read_trend=True).next_correction(
+        DFTErrorType.SCF_NOT_CONVERGED, NOMINAL, [correction.name], out
+    )
     assert again.name == "mixing_beta=0.3"
 
 

@@ -145,7 +145,7 @@ def test_recovered_label_equals_a_direct_run_at_nominal_settings(fast_config):
     config = fast_config.model_copy(update={"ecutwfc": 25, "ecutrho": 200, "kpoint_density": 0.9, "mpi_ranks": 2})
     direct = QERunner(config).run(copper, uid="direct")
     hard = config.model_copy(update={"pw_parameters": {"electrons": {"electron_maxstep": 6}}})
-    smearing_only = RecoveryHandler({DFTErrorType.SCF_NOT_CONVERGED: [MORE_SMEARING]})
+    smearing_only = RecoveryHandler({DFTErrorType.SCF_NOT_CONVERGED: [MORE_SMEARING]}, read_trend=True)
     recovered = QERunner(hard, recovery=smearing_only).run(copper, uid="recovered")
     corrections = [a.correction for a in recovered.attempts]
     assert "degauss=0.05" in corrections and corrections[-1] == "nominal settings"
