@@ -173,9 +173,11 @@ class QERunner:
         cfg = self.config
         namelists = {nl: v for nl, v in params.items() if nl != "run"}
         budget = time_budget(cfg.timeout, seconds_left_in_allocation())
-        max_seconds = min(namelists.get("control", {}).get("max_seconds", budget), round(0.9 * budget, 1))
-        run_settings = {"control": {"outdir": f"../{SCRATCH_DIR}", "max_seconds": max_seconds}}
-        pw_input = self.generator.generate(atoms, apply_correction(namelists, Correction("run", run_settings)))
+        pw_input = self.generator.generate(atoms, namelists)
+        control = pw_input.parameters["control"]
+        control["outdir"] = f"../{SCRATCH_DIR}"  # shared by the attempts: restarts and density reuse read it
+        # pw.x stops cleanly (and can restart) before the timeout kills it; a smaller configured value stands
+        control["max_seconds"] = min(control.get("max_seconds", budget), round(0.9 * budget, 1))
         attempt_dir = run_dir / f"attempt_{number}"
         if attempt_dir.exists():
             shutil.rmtree(attempt_dir)
