@@ -73,7 +73,7 @@ def _argv_of_first_run(workdir: Path) -> list[str]:
 
 
 def p4(workdir: Path, count: int) -> None:
-    from qe_factory.launchpad import activate, get_launchpad
+    from qe_factory.launchpad import activate, get_launchpad, release_launchpad
 
     activate(workdir / "home")
     from qe_factory import DFTConfig
@@ -89,6 +89,7 @@ def p4(workdir: Path, count: int) -> None:
     start = time.perf_counter()
     report = submit(frames, DFTConfig(), launchpad=launchpad)
     elapsed = time.perf_counter() - start
+    release_launchpad(launchpad)  # written now, not at exit (the temporary directory is gone by then)
     size = (workdir / "home" / "state" / "launchpad.json").stat().st_size / 1e6
     print(f"P4  submit {count} structures: {elapsed:.1f} s ({report.summary()}; goal < 60 s for 10,000); "
           f"LaunchPad file {size:.0f} MB")
