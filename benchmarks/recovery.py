@@ -181,6 +181,8 @@ class ProposedHandler(RecoveryHandler):
       100 × conv_thr, instead of moving to a rung that may throw the progress away (degauss);
     - never restart from the density of an attempt that ended worse than it started (or above 0.1 Ry);
     - reuse the wavefunctions with the density (startingwfc='file'), which removes most of the restart's cost.
+      (A prototype: it assumes the failed attempt left its wavefunctions, as pw.x 6.7 does after a non-converged
+      SCF, and that ranks, pools, cutoffs and k-points are unchanged; a real fix checks that in the runner.)
     """
 
     def next_correction(
