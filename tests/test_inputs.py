@@ -8,7 +8,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from qe_factory import DFTConfig, InputError, InputGenerator, PseudopotentialError
-from qe_factory.inputs import irreducible_kpoint_count, kpoint_mesh
+from qe_factory.engine.inputs import irreducible_kpoint_count, kpoint_mesh
 
 
 @pytest.fixture
@@ -50,8 +50,32 @@ def test_kpoints_inversely_proportional_to_cell_length():
     n_small, n_large = kpoint_mesh(small, 0.15), kpoint_mesh(large, 0.15)
     assert n_small == (8, 8, 8)  # ceil(2π / 5.43 / 0.15) = ceil(7.71)
     assert n_large == (4, 4, 4)  # ceil(3.86)
-    # the spacing 2π/(L n) never exceeds the requested density
-    assert 2 * np.pi / (5.43 * 8) <= 0.15
+
+    slab = bulk("Si", a=5.43, cubic=True)
+    slab.center(vacuum=8.0, axis=2)
+    slab.pbc = (True, True, False)
+    cells = {
+        "cubic": small,
+        "doubled cubic": large,
+        "hexagonal": bulk("Mg", "hcp", a=3.21, c=5.21),
+        "triclinic": Atoms("Si", cell=[[4.1, 0.0, 0.0], [1.3, 5.2, 0.0], [0.7, -0.9, 6.3]], pbc=True),
+        "long axis": Atoms("Si", cell=[4.0, 5.0, 60.0], pbc=True),
+        "slab": slab,
+    }
+    for name, atoms in cells.items():
+        b_lengths = np.linalg.norm(atoms.cell.reciprocal(), axis=1)  # 1/Å, without the 2π
+        for spacing in (0.1, 0.15, 0.25, 0.6):
+            mesh = kpoint_mesh(atoms, spacing)
+            assert len(mesh) == 3 and all(isinstance(n, int | np.integer) and n >= 1 for n in mesh), (name, mesh)
+            for axis, (n, b, periodic) in enumerate(zip(mesh, b_lengths, atoms.pbc)):
+                where = (name, spacing, axis, mesh)
+                if not periodic:
+                    assert n == 1, where
+                    continue
+                # the mesh the function returned has spacing 2π|b|/n at most the requested one ...
+                assert 2 * np.pi * b / n <= spacing * (1 + 1e-9), where
+                # ... and is the smallest such: one point fewer would exceed it
+                assert n == 1 or 2 * np.pi * b / (n - 1) > spacing, where
 
 
 def test_molecule_in_a_box_gets_gamma_only(generator):

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from qe_factory.parallel import available_ranks, choose_pools, parse_slurm_time, pw_command, pw_environment
-from qe_factory.runner import time_budget
+from qe_factory.engine.parallel import available_ranks, choose_pools, parse_slurm_time, pw_command, pw_environment
+from qe_factory.engine.runner import time_budget
 
 
 def test_ranks_from_slurm_else_cores():
+    cores = len(os.sched_getaffinity(0))  # the cores this process may run on (Linux)
     assert available_ranks({"SLURM_NTASKS": "8"}) == 8
-    assert available_ranks({}) >= 1
+    assert available_ranks({}) == cores
+    assert available_ranks({"SLURM_NPROCS": "6"}) == 6  # older SLURM name, used when SLURM_NTASKS is absent
+    assert available_ranks({"SLURM_NTASKS": "3", "SLURM_NPROCS": "6"}) == 3  # SLURM_NTASKS first
+    assert available_ranks({"PATH": "/usr/bin"}) == cores  # unrelated variables change nothing
+
+
+@pytest.mark.parametrize("bad", ["0", "", "abc", "-4", "2(x3)"])
+def test_unusable_slurm_ntasks_falls_back(bad):
+    cores = len(os.sched_getaffinity(0))
+    assert available_ranks({"SLURM_NTASKS": bad}) == cores
+    assert available_ranks({"SLURM_NTASKS": bad, "SLURM_NPROCS": "5"}) == 5
+    assert available_ranks({"SLURM_NPROCS": bad}) == cores
+
+
+def test_ranks_default_to_the_process_environment(monkeypatch):
+    for key in ("SLURM_NTASKS", "SLURM_NPROCS"):
+        monkeypatch.delenv(key, raising=False)
+    assert available_ranks() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_NTASKS", "7")
+    assert available_ranks() == 7
 
 
 @pytest.mark.parametrize("ranks, kpoints, pools", [(1, 10, 1), (4, 10, 4), (4, 3, 2), (6, 4, 3), (8, 1, 1), (2, 2, 2)])

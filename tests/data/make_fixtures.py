@@ -13,7 +13,8 @@ Beyond the planned set: `si_pools_out_of_range` (the real fatal pool error; `si_
 an info message in pw.x 6.7, exit 0), `si_out_of_memory` (a real failed allocation under `prlimit --as`) and
 `si_killed_sigkill` / `si_killed_sigsegv` (a rank of a real 2-rank run killed mid-SCF: mpirun's real words and exit
 codes 137 / 139). Some outcomes depend on timing (where max_seconds or the signal stops the SCF, which allocation
-fails first); the tests only rely on what does not.
+fails first); the tests only rely on what does not. `si_verbosity_high` is si_scf with verbosity='high', whose
+forces block is followed by the per-contribution force blocks (same line shape) before "Total force".
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk
 
-from qe_factory.config import DFTConfig
-from qe_factory.inputs import InputGenerator
-from qe_factory.parallel import pw_command, pw_environment
-from qe_factory.runner import clean_scratch, execute
+from qe_factory.engine.config import DFTConfig
+from qe_factory.engine.inputs import InputGenerator
+from qe_factory.engine.parallel import pw_command, pw_environment
+from qe_factory.engine.runner import clean_scratch, execute
 
 HERE = Path(__file__).resolve().parent
 PW_COMMAND = "pw.x"
@@ -200,6 +201,14 @@ def h2_overlap() -> dict:
     return run_pw("h2_overlap", text, "two H atoms 0.3 A apart in a 6 A box: what pw.x does with overlapping atoms")
 
 
+def si_verbosity_high() -> dict:
+    # verbosity='high' makes pw.x print, after the total forces, the same `atom N type M force =` lines again for
+    # each contribution (non-local, ionic, local, core correction, Hubbard, SCF correction) before "Total force".
+    text = si_input({"control": {"verbosity": "high"}})
+    purpose = "si_scf with verbosity='high': the forces block followed by its decomposition into contributions"
+    return run_pw("si_verbosity_high", text, purpose)
+
+
 def si_truncated() -> dict:
     """si_scf's real pw.out cut just after the first atom's force line (as if pw.x died while writing forces)."""
     source = HERE / "si_scf"
@@ -247,6 +256,7 @@ FIXTURES: dict[str, Callable[[], dict]] = {
     "si_killed_sigsegv": si_killed_sigsegv,
     "si_truncated": si_truncated,
     "h2_overlap": h2_overlap,
+    "si_verbosity_high": si_verbosity_high,
 }
 
 
