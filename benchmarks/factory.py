@@ -22,8 +22,8 @@ from pathlib import Path
 from ase.build import bulk
 from ase.io import write
 
-from qe_factory.inputs import irreducible_kpoint_count
-from qe_factory.parallel import available_ranks, choose_pools, pw_command, pw_environment
+from qe_factory.engine.inputs import irreducible_kpoint_count
+from qe_factory.engine.parallel import available_ranks, choose_pools, pw_command, pw_environment
 
 BIN = Path(sys.executable).parent
 CONFIG = "kpoint_density: 0.25\n"  # Debian PBE Si 45/360 Ry, 8×8×8 mesh: a few seconds of pw.x per structure
@@ -46,7 +46,7 @@ def p1(workdir: Path) -> None:
     )
     factory = time.perf_counter() - start
 
-    inputs = sorted((workdir / "qe_runs").glob("run_*/attempt_1/pw.in"))
+    inputs = sorted((workdir / "factory" / "runs").glob("run_*/attempt_1/pw.in"))
     assert len(inputs) == 8, inputs
     argv = _argv_of_first_run(workdir)
     bare_dir = workdir / "bare"
@@ -65,7 +65,7 @@ def p1(workdir: Path) -> None:
 def _argv_of_first_run(workdir: Path) -> list[str]:
     """The command line the factory used (ranks and pools), rebuilt the same way."""
     ranks = available_ranks()
-    text = next((workdir / "qe_runs").glob("run_*/attempt_1/pw.in")).read_text()
+    text = next((workdir / "factory" / "runs").glob("run_*/attempt_1/pw.in")).read_text()
     mesh = [int(x) for x in text.split("K_POINTS automatic")[1].split()[:3]]
     argv = pw_command("pw.x", "mpirun", ranks, choose_pools(ranks, irreducible_kpoint_count(tuple(mesh))))
     print(f"    pw.x command line: {shlex.join(argv)}")
@@ -73,11 +73,12 @@ def _argv_of_first_run(workdir: Path) -> list[str]:
 
 
 def p4(workdir: Path, count: int) -> None:
-    from qe_factory.launchpad import activate, get_launchpad, release_launchpad
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.launchpad import get_launchpad, release_launchpad
 
     activate(workdir / "home")
     from qe_factory import DFTConfig
-    from qe_factory.flows import submit
+    from qe_factory.workflow.flows import submit
 
     frames = []
     for seed in range(count):

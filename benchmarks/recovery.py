@@ -8,7 +8,7 @@ Strategies (each a RecoveryHandler given to QERunner, all with the same max_retr
   ours           the default RecoveryHandler(): density reuse, ladder mixing_beta 0.3 → local-TF → degauss 0.05
                  → cg, finish at the nominal label settings (trend reading is opt-in since f454a6f)
   peer           mixing_beta × 0.8 from scratch on SCF_NOT_CONVERGED, nothing else
-  ours-no-reuse  ours with reuse_density=False on every correction (ablation of density reuse)
+  ours-no-reuse  ours with every density restart made FROM_SCRATCH (ablation of density reuse)
   ours-trend     RecoveryHandler(read_trend=True): "more electron steps" first while the accuracy still falls
                  (ablation of trend reading, which was the default before f454a6f)
   proposed       opt-in (--strategies ...,proposed): a prototype of the fixes this benchmark suggests for ours
@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +40,19 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk, diamond100, fcc111
 from ase.data import covalent_radii
+from pydantic import Field
 
 from qe_factory import DFTConfig, DFTErrorType, DFTResult, QERunner, RecoveryHandler
-from qe_factory.parsers import PwOutput
-from qe_factory.recovery import LADDERS, Correction, apply_correction
+from qe_factory.engine.parsers import PwOutput
+from qe_factory.engine.recovery import LADDERS, Correction, RestartType, without_restart
 
 GOAL = 1.3
 MAXSTEP = 15  # electron_maxstep of the benchmark's "default settings" (the factory's own default is 100)
 MAX_RETRIES = 6
 DIRECT_MAXSTEP = 100  # the direct run gets the factory's default electron_maxstep, so that it converges
-# Not part of the physics of the final settings: the runner sets them per attempt, or they apply to one attempt.
-DROPPED = {"control": ("restart_mode", "max_seconds", "outdir"), "electrons": ("startingpot", "startingwfc")}
+# Not part of the physics of the final settings: the runner sets them per attempt (restart keys apply to one too).
+DROPPED = {"control": ("max_seconds", "outdir")}
+FROM_DENSITY = (RestartType.FROM_CHARGE_DENSITY, RestartType.FROM_WAVE_FUNCTIONS)
 
 
 # -- structures ---------------------------------------------------------------------------------------------------
@@ -133,25 +135,31 @@ class PeerHandler(RecoveryHandler):
         if error_type is not DFTErrorType.SCF_NOT_CONVERGED:
             return None
         b = float(parameters.get("electrons", {}).get("mixing_beta", 0.7))
-        return Correction(f"mixing_beta={b * 0.8:.3g}", {"electrons": {"mixing_beta": b * 0.8}}, reuse_density=False)
+        return Correction(name=f"mixing_beta={b * 0.8:.3g}", changes={"electrons": {"mixing_beta": b * 0.8}})
 
 
-def _ladders_without_reuse() -> dict[DFTErrorType, list[Correction]]:
-    return {error: [replace(c, reuse_density=False) for c in ladder] for error, ladder in LADDERS.items()}
+def from_scratch(correction: Correction) -> Correction:
+    """The correction with a density restart replaced by a start from scratch."""
+    if correction.restart in FROM_DENSITY:
+        return correction.model_copy(update={"restart": RestartType.FROM_SCRATCH})
+    return correction
 
 
-@dataclass
+def _ladders_without_reuse() -> dict[str, list[Correction]]:
+    return {error.name: [from_scratch(c) for c in ladder] for error, ladder in LADDERS.items()}
+
+
 class NoReuseHandler(RecoveryHandler):
     """Ours with every correction (the ladders' and the "more electron steps" one) restarting from scratch."""
 
-    ladders: dict[DFTErrorType, list[Correction]] = field(default_factory=_ladders_without_reuse)
+    ladders: dict[str, list[Correction]] = Field(default_factory=_ladders_without_reuse)
 
     def next_correction(
         self, error_type: DFTErrorType, parameters: dict[str, dict[str, Any]], tried: Sequence[str] = (),
         output: PwOutput | None = None,
     ) -> Correction | None:
         correction = super().next_correction(error_type, parameters, tried, output)
-        return None if correction is None else replace(correction, reuse_density=False)
+        return None if correction is None else from_scratch(correction)
 
 
 def trend_reading_handler() -> RecoveryHandler:
@@ -199,15 +207,16 @@ class ProposedHandler(RecoveryHandler):
             and (min(accuracy[-3:]) <= 100 * conv_thr or _falling_to_the_end(accuracy, conv_thr, maxstep))
         ):
             steps = {"electrons": {"electron_maxstep": 2 * maxstep}}
-            correction = Correction(f"{STEPS} ({2 * maxstep})", steps, reuse_density=True)
+            correction = Correction(
+                name=f"{STEPS} ({2 * maxstep})", changes=steps, restart=RestartType.FROM_CHARGE_DENSITY
+            )
         correction = correction or super().next_correction(error_type, parameters, tried, None)
         if correction is None:
             return None
-        if correction.reuse_density and accuracy and (accuracy[-1] > accuracy[0] or accuracy[-1] > 0.1):
-            correction = replace(correction, reuse_density=False)
-        if correction.reuse_density:
-            wfc = Correction("wavefunctions", {"electrons": {"startingwfc": "file"}})
-            correction = replace(correction, changes=apply_correction(correction.changes, wfc))
+        if correction.restart in FROM_DENSITY and accuracy and (accuracy[-1] > accuracy[0] or accuracy[-1] > 0.1):
+            correction = from_scratch(correction)
+        if correction.restart in FROM_DENSITY:
+            correction = correction.model_copy(update={"restart": RestartType.FROM_WAVE_FUNCTIONS})
         return correction
 
 
@@ -294,7 +303,10 @@ def config_for(case: Case, args: argparse.Namespace, work_dir: Path, **changes: 
 
 def direct_parameters(final: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The final attempt's effective parameters for a run from scratch, with steps enough to converge."""
-    params = {nl: {k: v for k, v in values.items() if k not in DROPPED.get(nl, ())} for nl, values in final.items()}
+    params = {
+        nl: {k: v for k, v in values.items() if k not in DROPPED.get(nl, ())}
+        for nl, values in without_restart(final).items()
+    }
     electrons = params.setdefault("electrons", {})
     electrons["electron_maxstep"] = max(DIRECT_MAXSTEP, int(electrons.get("electron_maxstep", 0)))
     return params
@@ -315,8 +327,7 @@ def run_strategy(case: Case, atoms: Atoms, strategy: str, args: argparse.Namespa
         final_parameters=result.parameters,
         trace=[
             dict(correction=a.correction, error_type=a.error_type, iterations=a.scf_iterations,
-                 final_scf_accuracy=a.final_scf_accuracy, cpu=c, reused_density="startingpot" in a.parameters.get(
-                     "electrons", {}))
+                 final_scf_accuracy=a.final_scf_accuracy, cpu=c, reused_density=a.restart in FROM_DENSITY)
             for a, c in zip(result.attempts, cpu)
         ],
     )

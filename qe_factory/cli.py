@@ -14,14 +14,10 @@ from ase.io import write
 from ase.units import GPa
 from tqdm import tqdm
 
-from qe_factory.config import ConfigError, DFTConfig
-from qe_factory.inputs import InputError
-from qe_factory.pseudos import PseudopotentialError
-from qe_factory.results import DFTResult
-from qe_factory.runner import ExecutableNotFoundError, QERunner
-from qe_factory.structure import StructureError, check_uid, read_structures
-
-REFUSALS = (StructureError, PseudopotentialError, InputError)
+from qe_factory.engine.config import ConfigError, DFTConfig
+from qe_factory.engine.results import DFTResult
+from qe_factory.engine.runner import REFUSALS, ExecutableNotFoundError, QERunner
+from qe_factory.engine.structure import StructureError, check_uid, read_structures
 
 
 def summary_line(result: DFTResult) -> str:
@@ -78,7 +74,7 @@ def _resources(args: argparse.Namespace) -> dict:
 
 def init(args: argparse.Namespace) -> int:
     """Create the factory home (configuration, embedded LaunchPad, JobStore) and say how to use it."""
-    from qe_factory.launchpad import activate, embedded_file
+    from qe_factory.workflow.home import activate, embedded_file
 
     home = activate(args.home)
     mode = f"embedded LaunchPad {embedded_file(home)}" if embedded_file(home) else "MongoDB LaunchPad"
@@ -88,7 +84,7 @@ def init(args: argparse.Namespace) -> int:
 
 def env(args: argparse.Namespace) -> int:
     """Print the exports that point stock lpad/rlaunch/qlaunch at the factory home."""
-    from qe_factory.launchpad import activate, config_environment
+    from qe_factory.workflow.home import activate, config_environment
 
     for key, value in config_environment(activate(args.home)).items():
         print(f"export {key}={value}")
@@ -97,12 +93,17 @@ def env(args: argparse.Namespace) -> int:
 
 def submit_cmd(args: argparse.Namespace) -> int:
     """Add one workflow per structure to the LaunchPad."""
-    from qe_factory.launchpad import activate, get_jobstore
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.launchpad import get_jobstore
 
     activate(args.home)
-    from qe_factory.flows import submit
+    from qe_factory.workflow.flows import submit
 
-    report = submit(args.structures, _config(args), resources=_resources(args), store=get_jobstore())
+    config = _config(args)
+    if config.execution.model_fields_set:
+        print(f"note: {', '.join(sorted(config.execution.model_fields_set))} are execution settings: they stay with "
+              "the workers (qe-factory worker -c FILE, or QE_FACTORY_<KEY>), not with the workflows")
+    report = submit(args.structures, config, resources=_resources(args), store=get_jobstore())
     for uid, why in report.refused.items():
         print(f"{uid:<24} REFUSED {why}")
     for uid, other in report.duplicates.items():
@@ -113,30 +114,34 @@ def submit_cmd(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     """Run READY Fireworks in this process (what the SLURM template launches)."""
-    from qe_factory.launchpad import activate, run_worker
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.worker import run_worker
 
     home = activate(args.home)
-    launched = run_worker(max_structures=args.structures, nlaunches=args.nlaunches, launch_root=home / "launches")
+    execution = _config(args).execution if args.config else None
+    launched = run_worker(
+        max_structures=args.structures, nlaunches=args.nlaunches, launch_root=home / "launches", execution=execution
+    )
     print(f"worker ran {launched} Firework(s)")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Submit, run locally in this process, and export: the whole pipeline with no server."""
-    from qe_factory.launchpad import (
-        activate,
+    from qe_factory.engine.results import write_training_set
+    from qe_factory.workflow.home import activate, embedded_file
+    from qe_factory.workflow.launchpad import (
         archive_completed,
-        embedded_file,
         finished_count,
         get_jobstore,
         get_launchpad,
-        run_worker,
+        load_results,
         status_report,
     )
+    from qe_factory.workflow.worker import run_worker
 
     home = activate(args.home)
-    from qe_factory.flows import submit
-    from qe_factory.results import load_results, write_training_set
+    from qe_factory.workflow.flows import submit
 
     config, launchpad, store = _config(args), get_launchpad(), get_jobstore()
     structures = read_structures(args.structures)
@@ -160,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             progress.update(now - done[0])
             done[0] = now
 
-        run_worker(launchpad, launch_root=home / "launches", on_launch=advance)
+        run_worker(launchpad, launch_root=home / "launches", on_launch=advance, execution=config.execution)
         archive_completed(launchpad)
     progress.close()
     results = load_results(store, uids)
@@ -177,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Fireworks per state and every failure with its reason."""
-    from qe_factory.launchpad import activate, embedded_file, get_launchpad, status_report
+    from qe_factory.workflow.home import activate, embedded_file
+    from qe_factory.workflow.launchpad import get_launchpad, status_report
 
     home = activate(args.home)
     report = status_report(get_launchpad(read_only=True))
@@ -196,10 +202,11 @@ def status(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     """Write the validated results as an extxyz training set."""
-    from qe_factory.launchpad import activate, get_jobstore
+    from qe_factory.engine.results import write_training_set
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.launchpad import get_jobstore, load_results
 
     activate(args.home)
-    from qe_factory.results import load_results, write_training_set
 
     results = load_results(get_jobstore())
     written = write_training_set(results, args.output, include_marked=args.include_marked)
@@ -209,7 +216,8 @@ def export(args: argparse.Namespace) -> int:
 
 def rerun_lost(args: argparse.Namespace) -> int:
     """Put RUNNING Fireworks whose worker died (no ping for --time seconds) back to READY."""
-    from qe_factory.launchpad import activate, get_launchpad, save_launchpad
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.launchpad import get_launchpad, save_launchpad
 
     activate(args.home)
     launchpad = get_launchpad()
@@ -221,7 +229,8 @@ def rerun_lost(args: argparse.Namespace) -> int:
 
 def qlaunch(args: argparse.Namespace) -> int:
     """Stock qlaunch with this home's configuration (safe with the embedded LaunchPad: see launchpad.py)."""
-    from qe_factory.launchpad import activate, qlaunch_command
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.launchpad import qlaunch_command
 
     argv, environment = qlaunch_command(args.qlaunch_args, activate(args.home))
     return subprocess.run(argv, env=environment).returncode
@@ -253,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ntasks", type=int, help="MPI ranks per structure (SLURM, qlaunch -r)")
     p.add_argument("--walltime", help="wall time per SCF job, HH:MM:SS (SLURM, qlaunch -r)")
     p = command("worker", worker, "run READY Fireworks in this process")
+    p.add_argument("-c", "--config", help="YAML whose execution settings (command, mpi_ranks, timeout, work_dir, ...) "
+                   "this worker uses; what is computed comes with each workflow")
     p.add_argument("--structures", type=int, help="stop after this many structures finished")
     p.add_argument("--nlaunches", type=int, help="stop after this many Fireworks")
     p = command("run", run, "submit + run locally + export (the whole pipeline)", True, True, True)

@@ -3,7 +3,10 @@
 
 FAKE_PW_PLAN is a comma-separated list of actions, one per call (the last one repeats); FAKE_PW_COUNTER names a
 file that counts the calls. Actions:
-  replay:<fixture>  print tests/data/<fixture>/pw.out (real pw.x output), its pw.err and CRASH, exit with its code
+  replay:<fixture>  print tests/data/<fixture>/pw.out (real pw.x output), its pw.err and CRASH, exit with its code;
+                    when the run had SCF iterations, leave a charge-density file in ../out/pwscf.save as pw.x does
+  cholesky          si_scf's output up to its first SCF iteration, then the error block and CRASH file pw.x writes
+                    when the Cholesky factorisation fails (real pw.x 6.7 did not fail so on any cheap input)
   segfault          die on SIGSEGV        oom      die on SIGKILL after printing the OOM killer's words to stderr
   hang              sleep until killed    garbage  print bytes that are no pw.x output and exit 0
 """
@@ -32,7 +35,20 @@ def main() -> int:
             sys.stderr.write((fixture / "pw.err").read_text())
         if (fixture / "CRASH").exists():
             shutil.copy(fixture / "CRASH", "CRASH")
+        if "iteration #" in (fixture / "pw.out").read_text():
+            density = Path("..", "out", "pwscf.save", "charge-density.dat")
+            density.parent.mkdir(parents=True, exist_ok=True)
+            density.write_bytes(b"")
         return json.loads((fixture / "meta.json").read_text())["returncode"]
+    if action == "cholesky":
+        head = (DATA / "si_scf" / "pw.out").read_text().split("     iteration #  2")[0]
+        block = (
+            " " + "%" * 78 + "\n     Error in routine  cdiaghg (1):\n      problems computing cholesky\n "
+            + "%" * 78 + "\n"
+        )
+        sys.stdout.write(head + block + "\n     stopping ...\n")
+        Path("CRASH").write_text(block)
+        return 1
     sys.stdout.write("     Program PWSCF v.6.7MaX starts on  1Jan2026 at  0: 0: 0\n")
     sys.stdout.flush()
     if action == "segfault":

@@ -9,7 +9,7 @@ from qe_factory import ConfigError, DFTConfig
 
 def test_defaults_follow_the_spec():
     cfg = DFTConfig()
-    assert (cfg.timeout, cfg.recoverable, cfg.max_retries, cfg.mixing_beta) == (3600, True, 5, 0.7)
+    assert (cfg.execution.timeout, cfg.recoverable, cfg.max_retries, cfg.mixing_beta) == (3600, True, 5, 0.7)
     assert (cfg.kpoint_density, cfg.smearing, cfg.degauss) == (0.15, "cold", 0.02)
 
 
@@ -17,7 +17,7 @@ def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("kpoint_density: 0.3\ntimeout: 60\nsanitizer:\n  max_force: 50\n")
     cfg = DFTConfig.from_yaml(path, timeout=90)
-    assert (cfg.kpoint_density, cfg.timeout, cfg.sanitizer.max_force) == (0.3, 90, 50)
+    assert (cfg.kpoint_density, cfg.execution.timeout, cfg.sanitizer.max_force) == (0.3, 90, 50)
 
 
 def test_unknown_key_is_refused_by_name(tmp_path):
@@ -53,7 +53,25 @@ def test_environment_variables(monkeypatch):
     monkeypatch.setenv("QE_FACTORY_TIMEOUT", "120")
     monkeypatch.setenv("QE_FACTORY_COMMAND", "/opt/qe/bin/pw.x")
     cfg = DFTConfig()
-    assert (cfg.timeout, cfg.command) == (120, "/opt/qe/bin/pw.x")
+    assert (cfg.execution.timeout, cfg.execution.command) == (120, "/opt/qe/bin/pw.x")
     monkeypatch.setenv("QE_FACTORY_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match="timeout"):
         DFTConfig.create()
+
+
+def test_execution_settings_stay_on_the_machine(monkeypatch):
+    """Flat execution keys land in `execution`, which a serialised config (a Firework's) never carries: the
+    worker that rebuilds it uses its own."""
+    cfg = DFTConfig(kpoint_density=0.3, mpi_ranks=3, work_dir="/somewhere", command="mpirun -np 3 pw.x")
+    assert (cfg.execution.mpi_ranks, str(cfg.execution.work_dir), cfg.execution.command) == (
+        3, "/somewhere", "mpirun -np 3 pw.x"
+    )
+    document = cfg.as_dict()
+    assert not set(document) & {"execution", "mpi_ranks", "work_dir", "command", "timeout"}
+    monkeypatch.setenv("QE_FACTORY_MPI_RANKS", "7")
+    monkeypatch.setenv("QE_FACTORY_KPOINT_DENSITY", "0.9")  # the worker's physics settings do not count
+    rebuilt = DFTConfig.from_dict(document)
+    assert (rebuilt.kpoint_density, rebuilt.execution.mpi_ranks, rebuilt.execution.command) == (0.3, 7, "pw.x")
+    assert cfg.with_changes(keep_files=True, degauss=0.01).execution.keep_files
+    with pytest.raises(ConfigError, match="timeout.*bogus|bogus.*timeout"):
+        DFTConfig.create(timeout=-1, bogus=2)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qe_factory.pseudos import (
+from qe_factory.engine.pseudos import (
     PseudopotentialError,
     bundled_families,
     load_family,

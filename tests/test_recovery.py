@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qe_factory import DFTErrorType, RecoveryHandler
-from qe_factory.parsers import PwOutput
-from qe_factory.recovery import LADDERS, label_deviations, scf_still_converging
+from qe_factory.engine.parsers import PwOutput
+from qe_factory.engine.recovery import LADDERS, label_deviations, scf_still_converging
 
 NOMINAL = {"electrons": {"mixing_beta": 0.7, "mixing_mode": "plain", "conv_thr": 1e-9, "electron_maxstep": 100},
            "system": {"degauss": 0.02, "smearing": "cold", "ecutwfc": 30, "ecutrho": 240}}

@@ -103,7 +103,7 @@ def submit(home: Path, tmp_path: Path, structures: dict[str, Atoms], config: dic
         atoms.info["uid"] = uid
         frames.append(atoms)
     write(tmp_path / "structures.extxyz", frames)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**config, "work_dir": str(tmp_path / "runs")}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = factory(home, "submit", str(tmp_path / "structures.extxyz"), "-c", str(tmp_path / "config.yaml"))
     assert f"{len(structures)} added" in out, out
 
@@ -120,7 +120,7 @@ def our_jobs(job_name: str) -> list[str]:
 def workflow_states(home: Path) -> dict[str, str]:
     """uid → workflow state from a read-only LaunchPad client (never writes the file; safe beside a worker)."""
     code = (
-        "import json; from qe_factory.launchpad import get_launchpad; lp = get_launchpad(read_only=True); "
+        "import json; from qe_factory.workflow.launchpad import get_launchpad; lp = get_launchpad(read_only=True); "
         "print(json.dumps({w['metadata']['uid']: w['state'] for w in lp.workflows.find({}, {'metadata': 1, "
         "'state': 1})}))"
     )
@@ -201,15 +201,14 @@ def run_qlaunch(home: Path, launch_dir: Path, job_name: str, nlaunches: int, tim
 
 
 def stored_results(home: Path, monkeypatch) -> dict:
-    """uid → DFTResult from the home's JobStore (qe_factory.results.load_results)."""
-    from qe_factory.launchpad import activate, get_jobstore
+    """uid → DFTResult from the home's JobStore (qe_factory.workflow.launchpad.load_results)."""
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.launchpad import get_jobstore, load_results
 
     for key in ENV_KEYS:  # activate() sets them: monkeypatch restores the test process's values afterwards
         monkeypatch.setenv(key, "unset")
         monkeypatch.delenv(key)
     activate(home)
-    from qe_factory.results import load_results
-
     store = get_jobstore()
     try:
         return {result.uid: result for result in load_results(store)}

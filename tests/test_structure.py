@@ -8,7 +8,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from qe_factory import StructureError
-from qe_factory.structure import check_structure, check_uid, closest_contact
+from qe_factory.engine.structure import check_structure, check_uid, closest_contact
 
 
 @pytest.mark.parametrize("uid", ["../x", "a/b", "..", ".hidden", "", "a b", "x" * 201, "a\\b"])

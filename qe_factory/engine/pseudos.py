@@ -60,7 +60,7 @@ class ResolvedPseudo:
 
 def bundled_families() -> list[str]:
     """Names of the families shipped with the package."""
-    return sorted(p.name[:-5] for p in resources.files("qe_factory.data").iterdir() if p.name.endswith(".json"))
+    return sorted(p.name[:-5] for p in resources.files("qe_factory.engine.data").iterdir() if p.name.endswith(".json"))
 
 
 def load_family(name_or_path: str, pseudo_dir: Path | None = None) -> PseudoFamily:
@@ -70,7 +70,7 @@ def load_family(name_or_path: str, pseudo_dir: Path | None = None) -> PseudoFami
         raw = json.loads(path.read_text())
         default_dir = path.parent
     elif name_or_path in bundled_families():
-        raw = json.loads(resources.files("qe_factory.data").joinpath(f"{name_or_path}.json").read_text())
+        raw = json.loads(resources.files("qe_factory.engine.data").joinpath(f"{name_or_path}.json").read_text())
         default_dir = Path(raw["default_dir"]).expanduser()
     else:
         raise PseudopotentialError(

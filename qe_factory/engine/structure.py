@@ -11,6 +11,8 @@ from ase import Atoms
 from ase.data import chemical_symbols, covalent_radii
 from ase.neighborlist import neighbor_list
 
+from qe_factory.engine.document import Document
+
 
 class StructureError(ValueError):
     """The structure cannot be calculated as given; the message says why."""
@@ -78,23 +80,32 @@ def check_structure(atoms: Atoms, min_distance_factor: float = 0.5) -> None:
         )
 
 
-def atoms_to_dict(atoms: Atoms) -> dict:
-    """A JSON-friendly copy of what a calculation needs from an Atoms (initial moments included when set)."""
-    data = {
-        "numbers": atoms.numbers.tolist(), "positions": atoms.positions.tolist(),
-        "cell": atoms.cell.array.tolist(), "pbc": atoms.pbc.tolist(),
-    }
-    if atoms.has("initial_magmoms"):
-        data["magmoms"] = atoms.get_initial_magnetic_moments().tolist()
-    return data
+class StructureDoc(Document):
+    """An Atoms as a document: what a calculation needs from it (Å; initial moments in μB when set)."""
 
+    numbers: list[int]
+    positions: list[list[float]]
+    cell: list[list[float]]
+    pbc: list[bool]
+    magmoms: list[float] | None = None
 
-def atoms_from_dict(data: dict) -> Atoms:
-    """The inverse of atoms_to_dict."""
-    atoms = Atoms(numbers=data["numbers"], positions=data["positions"], cell=data["cell"], pbc=data["pbc"])
-    if "magmoms" in data:
-        atoms.set_initial_magnetic_moments(data["magmoms"])
-    return atoms
+    @classmethod
+    def from_atoms(cls, atoms: Atoms) -> StructureDoc:
+        magmoms = atoms.get_initial_magnetic_moments().tolist() if atoms.has("initial_magmoms") else None
+        return cls(
+            numbers=atoms.numbers.tolist(), positions=atoms.positions.tolist(), cell=atoms.cell.array.tolist(),
+            pbc=atoms.pbc.tolist(), magmoms=magmoms,
+        )
+
+    def to_atoms(self) -> Atoms:
+        atoms = Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+        if self.magmoms is not None:
+            atoms.set_initial_magnetic_moments(self.magmoms)
+        return atoms
+
+    @property
+    def formula(self) -> str:
+        return self.to_atoms().get_chemical_formula()
 
 
 def read_structures(source: str | Path | Atoms | Iterable) -> list[tuple[str | None, Atoms]]:

@@ -6,14 +6,17 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from pydantic import BaseModel
+
+from qe_factory.engine.document import Document
+from qe_factory.engine.structure import StructureDoc
 
 
-class Attempt(BaseModel):
+class Attempt(Document):
     """One pw.x run of a structure."""
 
     number: int
     correction: str | None = None  # what was changed before this attempt
+    restart: str = "from_scratch"  # how it started from the attempt before (recovery.RestartType)
     directory: str
     parameters: dict[str, dict[str, Any]]
     ranks: int
@@ -28,7 +31,7 @@ class Attempt(BaseModel):
     cpu_time: float | None = None  # as pw.x reports it (rank 0)
 
 
-class DFTResult(BaseModel):
+class DFTResult(Document):
     """Energy (eV), forces (eV/Å, N×3) and stress (eV/Å³, 3×3, ASE sign) of one structure, or why not."""
 
     uid: str
@@ -43,10 +46,7 @@ class DFTResult(BaseModel):
     final_mixing_beta: float | None = None
     # provenance
     formula: str
-    numbers: list[int]
-    positions: list[list[float]]
-    cell: list[list[float]]
-    pbc: list[bool]
+    structure: StructureDoc
     kpoints: list[int] | None = None
     ecutwfc: float | None = None
     ecutrho: float | None = None
@@ -63,13 +63,9 @@ class DFTResult(BaseModel):
         """True when the label was computed with the data set's nominal smearing and cutoffs."""
         return not self.label_deviations
 
-    def structure(self) -> Atoms:
-        """The structure this result belongs to."""
-        return Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
-
     def to_atoms(self) -> Atoms:
         """The structure with REF_energy/REF_forces/REF_stress (extxyz keys for MLIP training) and provenance."""
-        atoms = self.structure()
+        atoms = self.structure.to_atoms()
         atoms.info.update(uid=self.uid, succeeded=self.succeeded, nominal_settings=self.nominal_settings)
         if self.error_message:
             atoms.info["error"] = self.error_message
@@ -95,16 +91,6 @@ class DFTFatalError(RuntimeError):
     def to_dict(self) -> dict[str, Any]:
         """The report as FireWorks stores it with a FIZZLED launch (`_exception._details`)."""
         return self.result.model_dump(mode="json")
-
-
-def load_results(store, uids: list[str] | None = None) -> list[DFTResult]:
-    """Validated results from a JobStore (outputs of the workflows' validate jobs), in uid order."""
-    criteria: dict[str, Any] = {"metadata.stage": "validate"}
-    if uids is not None:
-        criteria["metadata.uid"] = {"$in": list(uids)}
-    docs = store.query(criteria, properties=["output"], load=True)
-    results = [DFTResult(**doc["output"]) for doc in docs if doc.get("output")]
-    return sorted(results, key=lambda r: r.uid)
 
 
 def write_training_set(results: list[DFTResult], path, include_marked: bool = False) -> int:

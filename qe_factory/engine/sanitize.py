@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from ase.units import GPa
 
-from qe_factory.config import SanitizerThresholds
-from qe_factory.parsers import PwOutput
+from qe_factory.engine.config import SanitizerThresholds
+from qe_factory.engine.parsers import PwOutput
 
 
 def sanitize(output: PwOutput, natoms: int, limits: SanitizerThresholds | None = None) -> list[str]:

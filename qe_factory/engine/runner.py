@@ -8,51 +8,58 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ase import Atoms
-from pydantic import BaseModel
 
-from qe_factory.config import DFTConfig
-from qe_factory.errors import DFTErrorType, Diagnosis, classify
-from qe_factory.inputs import InputGenerator, PwInput, irreducible_kpoint_count, render
-from qe_factory.parallel import (
+from qe_factory.engine.config import DFTConfig
+from qe_factory.engine.document import Document
+from qe_factory.engine.errors import DFTErrorType, Diagnosis, classify
+from qe_factory.engine.inputs import InputError, InputGenerator, PwInput, irreducible_kpoint_count, render
+from qe_factory.engine.parallel import (
     available_ranks,
     choose_pools,
     pw_command,
     pw_environment,
     seconds_left_in_allocation,
 )
-from qe_factory.parsers import PwOutput, parse_pw_output, read_run_texts
-from qe_factory.recovery import Correction, RecoveryHandler, apply_correction, label_deviations
-from qe_factory.results import Attempt, DFTFatalError, DFTResult
-from qe_factory.sanitize import sanitize
-from qe_factory.structure import check_structure, check_uid, closest_contact
+from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_run_texts
+from qe_factory.engine.pseudos import PseudopotentialError
+from qe_factory.engine.recovery import (
+    RESTART_PARAMETERS,
+    Correction,
+    RecoveryHandler,
+    RestartType,
+    apply_correction,
+    label_deviations,
+    merge_parameters,
+)
+from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult
+from qe_factory.engine.sanitize import sanitize
+from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, closest_contact
 
 log = logging.getLogger(__name__)
 
 SCRATCH_DIR = "out"  # pw.x outdir, shared by a structure's attempts (restarts read it), removed at the end
 SCRATCH_PATTERNS = ("*.wfc*", "*.mix*", "*.save", "*.restart*", "*.hub*", "*.igk*", "*.xml")
-# Settings that apply to the next attempt only.
-TRANSIENT = {"control": ("restart_mode",), "electrons": ("startingpot", "startingwfc")}
-# Below this fraction of the covalent radii sum a diagonalization failure is blamed on the geometry.
-OVERLAP_FACTOR = 0.75
+# What `prepare` raises for input the factory refuses before pw.x runs (one structure, never the batch).
+REFUSALS = (StructureError, PseudopotentialError, InputError)
 
 
-class RecoveryState(BaseModel):
-    """Where a structure's retry loop stands; serialisable, so a workflow job can hand it to the next attempt."""
+class RecoveryState(Document):
+    """Where a structure's retry loop stands; a document, so a workflow job can hand it to the next attempt."""
 
-    params: dict[str, dict[str, Any]] = {}
+    params: dict[str, dict[str, Any]] = {}  # lasting corrections (namelists, and "run" for the command line)
     tried: list[str] = []
     attempts: list[Attempt] = []
-    correction: dict[str, Any] | None = None  # the Correction applied before the next attempt
+    correction: Correction | None = None  # the correction applied before the next attempt (with its restart)
     converged_output: PwOutput | None = None  # kept while a converged run is re-done at nominal settings
     converged_input: PwInput | None = None
 
 
-class ScfOutcome(BaseModel):
+class ScfOutcome(Document):
     """What the SCF stage hands to validation: the converged output, or why there is none."""
 
     attempts: list[Attempt]
@@ -132,9 +139,6 @@ def clean_scratch(run_dir: Path) -> None:
                 path.unlink()
 
 
-NOMINAL = "nominal settings"
-
-
 def _nominal_correction(pw_input: PwInput, nominal: PwInput) -> Correction | None:
     """After convergence with label-changing settings: rerun at the nominal ones, from the converged density."""
     deviations = label_deviations(pw_input.parameters, nominal.parameters)
@@ -144,15 +148,26 @@ def _nominal_correction(pw_input: PwInput, nominal: PwInput) -> Correction | Non
     for key, (_, nominal_value) in deviations.items():
         namelist, name = key.split(".")
         changes.setdefault(namelist, {})[name] = nominal_value
-    return Correction(NOMINAL, changes, reuse_density=True)
+    return Correction(
+        name="nominal settings", changes=changes, restart=RestartType.FROM_CHARGE_DENSITY, restores_nominal=True
+    )
 
 
-def _without_transient(params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {nl: {k: v for k, v in values.items() if k not in TRANSIENT.get(nl, ())} for nl, values in params.items()}
+def available_restart(restart: RestartType, scratch: Path) -> RestartType:
+    """The restart asked for, or the closest one the scratch directory holds the files for."""
+    if restart in (RestartType.FROM_CHARGE_DENSITY, RestartType.FROM_WAVE_FUNCTIONS):
+        if not any(scratch.rglob("charge-density*")):
+            return RestartType.FROM_SCRATCH
+        if restart is RestartType.FROM_WAVE_FUNCTIONS and not any(scratch.rglob("wfc*")):
+            return RestartType.FROM_CHARGE_DENSITY
+    return restart
 
 
 class QERunner:
-    """Runs pw.x SCF calculations: `run(atoms, uid) -> DFTResult` with automatic recovery."""
+    """Runs pw.x SCF calculations: `run(atoms, uid) -> DFTResult` with automatic recovery.
+
+    `config` says what is computed (its `execution` part where and how pw.x runs); `recovery` chooses corrections.
+    """
 
     def __init__(
         self,
@@ -161,18 +176,25 @@ class QERunner:
         recovery: RecoveryHandler | None = None,
     ):
         self.config = config or DFTConfig()
+        self.execution = self.config.execution
         self.generator = generator or InputGenerator(self.config)
         self.recovery = recovery or RecoveryHandler()
 
     # -- one attempt -------------------------------------------------------------------------------------------
     def run_attempt(
         self, atoms: Atoms, run_dir: Path, number: int, params: dict[str, dict[str, Any]],
-        correction: str | None = None,
+        correction: Correction | None = None,
     ) -> tuple[Attempt, PwOutput, PwInput]:
-        """Write pw.in into run_dir/attempt_<number>, run pw.x, parse and classify."""
-        cfg = self.config
-        namelists = {nl: v for nl, v in params.items() if nl != "run"}
-        budget = time_budget(cfg.timeout, seconds_left_in_allocation())
+        """Write pw.in into run_dir/attempt_<number>, run pw.x, parse and classify.
+
+        `params`: lasting corrections; the correction's restart applies to this attempt only.
+        """
+        execution = self.execution
+        restart = RestartType.FROM_SCRATCH
+        if correction is not None:
+            restart = available_restart(correction.restart, run_dir / SCRATCH_DIR)
+        namelists = merge_parameters({nl: v for nl, v in params.items() if nl != "run"}, RESTART_PARAMETERS[restart])
+        budget = time_budget(execution.timeout, seconds_left_in_allocation())
         pw_input = self.generator.generate(atoms, namelists)
         control = pw_input.parameters["control"]
         control["outdir"] = f"../{SCRATCH_DIR}"  # shared by the attempts: restarts and density reuse read it
@@ -183,22 +205,23 @@ class QERunner:
             shutil.rmtree(attempt_dir)
         attempt_dir.mkdir(parents=True)
         (attempt_dir / "pw.in").write_text(render(atoms, pw_input))
-        ranks = cfg.mpi_ranks or available_ranks()
+        ranks = execution.mpi_ranks or available_ranks()
         spins = 2 if pw_input.namelist_value("system", "nspin") == 2 else 1
         kpoint_count = irreducible_kpoint_count(pw_input.kpts) * spins
         pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
-        argv = pw_command(cfg.command, cfg.mpi_launcher, ranks, pools)
-        execution = execute(argv, attempt_dir, pw_environment(cfg.omp_threads), budget)
+        argv = pw_command(execution.command, execution.mpi_launcher, ranks, pools)
+        ended = execute(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
         stdout, stderr, crash = read_run_texts(attempt_dir)
         output = parse_pw_output(stdout, crash)
-        diagnosis = classify(output, stdout, stderr, execution.returncode, execution.timed_out)
+        diagnosis = classify(output, stdout, stderr, ended.returncode, ended.timed_out)
         diagnosis = self._blame_geometry(atoms, diagnosis)
         attempt = Attempt(
-            number=number, correction=correction, directory=str(attempt_dir), parameters=pw_input.parameters,
-            ranks=ranks, pools=pools, error_type=diagnosis.error_type.name, error_code=diagnosis.error_type.code,
-            message=diagnosis.message, scf_iterations=output.scf_iterations,
+            number=number, correction=correction.name if correction else None, restart=restart.value,
+            directory=str(attempt_dir), parameters=pw_input.parameters, ranks=ranks, pools=pools,
+            error_type=diagnosis.error_type.name, error_code=diagnosis.error_type.code, message=diagnosis.message,
+            scf_iterations=output.scf_iterations,
             final_scf_accuracy=output.scf_accuracy[-1] if output.scf_accuracy else None,
-            returncode=execution.returncode, wall_time=round(execution.wall_time, 3), cpu_time=output.cpu_time,
+            returncode=ended.returncode, wall_time=round(ended.wall_time, 3), cpu_time=output.cpu_time,
         )
         return attempt, output, pw_input
 
@@ -206,23 +229,28 @@ class QERunner:
         if diagnosis.error_type is not DFTErrorType.DIAGONALIZATION:
             return diagnosis
         contact = closest_contact(atoms)
-        if contact and contact[3] < OVERLAP_FACTOR:
+        if contact and contact[3] < self.config.blame_geometry_below:
             i, j, d, ratio = contact
             reason = f"atoms {i} and {j} are {d:.3f} Å apart ({ratio:.2f} of their covalent radii sum)"
             return Diagnosis(DFTErrorType.GEOMETRY, [reason, *diagnosis.lines])
         return diagnosis
 
     # -- the retry loop ----------------------------------------------------------------------------------------
-    def prepare(self, atoms: Atoms, uid: str) -> tuple[PwInput, Path]:
-        """Refuse bad input before pw.x runs; return the nominal input and a fresh run directory."""
+    def run_dir(self, uid: str) -> Path:
+        """Where the attempts of `uid` run (their shared scratch included)."""
+        return Path(self.execution.work_dir).resolve() / f"run_{check_uid(uid)}"
+
+    def prepare(self, atoms: Atoms, uid: str) -> PwInput:
+        """Refuse bad input before pw.x runs (raises one of REFUSALS); return the nominal input and start a fresh
+        run directory."""
         check_uid(uid)
         check_structure(atoms, self.config.min_distance_factor)
         nominal = self.generator.generate(atoms)  # raises on missing pseudopotentials or a relax request
-        run_dir = Path(self.config.work_dir).resolve() / f"run_{uid}"
+        run_dir = self.run_dir(uid)
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
-        return nominal, run_dir
+        return nominal
 
     def run(self, atoms: Atoms, uid: str, raise_on_failure: bool = True) -> DFTResult:
         """SCF energy, forces and stress of `atoms`, retrying with the recovery tree; see DFTResult.
@@ -230,27 +258,29 @@ class QERunner:
         Bad input (uid, structure, pseudopotentials) raises before pw.x runs. Exhausted recovery raises
         DFTFatalError carrying the full report, or returns it with succeeded=False if raise_on_failure is False.
         """
-        nominal, run_dir = self.prepare(atoms, uid)
+        nominal = self.prepare(atoms, uid)
         state: RecoveryState | ScfOutcome = RecoveryState()
         try:
             while isinstance(state, RecoveryState):
-                state = self.step(atoms, uid, run_dir, nominal, state)
+                state = self.step(atoms, uid, nominal, state)
         finally:
-            if not self.config.keep_files:
-                clean_scratch(run_dir)
+            self.finish(uid)
         return deliver(self.build_result(uid, atoms, state, nominal), raise_on_failure)
 
-    def step(
-        self, atoms: Atoms, uid: str, run_dir: Path, nominal: PwInput, state: RecoveryState
-    ) -> RecoveryState | ScfOutcome:
+    def finish(self, uid: str) -> None:
+        """The SCF stage of `uid` is over: remove pw.x's scratch unless keep_files."""
+        if not self.execution.keep_files:
+            clean_scratch(self.run_dir(uid))
+
+    def step(self, atoms: Atoms, uid: str, nominal: PwInput, state: RecoveryState) -> RecoveryState | ScfOutcome:
         """Run one attempt and decide: the state for the next attempt, or the outcome of the SCF stage."""
-        correction = Correction(**state.correction) if state.correction else None
+        correction = state.correction
         attempt, output, pw_input = self.run_attempt(
-            atoms, run_dir, len(state.attempts) + 1, state.params, correction.name if correction else None
+            atoms, self.run_dir(uid), len(state.attempts) + 1, state.params, correction
         )
         attempts = [*state.attempts, attempt]
         error_type = DFTErrorType[attempt.error_type]
-        finishing = correction is not None and correction.name == NOMINAL
+        finishing = correction is not None and correction.restores_nominal
         if error_type is DFTErrorType.OK:
             correction = None if finishing else _nominal_correction(pw_input, nominal)
             if correction is None:
@@ -263,7 +293,8 @@ class QERunner:
             max_attempts = self.config.max_retries if self.config.recoverable else 1
             correction = None
             if len(attempts) < max_attempts:
-                correction = self.recovery.next_correction(error_type, pw_input.parameters, state.tried, output)
+                in_effect = {**pw_input.parameters, "run": {"pools": attempt.pools}}
+                correction = self.recovery.next_correction(error_type, in_effect, state.tried, output)
             if correction is None:
                 why = "no correction left" if len(attempts) < max_attempts else f"{max_attempts} attempt(s) made"
                 return ScfOutcome(attempts=attempts, failure=f"{attempt.message} [gave up: {why}]")
@@ -273,17 +304,15 @@ class QERunner:
                 attempt.final_scf_accuracy,
             )
         return RecoveryState(
-            params=_next_params(state.params, correction, run_dir), tried=[*state.tried, correction.name],
-            attempts=attempts, correction=asdict(correction), converged_output=converged[0],
-            converged_input=converged[1],
+            params=apply_correction(state.params, correction), tried=[*state.tried, correction.name],
+            attempts=attempts, correction=correction, converged_output=converged[0], converged_input=converged[1],
         )
 
     def build_result(self, uid: str, atoms: Atoms, outcome: ScfOutcome, nominal: PwInput) -> DFTResult:
         """Validation: the DFTResult of an SCF outcome, sanitized, with its provenance."""
         attempts = outcome.attempts
         base = dict(
-            uid=uid, formula=atoms.get_chemical_formula(), numbers=atoms.numbers.tolist(),
-            positions=atoms.positions.tolist(), cell=atoms.cell.array.tolist(), pbc=atoms.pbc.tolist(),
+            uid=uid, formula=atoms.get_chemical_formula(), structure=StructureDoc.from_atoms(atoms),
             attempts=attempts, wall_time=round(sum(a.wall_time for a in attempts), 3),
         )
         if outcome.failure is not None:
@@ -321,10 +350,3 @@ def deliver(result: DFTResult, raise_on_failure: bool) -> DFTResult:
         if raise_on_failure:
             raise DFTFatalError(result)
     return result
-
-
-def _next_params(params: dict[str, dict[str, Any]], correction: Correction, run_dir: Path) -> dict[str, dict[str, Any]]:
-    params = apply_correction(_without_transient(params), correction)
-    if correction.reuse_density and any((run_dir / SCRATCH_DIR).rglob("charge-density*")):
-        params = apply_correction(params, Correction("reuse density", {"electrons": {"startingpot": "file"}}))
-    return params

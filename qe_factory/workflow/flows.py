@@ -9,43 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from ase import Atoms
-from jobflow import Flow
 from pydantic import BaseModel
 
-from qe_factory.config import DFTConfig
-from qe_factory.inputs import InputError, InputGenerator
-from qe_factory.jobs import PRIORITY, make_inputs, run_scf, validate
-from qe_factory.pseudos import PseudopotentialError
-from qe_factory.structure import StructureError, atoms_to_dict, check_structure, check_uid, read_structures
-
-REFUSALS = (StructureError, PseudopotentialError, InputError)
-
-
-def structure_flow(
-    atoms: Atoms, uid: str, config: DFTConfig, resources: dict[str, Any] | None = None, key: str | None = None
-) -> Flow:
-    """inputs → scf (recovers by replacing itself) → validate, for one structure.
-
-    `resources` (e.g. {"ntasks": 4, "walltime": "02:00:00"}) go to the SCF job's `_queueadapter` (qlaunch -r).
-    """
-    data = config.model_dump(mode="json")
-    inputs = make_inputs(atoms_to_dict(atoms), uid, data)
-    scf = run_scf(inputs.output)
-    check = validate(inputs.output, scf.output)
-    for stage, job in (("inputs", inputs), ("scf", scf), ("validate", check)):
-        job.name = f"{stage} {uid}" if stage != "scf" else f"scf {uid} attempt 1"
-        job.metadata = {"uid": uid, "stage": stage, "qe_factory_key": key}
-        manager_config = {"_priority": PRIORITY[stage]}
-        if resources and stage == "scf":
-            manager_config["_queueadapter"] = dict(resources)
-        job.update_config({"manager_config": manager_config})
-    return Flow([inputs, scf, check], name=f"qe_factory {uid}")
+from qe_factory.engine.config import DFTConfig
+from qe_factory.engine.inputs import InputGenerator
+from qe_factory.engine.recovery import RecoveryHandler
+from qe_factory.engine.runner import REFUSALS
+from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, read_structures
+from qe_factory.workflow.jobs import LabelMaker
 
 
 def structure_key(atoms: Atoms, generator: InputGenerator) -> str:
     """Identity of a calculation: the structure (to 1e-6 Å) and the pw.x settings it would run with."""
     nominal = generator.generate(atoms)
-    data = atoms_to_dict(atoms)
+    data = StructureDoc.from_atoms(atoms).model_dump()
     data["positions"] = [[round(x, 6) for x in row] for row in data["positions"]]
     data["cell"] = [[round(x, 6) for x in row] for row in data["cell"]]
     payload = json.dumps([data, nominal.model_dump(mode="json")], sort_keys=True, default=str)
@@ -70,19 +47,21 @@ def submit(
     resources: dict[str, Any] | None = None,
     uid_prefix: str = "s",
     store=None,
+    recovery: RecoveryHandler | None = None,
 ) -> SubmitReport:
     """Add one workflow per structure to the LaunchPad in bulk; bad structures are refused one by one.
 
     A structure with the same geometry and settings as one already in the LaunchPad (or with a result in `store`,
-    a JobStore) is reported, not added.
+    a JobStore) is reported, not added. `config` (its physics; execution settings stay with the workers) and
+    `recovery` (default RecoveryHandler(), or your subclass) travel with every workflow.
     """
     from jobflow.managers.fireworks import flow_to_workflow
 
-    from qe_factory.launchpad import get_jobstore, get_launchpad, save_launchpad
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, save_launchpad
 
     launchpad = launchpad or get_launchpad()
     store = store if store is not None else get_jobstore()
-    config = config.model_copy(update={"work_dir": Path(config.work_dir).resolve()})
+    maker = LabelMaker(config=config, recovery=recovery or RecoveryHandler())
     generator = InputGenerator(config)
     report, keyed, uids = SubmitReport(), {}, set()
     for index, (uid, atoms) in enumerate(read_structures(structures)):
@@ -119,7 +98,7 @@ def submit(
         if uid in taken_uids:
             report.refused[uid] = f"uid {uid!r} is already in the LaunchPad for another structure or settings"
             continue
-        flow = structure_flow(atoms, uid, config, resources, key)
+        flow = maker.make(atoms, uid, resources, key)
         workflows.append((uid, flow_to_workflow(flow, metadata={"uid": uid, "qe_factory_key": key})))
     if workflows:
         launchpad.bulk_add_wfs([wf for _, wf in workflows])

@@ -7,27 +7,31 @@ import signal
 from dataclasses import dataclass, field
 from enum import Enum
 
-from qe_factory.parsers import PwOutput
+from qe_factory.engine.parsers import PwOutput
 
 
 class DFTErrorType(Enum):
-    """Every outcome of a pw.x run has a name, a number and a message users can search for."""
+    """Every outcome of a pw.x run has a name, a number and a message users can search for.
+
+    Where aiida-quantumespresso's PwCalculation has an exit code with the same meaning, the number is its number;
+    the factory's own outcomes are numbered 800-899.
+    """
 
     OK = (0, "converged SCF with energy, forces and stress")
-    SCF_NOT_CONVERGED = (410, "SCF did not converge within electron_maxstep")
-    DIAGONALIZATION = (462, "eigensolver failure (Cholesky, S matrix, bands or eigenvectors not converged)")
-    BROYDEN_MIXING = (463, "charge-density mixing (Broyden) broke down")
-    WRONG_CHARGE = (464, "the number of electrons is wrong (smearing or bands)")
+    OUTPUT_INCOMPLETE = (312, "the output ends early with no JOB DONE and no CRASH file")
     PW_WALLTIME = (400, "pw.x stopped at max_seconds and saved its state")
-    TIMEOUT = (401, "the factory's timeout killed pw.x")
-    OUT_OF_MEMORY = (320, "killed for lack of memory (OOM killer, SIGKILL or failed allocation)")
-    SIGNAL = (321, "pw.x died on a signal (segmentation fault or similar)")
-    TOO_MANY_POOLS = (330, "more k-point pools than k-points or ranks")
-    MISSING_PSEUDO = (303, "a pseudopotential file could not be read")
-    BAD_INPUT = (302, "pw.x refused the input")
-    GEOMETRY = (304, "atoms too close: the overlap matrix is singular; only the geometry is at fault")
-    OUTPUT_INCOMPLETE = (305, "the output ends early with no JOB DONE and no CRASH file")
-    UNKNOWN = (399, "pw.x failed for a reason not in the table")
+    SCF_NOT_CONVERGED = (410, "SCF did not converge within electron_maxstep")
+    BROYDEN_MIXING = (468, "charge-density mixing (Broyden) broke down")
+    TOO_MANY_POOLS = (481, "more k-point pools than k-points or ranks")
+    WRONG_CHARGE = (531, "the number of electrons is wrong (smearing or bands)")
+    DIAGONALIZATION = (800, "eigensolver failure (Cholesky, S matrix, bands or eigenvectors not converged)")
+    TIMEOUT = (801, "the factory's timeout killed pw.x")
+    OUT_OF_MEMORY = (802, "killed for lack of memory (OOM killer, SIGKILL or failed allocation)")
+    SIGNAL = (803, "pw.x died on a signal (segmentation fault or similar)")
+    MISSING_PSEUDO = (804, "a pseudopotential file could not be read")
+    BAD_INPUT = (805, "pw.x refused the input")
+    GEOMETRY = (806, "atoms too close: the overlap matrix is singular; only the geometry is at fault")
+    UNKNOWN = (899, "pw.x failed for a reason not in the table")
 
     @property
     def code(self) -> int:

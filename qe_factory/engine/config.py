@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from qe_factory.engine.document import MSONProtocol
 
 NAMELISTS = ("control", "system", "electrons")
 
@@ -29,23 +31,38 @@ class SanitizerThresholds(BaseModel):
     max_negative_rho: PositiveFloat = Field(0.1, description="electrons of negative charge in the final density")
 
 
-class DFTConfig(BaseSettings):
-    """How every pw.x calculation is set up and run.
-
-    Values come from (highest priority first) keyword arguments, `QE_FACTORY_<KEY>` environment
-    variables, then the defaults below. `DFTConfig.from_yaml(path)` reads a YAML mapping.
-    """
+class ExecutionSettings(BaseSettings):
+    """Where and how pw.x runs on this machine. They belong to the worker, never to a workflow: a Firework
+    carries only what is computed (DFTConfig); the worker that runs it supplies these (its own
+    `QE_FACTORY_<KEY>` environment variables, or the settings the `qe-factory` command was given)."""
 
     model_config = SettingsConfigDict(env_prefix="QE_FACTORY_", extra="forbid", validate_default=True)
 
-    # execution
     command: str = Field("pw.x", description="pw.x executable; may start with a launcher (mpirun/srun ...)")
     mpi_launcher: str = Field("mpirun", description="MPI launcher used when more than one rank runs")
     mpi_ranks: PositiveInt | None = Field(None, description="MPI ranks; None = SLURM allocation or all cores")
     omp_threads: PositiveInt = 1
     timeout: PositiveInt = Field(3600, description="wall-clock limit of one pw.x run, seconds")
-    work_dir: Path = Path("qe_runs")
+    work_dir: Path = Field(Path("qe_runs"), description="each structure runs in work_dir/run_<uid>/")
     keep_files: bool = Field(False, description="keep wavefunctions and the scratch dir after a run")
+
+
+EXECUTION_KEYS = tuple(ExecutionSettings.model_fields)
+
+
+class DFTConfig(MSONProtocol, BaseSettings):
+    """What is computed, identically for every structure of a data set, and how hard recovery tries.
+
+    Values come from (highest priority first) keyword arguments, `QE_FACTORY_<KEY>` environment
+    variables, then the defaults below. `DFTConfig.from_yaml(path)` reads a YAML mapping. The execution keys
+    (command, mpi_launcher, mpi_ranks, omp_threads, timeout, work_dir, keep_files) may be given here too, flat as
+    the spec has them; they land in `execution`, which is left out when the config is serialised with a workflow.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="QE_FACTORY_", extra="forbid", validate_default=True)
+
+    execution: ExecutionSettings = Field(default_factory=ExecutionSettings, exclude=True)
+    # recovery policy
     recoverable: bool = True
     max_retries: PositiveInt = 5
 
@@ -61,12 +78,37 @@ class DFTConfig(BaseSettings):
     ecutwfc: PositiveFloat | None = Field(None, description="Ry; None = max over the elements' advice")
     ecutrho: PositiveFloat | None = Field(None, description="Ry; None = max over the elements' advice")
     min_distance_factor: float = Field(
-        0.5, ge=0, description="refuse atoms closer than this fraction of their covalent radii sum"
+        0.5, ge=0, description="refuse atoms closer than this fraction of their covalent radii sum; a "
+        "diagonalization failure below 1.5 times it is blamed on the geometry (not retried)"
     )
     sanitizer: SanitizerThresholds = Field(default_factory=SanitizerThresholds)
     pw_parameters: dict[Literal["control", "system", "electrons"], dict[str, Any]] = Field(
         default_factory=dict, description="extra pw.x namelist settings, e.g. {'electrons': {'electron_maxstep': 5}}"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_execution(cls, values: Any) -> Any:
+        """Flat execution keys (the spec's `DFTConfig(command=..., timeout=...)`) go into `execution`."""
+        if not isinstance(values, dict) or not any(key in values for key in EXECUTION_KEYS):
+            return values
+        values = dict(values)
+        given = values.pop("execution", None)
+        flat = {key: values.pop(key) for key in EXECUTION_KEYS if key in values}
+        base = given.model_dump() if isinstance(given, ExecutionSettings) else dict(given or {})
+        values["execution"] = ExecutionSettings(**{**base, **flat})
+        return values
+
+    @property
+    def blame_geometry_below(self) -> float:
+        """Closest contact (fraction of the covalent radii sum) below which a diagonalization failure is the
+        geometry's fault: 1.5 × min_distance_factor (0.75 by default)."""
+        return 1.5 * self.min_distance_factor
+
+    def with_changes(self, **changes: Any) -> DFTConfig:
+        """A validated copy with some fields changed (execution keys included)."""
+        values = {**self.model_dump(), "execution": self.execution.model_dump(), **changes}
+        return self.create(**values)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> DFTConfig:
@@ -83,10 +125,19 @@ class DFTConfig(BaseSettings):
     @classmethod
     def create(cls, _source: str = "settings", **values: Any) -> DFTConfig:
         """Build a config, turning pydantic's errors into one ConfigError naming each bad key."""
+        flat = {key: values.pop(key) for key in EXECUTION_KEYS if key in values}
+        errors, execution = [], values.pop("execution", None)
+        if flat or execution is not None:
+            try:
+                base = execution.model_dump() if isinstance(execution, ExecutionSettings) else dict(execution or {})
+                values["execution"] = ExecutionSettings(**{**base, **flat})
+            except ValidationError as exc:
+                errors += exc.errors()
         try:
-            return cls(**values)
+            config = cls(**values)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in exc.errors()
-            )
+            errors += exc.errors()
+        if errors:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in errors)
             raise ConfigError(f"invalid {_source}: {problems}") from None
+        return config

@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import kptdensity2monkhorstpack
 from ase.io.espresso import write_espresso_in
 from pydantic import BaseModel
 
-from qe_factory.config import NAMELISTS, DFTConfig
-from qe_factory.pseudos import PseudoFamily, ResolvedPseudo, load_family, resolve_pseudos
+from qe_factory.engine.config import NAMELISTS, DFTConfig
+from qe_factory.engine.pseudos import PseudoFamily, ResolvedPseudo, load_family, resolve_pseudos
 
 # Elements that get a spin-polarised start when the Atoms carry no initial moments (μB per atom).
 MAGNETIC_MOMENTS = {"Cr": 5.0, "Mn": 5.0, "Fe": 5.0, "Co": 5.0, "Ni": 5.0, "Gd": 7.0}
@@ -38,13 +39,10 @@ class PwInput(BaseModel):
         return self.parameters.get(namelist, {}).get(key, default)
 
 
-def kpoint_mesh(atoms: Atoms, density: float) -> tuple[int, int, int]:
-    """Monkhorst-Pack mesh with spacing at most `density` (1/Å, 2π included); 1 along non-periodic axes."""
-    reciprocal_lengths = 2 * math.pi * np.linalg.norm(atoms.cell.reciprocal(), axis=1)
-    return tuple(  # type: ignore[return-value]
-        max(1, math.ceil(length / density - 1e-9)) if periodic else 1
-        for length, periodic in zip(reciprocal_lengths, atoms.pbc)
-    )
+def kpoint_mesh(atoms: Atoms, spacing: float) -> tuple[int, int, int]:
+    """Monkhorst-Pack mesh whose spacing 2π|b_i|/n_i is at most `spacing` (1/Å, 2π included), the smallest such;
+    1 along non-periodic axes. ASE's kptdensity2monkhorstpack with 1/spacing points per Å⁻¹."""
+    return tuple(int(n) for n in kptdensity2monkhorstpack(atoms, kptdensity=1.0 / spacing, even=False))  # type: ignore[return-value]
 
 
 def irreducible_kpoint_count(kpts: tuple[int, int, int]) -> int:

@@ -1,0 +1,97 @@
+"""What the factory needs from FireWorks, jobflow and mongomock-persistence that no public API offers.
+
+Each function names the behaviour of those libraries it relies on, and tests/unit/test_fireworks_adapter.py has
+one test per behaviour: an upgrade that changes one breaks a named test rather than the factory. Nothing else in
+qe_factory touches these internals.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fireworks import LaunchPad
+
+# LaunchPad methods through which launch_rocket changes a Firework's state
+STATE_CHANGING_METHODS = ("checkout_fw", "reserve_fw", "complete_launch")
+
+
+def reload_configuration() -> None:
+    """Make FireWorks and jobflow, if already imported, read their configuration files again.
+
+    Relies on: `fireworks.fw_config` reads FW_CONFIG_FILE / MONGOMOCK_SERVERSTORE_FILE once, at import, and
+    `fireworks.core.launchpad` binds `MongoClient` from it at import; `jobflow.SETTINGS` is built once, at import,
+    from JOBFLOW_CONFIG_FILE.
+    """
+    if "fireworks.fw_config" in sys.modules:
+        fw_config = importlib.reload(sys.modules["fireworks.fw_config"])
+        if "fireworks.core.launchpad" in sys.modules:
+            sys.modules["fireworks.core.launchpad"].MongoClient = fw_config.MongoClient
+    if "jobflow" in sys.modules:
+        import jobflow
+
+        jobflow.SETTINGS = jobflow.settings.JobflowSettings()
+
+
+def embedded_store(launchpad: LaunchPad) -> Any | None:
+    """The file-backed store behind an embedded LaunchPad; None for a MongoDB LaunchPad.
+
+    Relies on: with MONGOMOCK_SERVERSTORE_FILE set, `LaunchPad.connection` is a mongomock MongoClient whose
+    `_store` (a mongomock ServerStore patched by mongomock-persistence) has the file's path in `_filename`.
+    """
+    store = getattr(launchpad.connection, "_store", None)
+    return store if getattr(store, "_filename", None) else None
+
+
+def store_file(store: Any) -> Path:
+    """The JSON file an embedded store was loaded from (and that its exit-time write rewrites)."""
+    return Path(store._filename)
+
+
+def stop_exit_write(store: Any) -> None:
+    """Keep an embedded store from rewriting its file when the process exits.
+
+    Relies on: mongomock-persistence registers `weakref.finalize(store, store._to_file)`, kept as
+    `store._finalizer`, which rewrites the whole file (in place, mode 'w') at garbage collection or exit.
+    """
+    store._finalizer.detach()
+
+
+def write_store(store: Any, path: Path | None = None) -> None:
+    """Write an embedded store to its file (or `path`) atomically: a temporary file, fsync, rename.
+
+    Relies on: `store.to_dict()` (mongomock-persistence) gives the whole database, and `bson.json_util` is the
+    format its loader reads.
+    """
+    import bson.json_util
+
+    target = path or store_file(store)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(bson.json_util.dumps(store.to_dict()))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+
+
+def after_state_changes(launchpad: LaunchPad, callback: Callable[[], None]) -> LaunchPad:
+    """Call `callback` after every state change launch_rocket makes through this LaunchPad client.
+
+    Relies on: `launch_rocket` (via Rocket.run) checks out, reserves and completes Fireworks only through the
+    LaunchPad methods in STATE_CHANGING_METHODS, looked up on the instance (so instance attributes wrap them).
+    """
+    for name in STATE_CHANGING_METHODS:
+        original = getattr(launchpad, name)
+
+        def wrapped(*args, _original=original, **kwargs):
+            result = _original(*args, **kwargs)
+            callback()
+            return result
+
+        setattr(launchpad, name, wrapped)
+    return launchpad

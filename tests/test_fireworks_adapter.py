@@ -1,0 +1,129 @@
+"""One test per FireWorks / jobflow / mongomock-persistence behaviour that qe_factory.workflow.fireworks_adapter
+relies on (no public API offers them): an upgrade that changes one fails here, by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_KEYS = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+
+
+def python(code: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env or clean_env())
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    from qe_factory.workflow.home import activate
+
+    for key in ENV_KEYS:
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    return activate(tmp_path / "home")
+
+
+def test_configuration_is_read_at_import_and_again_after_reload(tmp_path):
+    """FireWorks' fw_config (and the MongoClient bound into fireworks.core.launchpad) and jobflow.SETTINGS are
+    fixed at import; reload_configuration makes them read the files named in the environment now."""
+    (tmp_path / "FW_config.yaml").write_text(f"MONGOMOCK_SERVERSTORE_FILE: {tmp_path / 'lp.json'}\n")
+    (tmp_path / "jobflow.yaml").write_text("DIRECTORY_FORMAT: '%Y-qe'\n")
+    code = f"""
+import os, fireworks.core.launchpad as lpmod, fireworks.fw_config as fwc, jobflow
+before = (fwc.MONGOMOCK_SERVERSTORE_FILE, jobflow.SETTINGS.DIRECTORY_FORMAT)
+os.environ["FW_CONFIG_FILE"] = "{tmp_path / 'FW_config.yaml'}"
+os.environ["JOBFLOW_CONFIG_FILE"] = "{tmp_path / 'jobflow.yaml'}"
+import fireworks.fw_config as same
+unchanged = (same.MONGOMOCK_SERVERSTORE_FILE, jobflow.SETTINGS.DIRECTORY_FORMAT)
+from qe_factory.workflow.fireworks_adapter import reload_configuration
+reload_configuration()
+import mongomock_persistence, sys
+fwc = sys.modules["fireworks.fw_config"]
+after = (fwc.MONGOMOCK_SERVERSTORE_FILE, jobflow.SETTINGS.DIRECTORY_FORMAT)
+print(before[0], unchanged == before, after[0], after[1], lpmod.MongoClient is mongomock_persistence.MongoClient)
+"""
+    fields = python(code).split()
+    assert fields == ["None", "True", str(tmp_path / "lp.json"), "%Y-qe", "True"]
+
+
+def test_the_embedded_launchpad_store_knows_its_file(home):
+    import pymongo
+
+    from qe_factory.workflow.fireworks_adapter import embedded_store, store_file
+    from qe_factory.workflow.launchpad import get_launchpad
+
+    store = embedded_store(get_launchpad())
+    assert store is not None and store_file(store) == home / "state" / "launchpad.json"
+    assert hasattr(store, "to_dict") and hasattr(store, "_finalizer")
+
+    class MongoLaunchPad:  # what a MongoDB LaunchPad's connection is: a pymongo client (no server needed here)
+        connection = pymongo.MongoClient("mongodb://127.0.0.1:9", connect=False)
+
+    assert embedded_store(MongoLaunchPad()) is None
+
+
+ADD_ONE_WORKFLOW = """
+import sys
+from qe_factory.workflow.home import activate
+activate(sys.argv[1])
+from fireworks import Firework, ScriptTask
+from qe_factory.workflow.fireworks_adapter import embedded_store, stop_exit_write
+from qe_factory.workflow.launchpad import get_launchpad, release_launchpad
+launchpad = get_launchpad()
+release_launchpad(launchpad)  # the file now holds an initialised, empty LaunchPad
+launchpad = get_launchpad()
+launchpad.add_wf(Firework(ScriptTask.from_str("true"), name="added"))
+if sys.argv[2] == "detach":
+    stop_exit_write(embedded_store(launchpad))
+"""
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_an_embedded_store_rewrites_its_file_at_exit_unless_detached(tmp_path, detach):
+    home = tmp_path / "home"
+    code = ADD_ONE_WORKFLOW
+    subprocess.run([sys.executable, "-c", code, str(home), "detach" if detach else "keep"], check=True,
+                   env=clean_env())
+    text = (home / "state" / "launchpad.json").read_text()
+    assert ('"added"' in text) is not detach
+
+
+def test_write_store_replaces_the_file_in_one_step(home):
+    import bson.json_util
+
+    from qe_factory.workflow.fireworks_adapter import embedded_store, write_store
+    from qe_factory.workflow.launchpad import get_launchpad
+
+    store = embedded_store(get_launchpad())
+    target = home / "state" / "copy.json"
+    write_store(store, target)
+    assert bson.json_util.loads(target.read_text()).keys() == store.to_dict().keys()
+    assert [p.name for p in target.parent.iterdir() if ".tmp" in p.name] == []
+
+
+def test_launch_rocket_changes_states_only_through_the_wrapped_methods(home, tmp_path, monkeypatch):
+    from fireworks import Firework, FWorker, ScriptTask
+    from fireworks.core.rocket_launcher import launch_rocket
+
+    from qe_factory.workflow.fireworks_adapter import STATE_CHANGING_METHODS, after_state_changes
+    from qe_factory.workflow.launchpad import get_launchpad
+
+    launchpad = get_launchpad()
+    fw_id = list(launchpad.add_wf(Firework(ScriptTask.from_str("true"), name="one")).values())[0]
+    seen: list[str] = []
+    after_state_changes(launchpad, lambda: seen.append(launchpad.fireworks.find_one({"fw_id": fw_id})["state"]))
+    assert all(name in vars(launchpad) for name in STATE_CHANGING_METHODS)
+    monkeypatch.chdir(tmp_path)
+    launch_rocket(launchpad, FWorker(), strm_lvl="ERROR")
+    assert seen[0] == "RUNNING" and seen[-1] == "COMPLETED"
