@@ -1,21 +1,35 @@
-"""Shared fixtures: a fast configuration for real pw.x runs on tiny cells."""
+"""The suite in three folders, by what a test needs (markers follow the folder):
+
+  tests/unit/   no pw.x, no SLURM: recorded real pw.x outputs (tests/data), tests/fake_pw.py, FireWorks in-process
+  tests/pwx/    the real pw.x binary on tiny cells                                   (marker `pwx`)
+  tests/slurm/  real pw.x through the single-node SLURM cluster (scripts/slurm_cluster.sh)  (markers `pwx`, `slurm`)
+
+Quick loops: `scripts/test.sh tests/unit` (seconds), `scripts/test.sh -m "not slurm"` (a few minutes).
+"""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
 from qe_factory import DFTConfig
 
+TESTS = Path(__file__).resolve().parent
+MARKERS = {"unit": ("unit",), "pwx": ("pwx",), "slurm": ("pwx", "slurm")}
+FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
+
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `pwx` need the real binary; without it they are skipped with the reason."""
-    if shutil.which("pw.x") is None:
-        skip = pytest.mark.skip(reason="pw.x not installed (run scripts/setup.sh)")
-        for item in items:
-            if "pwx" in item.keywords:
-                item.add_marker(skip)
+    """Mark each test by its folder; tests that need pw.x are skipped, with the reason, where it is missing."""
+    no_pw = shutil.which("pw.x") is None
+    for item in items:
+        folder = Path(item.fspath).resolve().relative_to(TESTS).parts[0]
+        for name in MARKERS.get(folder, ()):
+            item.add_marker(name)
+        if no_pw and "pwx" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="pw.x not installed (run scripts/setup.sh)"))
 
 
 @pytest.fixture
@@ -24,3 +38,16 @@ def fast_config(tmp_path) -> DFTConfig:
     return DFTConfig(
         kpoint_density=0.8, ecutwfc=25, ecutrho=200, mpi_ranks=1, work_dir=tmp_path / "runs", timeout=300
     )
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh factory home (embedded LaunchPad and JobStore) activated for this test; the working directory is
+    tmp_path, and the factory's environment variables are restored afterwards."""
+    from qe_factory.workflow.home import activate
+
+    monkeypatch.chdir(tmp_path)
+    for key in FACTORY_ENV:
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    return activate(tmp_path / "home")

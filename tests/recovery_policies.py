@@ -4,7 +4,7 @@ subclass travels with the workflow."""
 from __future__ import annotations
 
 from qe_factory import DFTErrorType, RecoveryHandler
-from qe_factory.engine.recovery import Correction
+from qe_factory.engine.recovery import RESTART, Correction
 
 
 class MoreStepsFirst(RecoveryHandler):
@@ -15,4 +15,19 @@ class MoreStepsFirst(RecoveryHandler):
     def next_correction(self, error_type, parameters, tried=(), output=None):
         if error_type is DFTErrorType.SCF_NOT_CONVERGED and "more steps" not in tried:
             return Correction(name="more steps", changes={"electrons": {"electron_maxstep": self.steps}})
+        return super().next_correction(error_type, parameters, tried, output)
+
+
+class RestartToConverge(RecoveryHandler):
+    """After pw.x stopped at max_seconds, restart (restart_mode='restart') with a reachable `conv_thr`.
+
+    With an unreachable conv_thr in the input, attempt 1 iterates until pw.x's max_seconds on any machine, however
+    fast; the restart then converges: a walltime stop and restart that does not depend on the machine's speed.
+    """
+
+    conv_thr: float = 1e-8
+
+    def next_correction(self, error_type, parameters, tried=(), output=None):
+        if error_type is DFTErrorType.PW_WALLTIME and RESTART.name not in tried:
+            return RESTART.model_copy(update={"changes": {"electrons": {"conv_thr": self.conv_thr}}})
         return super().next_correction(error_type, parameters, tried, output)

@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 ENV_KEYS = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
 
 
@@ -22,16 +20,6 @@ def python(code: str, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env or clean_env())
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    from qe_factory.workflow.home import activate
-
-    for key in ENV_KEYS:
-        monkeypatch.setenv(key, "unset")
-        monkeypatch.delenv(key)
-    return activate(tmp_path / "home")
 
 
 def test_configuration_is_read_at_import_and_again_after_reload(tmp_path):

@@ -10,8 +10,6 @@ from ase.build import bulk
 from qe_factory import DFTFatalError, PseudopotentialError, QERunner, StructureError
 from qe_factory.engine.runner import ExecutableNotFoundError
 
-pytestmark = pytest.mark.pwx
-
 
 def rattled_si(seed: int = 0) -> Atoms:
     atoms = bulk("Si")

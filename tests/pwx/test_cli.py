@@ -14,8 +14,6 @@ from ase import Atoms
 from ase.build import bulk
 from ase.io import read, write
 
-pytestmark = pytest.mark.pwx
-
 BIN = Path(sys.executable).parent
 FAST = "kpoint_density: 0.8\necutwfc: 25\necutrho: 200\nmpi_ranks: 1\n"
 

@@ -17,7 +17,7 @@ from qe_factory.engine.errors import PATTERNS, DFTErrorType, classify
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_pw_run
 from qe_factory.engine.recovery import RecoveryHandler
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 T = DFTErrorType
 
 

@@ -19,7 +19,7 @@ from ase.units import Bohr, GPa, Ry
 
 from qe_factory.engine.parsers import OutputIncompleteError, PwOutput, parse_pw_output, read_pw_run
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 FIXTURES = sorted(p.name for p in DATA.iterdir() if (p / "meta.json").exists())
 CONVERGED = ["si_scf", "fe_magnetic", "h2_overlap", "si_too_many_pools", "si_verbosity_high"]
 KBAR = GPa / 10  # eV/Å³ per kbar

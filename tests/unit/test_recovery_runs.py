@@ -17,8 +17,8 @@ from recovery_policies import MoreStepsFirst
 from qe_factory import DFTErrorType, DFTFatalError, QERunner, RecoveryHandler
 from qe_factory.engine.parsers import parse_pw_output
 
-FAKE_PW = Path(__file__).parent / "fake_pw.py"
-DATA = Path(__file__).parent / "data"
+FAKE_PW = Path(__file__).resolve().parents[1] / "fake_pw.py"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture

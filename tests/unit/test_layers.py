@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "qe_factory"
+PACKAGE = Path(__file__).resolve().parents[2] / "qe_factory"
 WORKFLOW_LIBRARIES = ("fireworks", "jobflow", "maggma", "montydb", "mongomock", "mongomock_persistence")
 FORBIDDEN = {
     "engine": (*WORKFLOW_LIBRARIES, "qe_factory.workflow", "qe_factory.cli"),

@@ -14,7 +14,7 @@ from qe_factory import SanitizerThresholds
 from qe_factory.engine.parsers import PwOutput, parse_pw_output
 from qe_factory.engine.sanitize import sanitize
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def output(**changes) -> PwOutput:

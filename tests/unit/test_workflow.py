@@ -1,0 +1,132 @@
+"""The workflow layer without pw.x: the rendered home, flow compilation, what travels with a workflow, the
+calculation key, bulk submission with refusal and de-duplication. Every test has its own factory home (embedded
+LaunchPad)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from recovery_policies import MoreStepsFirst
+from structures import rattled_si
+
+from qe_factory.workflow.home import config_environment
+from qe_factory.workflow.launchpad import get_launchpad, release_launchpad
+
+BIN = Path(sys.executable).parent
+
+
+def test_home_is_rendered_and_stock_lpad_sees_the_same_launchpad(home, fast_config):
+    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.launchpad import qlaunch_command
+
+    for path in [*(home / "fw_config").iterdir(), *(home / "templates").iterdir()]:
+        assert "${QE_FACTORY" not in path.read_text(), path
+    assert "#SBATCH --ntasks=$${ntasks}" in (home / "templates" / "SLURM_template.txt").read_text()  # for FireWorks
+    settings = (home / "fw_config" / "FW_config.yaml").read_text()
+    assert f"MONGOMOCK_SERVERSTORE_FILE: {home}/state/launchpad.json" in settings
+    launchpad = get_launchpad()
+    submit([rattled_si(3)], fast_config, launchpad=launchpad)
+    release_launchpad(launchpad)
+    env = {**os.environ, **config_environment(home)}
+    lpad = subprocess.run([str(BIN / "lpad"), "-c", str(home / "fw_config"), "get_wflows", "-d", "count"],
+                          env=env, capture_output=True, text=True, check=True)
+    assert lpad.stdout.strip() == "1"
+    argv, qlaunch_env = qlaunch_command(["rapidfire", "-m", "1"], home)
+    assert argv[1:4] == ["-c", str(home / "fw_config"), "rapidfire"]
+    snapshot = Path(qlaunch_env["MONGOMOCK_SERVERSTORE_FILE"])
+    assert snapshot != home / "state" / "launchpad.json"  # qlaunch's exit-time write lands on a copy
+    assert snapshot.read_bytes() == (home / "state" / "launchpad.json").read_bytes()
+
+
+def test_flow_compiles_to_three_linked_fireworks(fast_config):
+    from jobflow.managers.fireworks import flow_to_workflow
+
+    from qe_factory.workflow.jobs import LabelMaker
+
+    flow = LabelMaker(config=fast_config).make(rattled_si(0), "si-0", resources={"ntasks": 4, "walltime": "02:00:00"})
+    workflow = flow_to_workflow(flow)
+    by_name = {fw.name: fw for fw in workflow.fws}
+    assert set(by_name) == {"inputs si-0", "scf si-0 attempt 1", "validate si-0"}
+    inputs, scf, check = by_name["inputs si-0"], by_name["scf si-0 attempt 1"], by_name["validate si-0"]
+    assert set(workflow.links[inputs.fw_id]) == {scf.fw_id, check.fw_id}
+    assert workflow.links[scf.fw_id] == [check.fw_id]
+    assert [fw.spec["_priority"] for fw in (inputs, scf, check)] == [1, 2, 3]
+    assert scf.spec["_queueadapter"] == {"ntasks": 4, "walltime": "02:00:00"}
+    assert "_queueadapter" not in inputs.spec
+
+
+def test_bulk_submit_refuses_individually_and_deduplicates(home, fast_config):
+    from qe_factory.workflow.flows import submit
+
+    good = [rattled_si(seed) for seed in range(1000)]
+    bad = [
+        Atoms("Si2", positions=[(0, 0, 0), (0.3, 0, 0)], cell=[5, 5, 5], pbc=True, info={"uid": "overlap"}),
+        Atoms("Zn", cell=[3, 3, 3], pbc=True, info={"uid": "zinc"}),
+        Atoms("Si", positions=[(np.nan, 0, 0)], cell=[5, 5, 5], pbc=True, info={"uid": "nan"}),
+        Atoms("Si", cell=[5, 5, 5], pbc=True, info={"uid": "../escape"}),
+    ]
+    twin = rattled_si(7)
+    twin.info["uid"] = "twin-of-7"
+    launchpad = get_launchpad()
+    report = submit([*good[:500], *bad, twin, *good[500:]], fast_config, launchpad=launchpad)
+    assert len(report.fw_ids) == 1000  # how fast: benchmarks/factory.py (P4)
+    assert set(report.refused) == {"overlap", "zinc", "nan", "../escape"}
+    assert "apart" in report.refused["overlap"] and "Zn" in report.refused["zinc"]
+    assert "NaN" in report.refused["nan"] and "uid" in report.refused["../escape"]
+    assert report.duplicates == {"twin-of-7": "si-7"}
+    assert launchpad.fireworks.count_documents({}) == 3000
+    again = submit(good[:10] + [rattled_si(5000)], fast_config, launchpad=launchpad)
+    assert len(again.duplicates) == 10 and list(again.fw_ids) == ["si-5000"]
+    assert launchpad.fireworks.count_documents({}) == 3003
+
+
+def test_the_calculation_key_follows_geometry_and_physics_only(fast_config):
+    from qe_factory.engine.inputs import InputGenerator
+    from qe_factory.workflow.flows import structure_key
+
+    atoms = rattled_si(0)
+    key = structure_key(atoms, InputGenerator(fast_config))
+    same_physics = fast_config.with_changes(mpi_ranks=2, timeout=9, work_dir="elsewhere", max_retries=1)
+    assert structure_key(atoms, InputGenerator(same_physics)) == key
+    assert structure_key(atoms, InputGenerator(fast_config.with_changes(degauss=0.03))) != key
+    assert structure_key(atoms, InputGenerator(fast_config.with_changes(kpoint_density=0.5))) != key
+    moved = atoms.copy()
+    moved.positions[0, 0] += 1e-4
+    assert structure_key(moved, InputGenerator(fast_config)) != key
+
+
+def test_submit_takes_pymatgen_structures_and_knows_them_again_as_atoms(home, fast_config):
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from qe_factory.workflow.flows import submit
+
+    launchpad = get_launchpad()
+    report = submit([AseAtomsAdaptor.get_structure(rattled_si(11))], fast_config, launchpad=launchpad)
+    assert list(report.fw_ids) == ["s-000000"]
+    again = submit([rattled_si(11)], fast_config, launchpad=launchpad)
+    assert again.duplicates == {"si-11": "s-000000"} and again.fw_ids == {}
+
+
+def test_the_recovery_policy_and_settings_travel_with_the_workflow(fast_config):
+    """The Firework document (as the LaunchPad stores it) rebuilds the user's RecoveryHandler subclass with its
+    field values and the physics settings, and carries none of the submitting machine's execution settings."""
+    from fireworks import Workflow
+    from jobflow.managers.fireworks import flow_to_workflow
+    from monty.json import MontyEncoder
+
+    from qe_factory.workflow.jobs import LabelMaker
+
+    config = fast_config.with_changes(degauss=0.03, mpi_ranks=2, command="/opt/special/pw.x")
+    flow = LabelMaker(config=config, recovery=MoreStepsFirst(steps=77)).make(rattled_si(0), "si-0")
+    text = json.dumps(flow_to_workflow(flow).to_dict(), cls=MontyEncoder)
+    assert "/opt/special/pw.x" not in text and str(fast_config.execution.work_dir) not in text
+    scf = next(fw for fw in Workflow.from_dict(json.loads(text)).fws if fw.spec["stage"] == "scf")
+    maker = scf.tasks[0]["job"].function.__self__
+    assert type(maker.recovery) is MoreStepsFirst and maker.recovery.steps == 77
+    assert maker.config.degauss == 0.03 and maker.config.execution.mpi_ranks is None
