@@ -15,8 +15,9 @@ from ase.units import GPa
 from tqdm import tqdm
 
 from qe_factory.engine.config import ConfigError, DFTConfig
+from qe_factory.engine.process import ExecutableNotFoundError
 from qe_factory.engine.results import DFTResult
-from qe_factory.engine.runner import REFUSALS, ExecutableNotFoundError, QERunner
+from qe_factory.engine.runner import REFUSALS, QERunner
 from qe_factory.engine.structure import StructureError, check_uid, read_structures
 
 

@@ -2,7 +2,7 @@
 """A stand-in for pw.x, for failures real pw.x cannot produce cheaply and for the spec's mocked scenarios.
 
 FAKE_PW_PLAN is a comma-separated list of actions, one per call (the last one repeats); FAKE_PW_COUNTER names a
-file that counts the calls. Actions:
+file that counts the calls; FAKE_PW_PIDFILE, if set, gets this process's pid. Actions:
   replay:<fixture>  print tests/data/<fixture>/pw.out (real pw.x output), its pw.err and CRASH, exit with its code;
                     when the run had SCF iterations, leave a charge-density file in ../out/pwscf.save as pw.x does
   cholesky          si_scf's output up to its first SCF iteration, then the error block and CRASH file pw.x writes
@@ -27,6 +27,8 @@ def main() -> int:
     counter = Path(os.environ["FAKE_PW_COUNTER"])
     calls = int(counter.read_text()) if counter.exists() else 0
     counter.write_text(str(calls + 1))
+    if os.environ.get("FAKE_PW_PIDFILE"):
+        Path(os.environ["FAKE_PW_PIDFILE"]).write_text(str(os.getpid()))
     action = plan[min(calls, len(plan) - 1)]
     if action.startswith("replay:"):
         fixture = DATA / action.split(":", 1)[1]

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +21,7 @@ from qe_factory.engine.parallel import (
     seconds_left_in_allocation,
 )
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_run_texts
+from qe_factory.engine.process import execute
 from qe_factory.engine.pseudos import PseudopotentialError
 from qe_factory.engine.recovery import (
     RESTART_PARAMETERS,
@@ -66,58 +62,6 @@ class ScfOutcome(Document):
     output: PwOutput | None = None
     pw_input: PwInput | None = None
     failure: str | None = None
-
-
-class ExecutableNotFoundError(RuntimeError):
-    """pw.x (or the MPI launcher) is not installed or not on PATH."""
-
-
-@dataclass(frozen=True)
-class Execution:
-    """How one process ended."""
-
-    returncode: int | None
-    timed_out: bool
-    wall_time: float
-
-
-def execute(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> Execution:
-    """Run argv in cwd with stdout/stderr to pw.out/pw.err; on timeout kill its whole process group."""
-    start = time.monotonic()
-    with open(cwd / "pw.out", "wb") as stdout, open(cwd / "pw.err", "wb") as stderr:
-        try:
-            proc = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                start_new_session=True,
-            )
-        except FileNotFoundError as exc:
-            raise ExecutableNotFoundError(
-                f"cannot run {argv[0]!r}: not found. Install Quantum ESPRESSO (apt-get install quantum-espresso) "
-                "or set DFTConfig.command / QE_FACTORY_COMMAND"
-            ) from exc
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-        except BaseException:
-            _kill_group(proc)
-            raise
-    return Execution(proc.returncode, timed_out, time.monotonic() - start)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def time_budget(timeout: float, allocation_left: float | None, margin: float = 30.0) -> float:

@@ -34,7 +34,8 @@ from ase.build import bulk
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.inputs import InputGenerator
 from qe_factory.engine.parallel import pw_command, pw_environment
-from qe_factory.engine.runner import clean_scratch, execute
+from qe_factory.engine.process import execute
+from qe_factory.engine.runner import clean_scratch
 
 HERE = Path(__file__).resolve().parent
 PW_COMMAND = "pw.x"

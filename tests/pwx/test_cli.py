@@ -57,6 +57,8 @@ def test_run_again_recomputes_nothing_and_export_gives_the_same_labels(tmp_path)
     outputs = sorted((tmp_path / "factory" / "runs").glob("run_*/attempt_*/pw.out"))
     assert [p.parent.parent.name for p in outputs] == ["run_si-1", "run_si-2"]  # in the home, one attempt each
     stamps = [p.stat().st_mtime_ns for p in outputs]
+    # the -c file's execution settings (mpi_ranks: 1) are the in-process worker's, on a machine with more cores
+    assert all("running on     1 processors" in p.read_text() for p in outputs)
 
     again = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "again.extxyz")
     assert again.returncode == 0, again.stdout + again.stderr

@@ -8,7 +8,7 @@ from ase import Atoms
 from ase.build import bulk
 
 from qe_factory import DFTFatalError, PseudopotentialError, QERunner, StructureError
-from qe_factory.engine.runner import ExecutableNotFoundError
+from qe_factory.engine.process import ExecutableNotFoundError
 
 
 def rattled_si(seed: int = 0) -> Atoms:
