@@ -87,8 +87,11 @@ def env(args: argparse.Namespace) -> int:
     """Print the exports that point stock lpad/rlaunch/qlaunch at the factory home."""
     from qe_factory.workflow.home import activate, config_environment
 
-    for key, value in config_environment(activate(args.home)).items():
+    home = activate(args.home)
+    for key, value in config_environment(home).items():
         print(f"export {key}={value}")
+    # stock lpad through the coordinator's rules: reads on a snapshot, writes only when no coordinator runs
+    print(f'lpad() {{ "{Path(sys.executable).with_name("qe-factory")}" --home "{home}" lpad "$@"; }}')
     return 0
 
 
@@ -110,6 +113,8 @@ def submit_cmd(args: argparse.Namespace) -> int:
     for uid, other in report.duplicates.items():
         print(f"{uid:<24} DUPLICATE of {other} (same structure and settings)")
     print(report.summary())
+    if report.queued:
+        print("the running coordinator takes them in before its next Firework; `qe-factory status` shows the inbox")
     return 0
 
 
@@ -129,8 +134,18 @@ def worker(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Submit, run locally in this process, and export: the whole pipeline with no server."""
+    from qe_factory.workflow.coordinator import command_line, coordinate
+    from qe_factory.workflow.home import activate
+
+    home = activate(args.home)
+    with coordinate(home, command_line()):  # the home's one writer from the first submit to the last save
+        return _run(args, home)
+
+
+def _run(args: argparse.Namespace, home: Path) -> int:
     from qe_factory.engine.results import write_training_set
-    from qe_factory.workflow.home import activate, embedded_file
+    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.home import embedded_file
     from qe_factory.workflow.launchpad import (
         archive_completed,
         finished_count,
@@ -140,9 +155,6 @@ def run(args: argparse.Namespace) -> int:
         status_report,
     )
     from qe_factory.workflow.worker import run_worker
-
-    home = activate(args.home)
-    from qe_factory.workflow.flows import submit
 
     config, launchpad, store = _config(args), get_launchpad(), get_jobstore()
     structures = read_structures(args.structures)
@@ -183,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Fireworks per state and every failure with its reason."""
+    from qe_factory.workflow.coordinator import holder, waiting
     from qe_factory.workflow.home import activate, embedded_file
     from qe_factory.workflow.launchpad import get_launchpad, status_report
 
@@ -191,7 +204,11 @@ def status(args: argparse.Namespace) -> int:
     file = embedded_file(home)
     print(f"LaunchPad: {file if file else 'MongoDB'}")
     if file:
-        print("  embedded (file-backed): ONE client at a time; concurrent workers need MongoDB")
+        who = holder(home)
+        print("  coordinator: " + (f"PID {who['pid']} ({who['command']}, since {who['since']})" if who else
+                                   "none running (the next run/worker/submit becomes it)"))
+        if inbox := waiting(home):
+            print(f"  inbox: {len(inbox)} submission(s) waiting for the coordinator")
     print("workflows: " + (", ".join(f"{n} {state}" for state, n in sorted(report["workflows"].items())) or "none"))
     for state, stages in sorted(report["fireworks"].items()):
         print(f"  {state:<10} " + ", ".join(f"{n} {stage}" for stage, n in sorted(stages.items())))
@@ -216,16 +233,32 @@ def export(args: argparse.Namespace) -> int:
 
 
 def rerun_lost(args: argparse.Namespace) -> int:
-    """Put RUNNING Fireworks whose worker died (no ping for --time seconds) back to READY."""
-    from qe_factory.workflow.home import activate
+    """Put RUNNING Fireworks whose worker died back to READY.
+
+    Embedded home: with no coordinator alive, every RUNNING Firework is lost (refused while one is alive: its runs
+    are not). MongoDB: those not pinged for --time seconds (FireWorks' detect_lostruns).
+    """
+    from qe_factory.workflow.coordinator import command_line, coordinate
+    from qe_factory.workflow.home import activate, embedded_file
     from qe_factory.workflow.launchpad import get_launchpad, save_launchpad
 
-    activate(args.home)
-    launchpad = get_launchpad()
-    lost_launches, lost_fws, _ = launchpad.detect_lostruns(expiration_secs=args.time, rerun=True)
-    save_launchpad(launchpad)
+    home = activate(args.home)
+    with coordinate(home, command_line()):
+        launchpad = get_launchpad()
+        expiration = 0 if embedded_file(home) else args.time
+        _, lost_fws, _ = launchpad.detect_lostruns(expiration_secs=expiration, rerun=True)
+        save_launchpad(launchpad)
     print(f"{len(lost_fws)} lost Firework(s) put back to READY: {lost_fws}")
     return 0
+
+
+def lpad(args: argparse.Namespace) -> int:
+    """Stock lpad on this home: reading commands on a snapshot (safe beside a running worker), others as the
+    home's coordinator (refused while one runs), written back atomically."""
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.launchpad import run_lpad
+
+    return run_lpad(args.lpad_args, activate(args.home))
 
 
 def qlaunch(args: argparse.Namespace) -> int:
@@ -276,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("qlaunch", qlaunch, "stock qlaunch on this home, e.g. qe-factory qlaunch rapidfire -m 1")
     p.add_argument("qlaunch_args", nargs=argparse.REMAINDER, help="arguments for qlaunch")
     p = command("rerun-lost", rerun_lost, "requeue Fireworks whose worker died")
-    p.add_argument("--time", type=int, default=4 * 3600, help="seconds without a ping before a run is lost")
+    p.add_argument("--time", type=int, default=4 * 3600,
+                   help="MongoDB only: seconds without a ping before a run is lost (embedded: no coordinator = lost)")
+    p = command("lpad", lpad, "stock lpad on this home, e.g. qe-factory lpad get_wflows -d count")
+    p.add_argument("lpad_args", nargs=argparse.REMAINDER, help="arguments for lpad")
     return parser
 
 
@@ -288,11 +324,25 @@ def main(argv: list[str] | None = None) -> int:
     # FireWorks' loggers print their own INFO lines; pass on only ours (and anyone's warnings)
     handler.addFilter(lambda record: record.name.startswith("qe_factory") or record.levelno >= logging.WARNING)
     logging.basicConfig(level=level, handlers=[handler])
+    from qe_factory.engine.errors import DiskFullError
+    from qe_factory.workflow.coordinator import HomeBusy
+    from qe_factory.workflow.launchpad import StateError
+    from qe_factory.workflow.worker import Stopped
+
     try:
         return args.func(args)
     except (ConfigError, ExecutableNotFoundError, StructureError) as exc:
         print(f"qe-factory: {exc}", file=sys.stderr)
         return 2
+    except HomeBusy as exc:
+        print(f"qe-factory: {exc}", file=sys.stderr)
+        return 3
+    except (StateError, DiskFullError) as exc:
+        print(f"qe-factory: {exc}", file=sys.stderr)
+        return 4
+    except Stopped as exc:
+        print(f"qe-factory: {exc}", file=sys.stderr)
+        return 128 + exc.signum
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class DFTErrorType(Enum):
     MISSING_PSEUDO = (804, "a pseudopotential file could not be read")
     BAD_INPUT = (805, "pw.x refused the input")
     GEOMETRY = (806, "atoms too close: the overlap matrix is singular; only the geometry is at fault")
+    DISK_FULL = (807, "a file could not be written: the disk (or quota) is full; retry once space is back")
     UNKNOWN = (899, "pw.x failed for a reason not in the table")
 
     @property
@@ -50,6 +51,9 @@ def _routine(names: str) -> str:
 # Ordered: the first match wins. Applied to pw.x's error blocks, the CRASH file, stdout and stderr.
 # ("some nodes have no k-points" alone is only a warning in pw.x 6.7: the run goes on and converges.)
 PATTERNS: list[tuple[DFTErrorType, re.Pattern[str]]] = [
+    (DFTErrorType.DISK_FULL, re.compile(
+        r"No space left on device|Disk quota exceeded|error writing file|error while writing|errno\s*=?\s*28\b",
+        re.IGNORECASE)),
     (DFTErrorType.TOO_MANY_POOLS, re.compile(
         rf"invalid number of pools|{_routine('mp_start_pools|divide_et_impera')}")),
     (DFTErrorType.OUT_OF_MEMORY, re.compile(
@@ -72,6 +76,11 @@ PATTERNS: list[tuple[DFTErrorType, re.Pattern[str]]] = [
 _ERROR_LINE = re.compile(
     r"Error in routine.*|.*Error allocating.*|convergence NOT achieved.*|Maximum CPU time exceeded|MPI_ABORT.*|"
     r".*signal \d+.*|.*[Ss]egmentation fault.*|.*[Kk]illed.*|.*oom.*", re.MULTILINE)
+
+
+class DiskFullError(OSError):
+    """A file could not be written for lack of space or quota (pw.x's scratch, or the factory's state); the message
+    names what. Not a failure of the structure: run it again once space is back."""
 
 
 @dataclass(frozen=True)

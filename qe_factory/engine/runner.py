@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ from ase import Atoms
 
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.document import Document
-from qe_factory.engine.errors import DFTErrorType, Diagnosis, classify
+from qe_factory.engine.errors import DFTErrorType, Diagnosis, DiskFullError, classify
 from qe_factory.engine.inputs import InputError, InputGenerator, PwInput, irreducible_kpoint_count, render
 from qe_factory.engine.parallel import (
     available_ranks,
@@ -224,6 +225,9 @@ class QERunner:
         )
         attempts = [*state.attempts, attempt]
         error_type = DFTErrorType[attempt.error_type]
+        if error_type is DFTErrorType.DISK_FULL:  # not the structure's failure: nothing to correct, run it later
+            raise DiskFullError(errno.ENOSPC, f"{uid}: pw.x could not write in {self.run_dir(uid)} — "
+                                f"{attempt.message}. Free space there, then run it again")
         finishing = correction is not None and correction.restores_nominal
         if error_type is DFTErrorType.OK:
             correction = None if finishing else _nominal_correction(pw_input, nominal)

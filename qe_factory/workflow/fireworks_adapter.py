@@ -7,12 +7,15 @@ qe_factory touches these internals.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from qe_factory.engine.errors import DiskFullError
 
 if TYPE_CHECKING:
     from fireworks import LaunchPad
@@ -63,7 +66,8 @@ def stop_exit_write(store: Any) -> None:
 
 
 def write_store(store: Any, path: Path | None = None) -> None:
-    """Write an embedded store to its file (or `path`) atomically: a temporary file, fsync, rename.
+    """Write an embedded store to its file (or `path`) atomically: a temporary file, fsync, rename; the file it
+    replaces is kept as `<name>.prev` (the previous good state). On a full disk nothing is left half-written.
 
     Relies on: `store.to_dict()` (mongomock-persistence) gives the whole database, and `bson.json_util` is the
     format its loader reads.
@@ -72,11 +76,52 @@ def write_store(store: Any, path: Path | None = None) -> None:
 
     target = path or store_file(store)
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(bson.json_util.dumps(store.to_dict()))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(bson.json_util.dumps(store.to_dict()))
+            handle.flush()
+            os.fsync(handle.fileno())
+        replace_keeping_previous(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(exc.errno, f"no space left to save {target} (the last saved state is intact; "
+                                "free space, then run the command again)") from exc
+        raise
+
+
+def replace_keeping_previous(new: Path, target: Path) -> None:
+    """Rename `new` over `target`, keeping the replaced file as `<target>.prev`; `target` never disappears, even
+    for a moment (the previous state is kept through a hard link)."""
+    if target.exists():
+        link = target.with_name(f"{target.name}.prev{os.getpid()}")
+        link.unlink(missing_ok=True)
+        os.link(target, link)
+        os.replace(link, target.with_name(f"{target.name}.prev"))
+    os.replace(new, target)
+
+
+def connect_store(store: Any) -> None:
+    """Connect a maggma store. A MontyStore whose repository is set up already connects without montydb's
+    `set_storage`, which maggma calls on every connect and which rewrites the repository's configuration in place
+    (a process reading it meanwhile finds it empty: "ValueError: Empty module name").
+
+    Relies on: maggma's MontyStore.connect = montydb.set_storage(database_path, ...) + MontyClient(database_path),
+    keeping the collection in `_coll`; montydb's MontyClient reads the repository's `.monty.storage` and config.
+    """
+    from maggma.stores import MontyStore
+
+    if isinstance(store, MontyStore) and (Path(store.database_path) / MONTY_STORAGE_FILE).is_file():
+        if store._coll is None:
+            from montydb import MontyClient
+
+            client = MontyClient(store.database_path, **store.client_kwargs)
+            store._coll = client[store.database_name][store.collection_name]
+        return
+    store.connect()
+
+
+MONTY_STORAGE_FILE = ".monty.storage"  # montydb: names the storage engine of a repository
 
 
 def after_state_changes(launchpad: LaunchPad, callback: Callable[[], None]) -> LaunchPad:

@@ -35,9 +35,14 @@ class SubmitReport(BaseModel):
     fw_ids: dict[str, list[int]] = {}  # uid → Firework ids of its workflow
     duplicates: dict[str, str] = {}  # uid → uid already in the LaunchPad with the same structure and settings
     refused: dict[str, str] = {}  # uid → why
+    queued: list[str] = []  # uids left in the inbox for the home's running coordinator to add
+    inbox_file: str | None = None
 
     def summary(self) -> str:
-        return f"{len(self.fw_ids)} added, {len(self.duplicates)} duplicates skipped, {len(self.refused)} refused"
+        added = f"{len(self.fw_ids)} added" if not self.queued else (
+            f"{len(self.queued)} queued in {self.inbox_file} for the running coordinator to add"
+        )
+        return f"{added}, {len(self.duplicates)} duplicates skipped, {len(self.refused)} refused"
 
 
 def submit(
@@ -54,13 +59,54 @@ def submit(
     A structure with the same geometry and settings as one already in the LaunchPad (or with a result in `store`,
     a JobStore) is reported, not added. `config` (its physics; execution settings stay with the workers) and
     `recovery` (default RecoveryHandler(), or your subclass) travel with every workflow.
-    """
-    from jobflow.managers.fireworks import flow_to_workflow
 
+    Without a `launchpad` (the documented entry point), the embedded LaunchPad of the active home is written only as
+    its coordinator: when another process coordinates the home, the workflows go to the home's inbox instead and
+    that process adds them (`report.queued`).
+    """
+    from qe_factory.workflow.coordinator import coordinate, holder, post, take_in
+    from qe_factory.workflow.home import embedded_file, factory_home
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, save_launchpad
 
-    launchpad = launchpad or get_launchpad()
     store = store if store is not None else get_jobstore()
+    if launchpad is not None:
+        report, workflows = build_workflows(structures, config, launchpad, store, resources, uid_prefix, recovery)
+        add_workflows(launchpad, report, workflows)
+        return report
+    home = factory_home()
+    if embedded_file(home) is not None and holder(home) is not None:  # another process coordinates the home
+        report, workflows = build_workflows(
+            structures, config, get_launchpad(read_only=True), store, resources, uid_prefix, recovery
+        )
+        if workflows:
+            report.inbox_file = str(post(home, [wf for _, wf in workflows]))
+            report.queued = [uid for uid, _ in workflows]
+        return report
+    with coordinate(home, "submit"):
+        launchpad = get_launchpad()
+        take_in(home, launchpad, save_launchpad)  # what earlier submissions left for a coordinator
+        report, workflows = build_workflows(structures, config, launchpad, store, resources, uid_prefix, recovery)
+        add_workflows(launchpad, report, workflows)
+    return report
+
+
+def add_workflows(launchpad, report: SubmitReport, workflows: list) -> None:
+    from qe_factory.workflow.launchpad import save_launchpad
+
+    if workflows:
+        launchpad.bulk_add_wfs([wf for _, wf in workflows])
+        save_launchpad(launchpad)
+    report.fw_ids = {uid: sorted(fw.fw_id for fw in wf) for uid, wf in workflows}
+
+
+def build_workflows(
+    structures, config: DFTConfig, launchpad, store, resources=None, uid_prefix: str = "s",
+    recovery: RecoveryHandler | None = None,
+) -> tuple[SubmitReport, list]:
+    """The report (refusals, duplicates against the batch, the LaunchPad and the JobStore) and the (uid, Workflow)
+    pairs to add."""
+    from jobflow.managers.fireworks import flow_to_workflow
+
     maker = LabelMaker(config=config, recovery=recovery or RecoveryHandler())
     generator = InputGenerator(config)
     report, keyed, uids = SubmitReport(), {}, set()
@@ -100,8 +146,4 @@ def submit(
             continue
         flow = maker.make(atoms, uid, resources, key)
         workflows.append((uid, flow_to_workflow(flow, metadata={"uid": uid, "qe_factory_key": key})))
-    if workflows:
-        launchpad.bulk_add_wfs([wf for _, wf in workflows])
-        save_launchpad(launchpad)
-    report.fw_ids = {uid: sorted(fw.fw_id for fw in wf) for uid, wf in workflows}
-    return report
+    return report, workflows

@@ -38,8 +38,10 @@ def config_environment(home: Path) -> dict[str, str]:
 def init_home(home: Path) -> Path:
     """Create the home once: rendered fw_config/ and templates/, state/ (LaunchPad file, JobStore), logs/.
 
-    Existing files are left alone, so a user's edits (e.g. a MongoDB host) survive.
+    Existing files are left alone, so a user's edits (e.g. a MongoDB host) survive; the state is created only with
+    a new home (a deleted LaunchPad file or JobStore is reported when used, never silently recreated).
     """
+    new_state = not (home / "state").exists()
     values = {"QE_FACTORY_HOME": str(home), "QE_FACTORY_BIN": str(Path(sys.executable).parent)}
     for folder, source in CONFIG_TEMPLATES.items():
         if not source.is_dir():
@@ -53,8 +55,9 @@ def init_home(home: Path) -> Path:
                     text = text.replace("${" + name + "}", value)
                 target.write_text(text)
     (home / "logs").mkdir(exist_ok=True)
+    (home / "state").mkdir(exist_ok=True)
     launchpad_file = embedded_file(home)
-    if launchpad_file is not None and not launchpad_file.exists():
+    if new_state and launchpad_file is not None and not launchpad_file.exists():
         launchpad_file.parent.mkdir(parents=True, exist_ok=True)
         launchpad_file.write_text("{}")
     return home
@@ -70,7 +73,7 @@ def embedded_file(home: Path) -> Path | None:
 def activate(home: str | Path | None = None) -> Path:
     """Create the home if needed and point FireWorks and jobflow at it (also if they were imported already)."""
     home = factory_home(home)
-    new_store = not (home / "state" / "jobstore").exists()
+    new_store = not (home / "state").exists()
     init_home(home)
     os.environ.update(config_environment(home))
     reload_configuration()
@@ -80,10 +83,12 @@ def activate(home: str | Path | None = None) -> Path:
 
 
 def _create_jobstore() -> None:
-    """Create the JobStore's collections before any worker starts (montydb races when two processes create them)."""
-    from qe_factory.workflow.launchpad import get_jobstore
+    """Create the JobStore's collections once, with the home, before any worker starts (montydb races when two
+    processes create them)."""
+    import jobflow
 
-    store = get_jobstore()
+    store = jobflow.SETTINGS.JOB_STORE
+    store.connect()
     for sub in (store.docs_store, *store.additional_stores.values()):
         sub.update([{"_qe_factory_init": True, sub.key: "_qe_factory_init"}], key=sub.key)
     store.close()

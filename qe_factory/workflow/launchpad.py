@@ -17,6 +17,7 @@ from qe_factory.engine.results import DFTResult
 from qe_factory.workflow.fireworks_adapter import (
     after_state_changes,
     embedded_store,
+    replace_keeping_previous,
     stop_exit_write,
     write_store,
 )
@@ -27,51 +28,83 @@ if TYPE_CHECKING:
     from jobflow import JobStore
 
 
+class StateError(RuntimeError):
+    """The home's state (LaunchPad file or JobStore) is missing or damaged; the message names it and the repair."""
+
+
+def _state_error(path: Path, what: str, cause: BaseException | str) -> StateError:
+    return StateError(
+        f"{path} {what} ({cause}). Nothing was changed. Run `qe-factory repair` to rebuild the state from the "
+        f"previous good copy, the JobStore and the launch directories (it says what it could not)."
+    )
+
+
 def get_jobstore() -> JobStore:
-    """The connected JobStore configured for the active home."""
+    """The connected JobStore configured for the active home (never created here: `activate` creates it once)."""
     import jobflow
 
+    from qe_factory.workflow.fireworks_adapter import connect_store
+    from qe_factory.workflow.home import factory_home
+
     store = jobflow.SETTINGS.JOB_STORE
-    store.connect()
+    folder = Path(getattr(store.docs_store, "database_path", "") or factory_home() / "state" / "jobstore")
+    if embedded_file(factory_home()) is not None and not folder.is_dir():
+        raise _state_error(folder, "is missing", "the JobStore's folder was deleted or moved")
+    try:
+        for sub in (store.docs_store, *store.additional_stores.values()):
+            connect_store(sub)
+        store.docs_store.count({"metadata.stage": "validate"})
+    except Exception as exc:  # sqlite3.DatabaseError, OSError, bson errors: whatever a damaged file raises
+        raise _state_error(folder, "cannot be read", f"{type(exc).__name__}: {exc}") from exc
     return store
 
 
 def get_launchpad(read_only: bool = False) -> LaunchPad:
     """A LaunchPad client for the active home, initialised if its database is new.
 
-    `read_only` clients never write the embedded file back (safe beside a running worker).
+    An embedded client never writes its file by itself (not at exit either): writers save explicitly
+    (`save_launchpad`, atomic), and only as the home's coordinator. A missing, empty or damaged file is a
+    StateError naming it and the repair.
     """
     from fireworks import LaunchPad
-    from fireworks.fw_config import LAUNCHPAD_LOC
+    from fireworks.fw_config import LAUNCHPAD_LOC, MONGOMOCK_SERVERSTORE_FILE
 
-    launchpad = LaunchPad.from_file(LAUNCHPAD_LOC)
+    file = Path(MONGOMOCK_SERVERSTORE_FILE) if MONGOMOCK_SERVERSTORE_FILE else None
+    if file is not None and not file.is_file():
+        raise _state_error(file, "is missing", "the embedded LaunchPad's file was deleted or moved")
+    if file is not None and file.stat().st_size == 0:
+        raise _state_error(file, "is empty", "0 bytes")
+    try:
+        launchpad = LaunchPad.from_file(LAUNCHPAD_LOC)
+    except Exception as exc:
+        if file is None:
+            raise
+        raise _state_error(file, "cannot be read", f"{type(exc).__name__}: {exc}") from exc
     store = embedded_store(launchpad)
-    if read_only and store is not None:
+    if store is not None:
         stop_exit_write(store)
-    elif launchpad.fw_id_assigner.count_documents({}) == 0:  # a new, empty database
+    if not read_only and launchpad.fw_id_assigner.count_documents({}) == 0:  # a new, empty database
         launchpad.reset("", require_password=False)
         if store is not None:
             # The file keeps no indexes, and mongomock checks unique ones by scanning every document on each
             # insert (quadratic bulk adds): continue with a client loaded from the file, as every later one is.
-            release_launchpad(launchpad)
+            save_launchpad(launchpad)
             launchpad = LaunchPad.from_file(LAUNCHPAD_LOC)
+            stop_exit_write(embedded_store(launchpad))
     return launchpad
 
 
 def save_launchpad(launchpad: LaunchPad) -> None:
-    """Write the embedded LaunchPad to its file now, atomically (no-op with MongoDB)."""
+    """Write the embedded LaunchPad to its file now, atomically, keeping the previous state (no-op with MongoDB)."""
     store = embedded_store(launchpad)
     if store is not None:
         write_store(store)
 
 
 def release_launchpad(launchpad: LaunchPad) -> None:
-    """Save an embedded LaunchPad now and stop this client from writing again (e.g. at exit), so another process
-    (rlaunch, a worker) can be the one client."""
+    """Save an embedded LaunchPad now (its client writes nothing more by itself), so another process can be the
+    one writer."""
     save_launchpad(launchpad)
-    store = embedded_store(launchpad)
-    if store is not None:
-        stop_exit_write(store)
 
 
 def persist_every_change(launchpad: LaunchPad) -> LaunchPad:
@@ -154,3 +187,44 @@ def qlaunch_command(args: list[str], home: Path) -> tuple[list[str], dict[str, s
         env["MONGOMOCK_SERVERSTORE_FILE"] = str(snapshot)
     qlaunch = Path(sys.executable).with_name("qlaunch")
     return [str(qlaunch), "-c", str(home / "fw_config"), *args], env
+
+
+# lpad subcommands that only read (everything else may write)
+READING_LPAD_COMMANDS = {
+    "get_wflows", "get_fws", "get_fw_ids", "get_wf_ids", "get_launchdir", "get_qids", "get_tracker", "report",
+    "introspect", "version", "webgui", "get_fw_ids_from_launch_dir",
+}
+
+
+def run_lpad(args: list[str], home: Path) -> int:
+    """Stock `lpad` on this home. With the embedded LaunchPad it works on a copy of the file (its exit-time write
+    lands there): a reading command on a snapshot, beside anything; any other as the home's coordinator (refused
+    while one runs), the copy then replacing the file atomically when lpad succeeded."""
+    import shutil
+    import subprocess
+
+    from qe_factory.workflow.coordinator import command_line, coordinate
+
+    lpad = [str(Path(sys.executable).with_name("lpad")), "-c", str(home / "fw_config"), *args]
+    env = {**os.environ, **config_environment(home)}
+    file = embedded_file(home)
+    if file is None:
+        return subprocess.run(lpad, env=env).returncode
+    command = next((a for a in args if not a.startswith("-")), "")
+    copy = file.with_name(f"lpad-{os.getpid()}.json")
+    env["MONGOMOCK_SERVERSTORE_FILE"] = str(copy)
+    try:
+        if command in READING_LPAD_COMMANDS or not command:
+            shutil.copyfile(file, copy)
+            return subprocess.run(lpad, env=env).returncode
+        with coordinate(home, command_line()):
+            shutil.copyfile(file, copy)
+            returncode = subprocess.run(lpad, env=env).returncode
+            if returncode == 0:
+                import bson.json_util
+
+                bson.json_util.loads(copy.read_text())  # lpad left a readable file
+                replace_keeping_previous(copy, file)
+            return returncode
+    finally:
+        copy.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -80,16 +81,27 @@ def observed(text: str) -> list[str]:
 
 
 def run_pw(
-    name: str, text: str, purpose: str, ranks: int = 1, pools: int = 1, command: str = PW_COMMAND, **extra
+    name: str, text: str, purpose: str, ranks: int = 1, pools: int = 1, command: str = PW_COMMAND,
+    outdir_kb: int | None = None, **extra,
 ) -> dict:
-    """Run pw.x on `text` in a fresh tests/data/<name>/, keep its outputs, delete its scratch, write meta.json."""
+    """Run pw.x on `text` in a fresh tests/data/<name>/, keep its outputs, delete its scratch, write meta.json.
+
+    `outdir_kb`: pw.x's outdir (./out) is a tmpfs of that size, mounted for the run (needs root).
+    """
     directory = HERE / name
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir()
     (directory / "pw.in").write_text(text)
     argv = pw_command(command, LAUNCHER, ranks, pools)
-    execution = execute(argv, directory, pw_environment(1), TIMEOUT)
+    if outdir_kb:
+        (directory / "out").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={outdir_kb}k", "tmpfs", directory / "out"], check=True)
+    try:
+        execution = execute(argv, directory, pw_environment(1), TIMEOUT)
+    finally:
+        if outdir_kb:
+            subprocess.run(["umount", directory / "out"], check=True)
     clean_scratch(directory)
     leftovers = sorted(p.name for p in directory.iterdir() if p.name not in KEEP)
     for path in directory.iterdir():  # anything else pw.x left (e.g. an empty outdir) is scratch too
@@ -210,6 +222,11 @@ def si_verbosity_high() -> dict:
     return run_pw("si_verbosity_high", text, purpose)
 
 
+def si_disk_full() -> dict:
+    text = si_input()  # outdir ./out: a 200 KB tmpfs, too small for the charge density
+    return run_pw("si_disk_full", text, "outdir on a full disk: 'write_rhog ... error writing file'", outdir_kb=200)
+
+
 def si_truncated() -> dict:
     """si_scf's real pw.out cut just after the first atom's force line (as if pw.x died while writing forces)."""
     source = HERE / "si_scf"
@@ -258,6 +275,7 @@ FIXTURES: dict[str, Callable[[], dict]] = {
     "si_truncated": si_truncated,
     "h2_overlap": h2_overlap,
     "si_verbosity_high": si_verbosity_high,
+    "si_disk_full": si_disk_full,
 }
 
 

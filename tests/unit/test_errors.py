@@ -47,6 +47,8 @@ def block(routine: str, message: str, number: int = 1) -> str:
 
 # (expected type, text, where it comes from: a fixture name or "qe-sources", a message text of the QE sources)
 TABLE = [
+    (T.DISK_FULL, "     error writing file ./out/pwscf.save/charge-density", "si_disk_full"),
+    (T.DISK_FULL, "write_rhog: No space left on device", "qe-sources"),
     (T.TOO_MANY_POOLS, "     invalid number of pools, out of range", "si_pools_out_of_range"),
     (T.OUT_OF_MEMORY,
      "In file 'addusdens.f90', around line 116: Error allocating 7448256 bytes: Cannot allocate memory",
@@ -116,6 +118,7 @@ END_TO_END = [
     ("si_killed_sigsegv", T.SIGNAL),
     ("si_truncated", T.OUTPUT_INCOMPLETE),
     ("si_too_many_pools", T.OK),
+    ("si_disk_full", T.DISK_FULL),  # converged, then could not write its charge density
     ("si_verbosity_high", T.OK),  # the per-contribution force blocks are not a truncated forces block
 ]
 
