@@ -197,7 +197,7 @@ def status(args: argparse.Namespace) -> int:
     """Fireworks per state and every failure with its reason."""
     from qe_factory.workflow.coordinator import holder, waiting
     from qe_factory.workflow.home import activate, embedded_file
-    from qe_factory.workflow.launchpad import get_launchpad, status_report
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, result_counts, status_report
 
     home = activate(args.home)
     report = status_report(get_launchpad(read_only=True))
@@ -209,6 +209,9 @@ def status(args: argparse.Namespace) -> int:
                                    "none running (the next run/worker/submit becomes it)"))
         if inbox := waiting(home):
             print(f"  inbox: {len(inbox)} submission(s) waiting for the coordinator")
+    results = result_counts(get_jobstore())
+    print(f"results (JobStore): {results['validated']} structure(s) labelled, {results['marked']} of them with "
+          "settings other than the nominal ones")
     print("workflows: " + (", ".join(f"{n} {state}" for state, n in sorted(report["workflows"].items())) or "none"))
     for state, stages in sorted(report["fireworks"].items()):
         print(f"  {state:<10} " + ", ".join(f"{n} {stage}" for stage, n in sorted(stages.items())))
@@ -249,6 +252,17 @@ def rerun_lost(args: argparse.Namespace) -> int:
         _, lost_fws, _ = launchpad.detect_lostruns(expiration_secs=expiration, rerun=True)
         save_launchpad(launchpad)
     print(f"{len(lost_fws)} lost Firework(s) put back to READY: {lost_fws}")
+    return 0
+
+
+def repair(args: argparse.Namespace) -> int:
+    """Rebuild a missing or damaged LaunchPad file or JobStore from the previous good state, the launch
+    directories and the JobStore, and say what could not be rebuilt."""
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.repair import repair as repair_home
+
+    for line in repair_home(activate(args.home)):
+        print(line)
     return 0
 
 
@@ -311,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rerun-lost", rerun_lost, "requeue Fireworks whose worker died")
     p.add_argument("--time", type=int, default=4 * 3600,
                    help="MongoDB only: seconds without a ping before a run is lost (embedded: no coordinator = lost)")
+    command("repair", repair, "rebuild a missing or damaged LaunchPad file or JobStore")
     p = command("lpad", lpad, "stock lpad on this home, e.g. qe-factory lpad get_wflows -d count")
     p.add_argument("lpad_args", nargs=argparse.REMAINDER, help="arguments for lpad")
     return parser

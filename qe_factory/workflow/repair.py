@@ -1,0 +1,140 @@
+"""`qe-factory repair`: rebuild a home's damaged or missing state from what survives, and say what could not be.
+
+Sources, best first: the previous good LaunchPad file (kept at every save), the launch directories (FireWorks
+writes each Firework it runs there as FW.json, with the workflow's Maker, config and policy), the JobStore
+(finished results). Damaged files are moved aside, never deleted.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from qe_factory.workflow.coordinator import command_line, coordinate
+from qe_factory.workflow.home import embedded_file
+
+
+def _readable_json(path: Path) -> bool:
+    import bson.json_util
+
+    try:
+        bson.json_util.loads(path.read_text())
+        return path.stat().st_size > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _move_aside(path: Path) -> Path:
+    target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(target)
+    return target
+
+
+def repair_launchpad_file(file: Path) -> tuple[list[str], bool]:
+    """Make the LaunchPad file readable again; (what was done, whether it was started empty)."""
+    if file.is_file() and _readable_json(file):
+        return [f"LaunchPad file {file}: readable"], False
+    lines = []
+    if file.exists():
+        lines.append(f"LaunchPad file {file} is damaged: moved to {_move_aside(file)}")
+    else:
+        lines.append(f"LaunchPad file {file} is missing")
+    previous = file.with_name(f"{file.name}.prev")
+    if previous.is_file() and _readable_json(previous):
+        shutil.copyfile(previous, file)
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous.stat().st_mtime))
+        lines.append(f"restored the previous good state (saved {saved}); later changes are rebuilt below")
+        return lines, False
+    file.write_text("{}")
+    lines.append("no previous good state: started an empty LaunchPad")
+    return lines, True
+
+
+def repair_jobstore(home: Path) -> list[str]:
+    """A readable JobStore: the existing one, or a new one with the damaged one moved aside."""
+    from qe_factory.workflow.home import _create_jobstore
+    from qe_factory.workflow.launchpad import StateError, get_jobstore
+
+    folder = home / "state" / "jobstore"
+    try:
+        get_jobstore()
+        return [f"JobStore {folder}: readable"]
+    except StateError as exc:
+        lines = [f"JobStore {folder}: {exc}".split(". Nothing was changed")[0]]
+    if folder.exists():
+        lines.append(f"moved it to {_move_aside(folder)}; the results it held are lost (resubmit to recompute)")
+    import jobflow
+
+    jobflow.SETTINGS = jobflow.settings.JobflowSettings()
+    _create_jobstore()
+    lines.append("created a new, empty JobStore")
+    return lines
+
+
+def rebuild_from_launch_dirs(home: Path, launchpad, store) -> list[str]:
+    """Add back the workflows of structures that left a launch directory but are neither in the LaunchPad nor
+    finished in the JobStore, from the inputs Firework's FW.json (its Maker carries the config and policy)."""
+    from fireworks import Firework
+    from jobflow.managers.fireworks import flow_to_workflow
+
+    present = {doc["metadata"].get("uid") for doc in launchpad.workflows.find({}, {"metadata.uid": 1})}
+    finished = {doc["metadata"]["uid"] for doc in store.query({"metadata.stage": "validate"}, properties=["metadata"])}
+    rebuilt, unreadable = {}, []
+    for path in sorted(home.rglob("launcher_*/FW.json")):
+        try:
+            firework = Firework.from_file(str(path))
+        except Exception:  # a launch directory of a damaged run
+            unreadable.append(path)
+            continue
+        if firework.spec.get("stage") != "inputs":
+            continue
+        job = firework.tasks[0]["job"]
+        uid = job.metadata.get("uid")
+        if uid in present or uid in finished or uid in rebuilt:
+            continue
+        structure, _ = job.function_args
+        key = job.metadata.get("qe_factory_key")
+        flow = job.function.__self__.make(structure.to_atoms(), uid, None, key)
+        rebuilt[uid] = flow_to_workflow(flow, metadata={"uid": uid, "qe_factory_key": key})
+    if rebuilt:
+        launchpad.bulk_add_wfs(list(rebuilt.values()))
+    lines = [f"rebuilt {len(rebuilt)} unfinished workflow(s) from launch directories: {sorted(rebuilt)}"]
+    if rebuilt:
+        lines.append("  (their per-structure SLURM resources, if any, are not rebuilt: defaults apply)")
+    if unreadable:
+        lines.append(f"  {len(unreadable)} launch director(ies) had no readable FW.json: {unreadable[:3]}")
+    return lines
+
+
+def repair(home: Path) -> list[str]:
+    """Repair the home's state as its coordinator; one line per finding or action."""
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, save_launchpad
+
+    with coordinate(home, command_line()):
+        lines = []
+        file = embedded_file(home)
+        started_empty = False
+        if file is not None:
+            found, started_empty = repair_launchpad_file(file)
+            lines += found
+        lines += repair_jobstore(home)
+        launchpad, store = get_launchpad(), get_jobstore()
+        if file is not None:
+            lines += rebuild_from_launch_dirs(home, launchpad, store)
+            _, lost, _ = launchpad.detect_lostruns(expiration_secs=0, rerun=True)
+            if lost:
+                lines.append(f"{len(lost)} Firework(s) left RUNNING by a dead worker put back to READY")
+        finished = {d["metadata"]["uid"] for d in store.query({"metadata.stage": "validate"}, properties=["metadata"])}
+        gone = [wf for wf in launchpad.workflows.find({"state": "COMPLETED"}, {"nodes": 1, "metadata.uid": 1})
+                if wf["metadata"].get("uid") not in finished]
+        for wf in gone:
+            launchpad.delete_wf(wf["nodes"][0], delete_launch_dirs=False)
+        if gone:
+            lines.append(f"{len(gone)} COMPLETED workflow(s) had no result in the JobStore: removed, so that "
+                         f"resubmitting them recomputes them: {sorted(wf['metadata'].get('uid') for wf in gone)}")
+        if started_empty:
+            lines.append("structures that never started a Firework are not recoverable from anything on disk: "
+                         "submit the same file again (what is already here or finished is skipped as a duplicate)")
+        save_launchpad(launchpad)
+        return lines
