@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import subprocess
@@ -358,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as exc:
         print(f"qe-factory: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"qe-factory: no space left on device ({exc}); the last saved state is intact: free space, then run "
+              "the command again", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":
