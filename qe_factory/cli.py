@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("qlaunch", qlaunch, "stock qlaunch on this home, e.g. qe-factory qlaunch rapidfire -m 1")
     p.add_argument("qlaunch_args", nargs=argparse.REMAINDER, help="arguments for qlaunch")
     p = command("rerun-lost", rerun_lost, "requeue Fireworks whose worker died")
-    p.add_argument("--time", type=int, default=4 * 3600,
+    p.add_argument("--time", type=int, default=1800,
                    help="MongoDB only: seconds without a ping before a run is lost (embedded: no coordinator = lost)")
     command("repair", repair, "rebuild a missing or damaged LaunchPad file or JobStore")
     p = command("lpad", lpad, "stock lpad on this home, e.g. qe-factory lpad get_wflows -d count")

@@ -7,12 +7,14 @@ client process at a time. Functions import FireWorks and jobflow lazily (after `
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qe_factory.engine.errors import DiskFullError
 from qe_factory.engine.results import DFTResult
 from qe_factory.workflow.fireworks_adapter import (
     after_state_changes,
@@ -55,8 +57,20 @@ def get_jobstore() -> JobStore:
             connect_store(sub)
         store.docs_store.count({"metadata.stage": "validate"})
     except Exception as exc:  # sqlite3.DatabaseError, OSError, bson errors: whatever a damaged file raises
+        if (free := free_bytes(folder)) is not None and free < 1 << 20:  # sqlite says "disk I/O error"
+            raise DiskFullError(errno.ENOSPC, f"the JobStore {folder} cannot be opened: {free} bytes left on its "
+                                "device; free space, then run the command again") from exc
         raise _state_error(folder, "cannot be read", f"{type(exc).__name__}: {exc}") from exc
     return store
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes available to this user on the filesystem of `path` (None if it cannot be told)."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def get_launchpad(read_only: bool = False) -> LaunchPad:
