@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,36 @@ def _nominal_correction(pw_input: PwInput, nominal: PwInput) -> Correction | Non
     )
 
 
+ENDED = "ended.json"  # written in an attempt directory when its pw.x run has ended
+
+
+class RunEnded(Document):
+    """How an attempt's pw.x run ended, recorded beside its output."""
+
+    returncode: int | None
+    timed_out: bool
+    wall_time: float
+    ranks: int
+    pools: int
+
+
+def _without_time_limit(text: str) -> str:
+    return re.sub(r"^\s*max_seconds\s*=.*$", "", text, flags=re.MULTILINE)
+
+
+def finished_run(attempt_dir: Path, text: str) -> RunEnded | None:
+    """How the pw.x run in `attempt_dir` ended, if it was a run of `text` (max_seconds aside) that pw.x itself
+    finished (JOB DONE; not killed, whose outcome depends on the machine and its limits)."""
+    try:
+        if _without_time_limit((attempt_dir / "pw.in").read_text()) != _without_time_limit(text):
+            return None
+        ended = RunEnded.model_validate_json((attempt_dir / ENDED).read_text())
+        finished = "JOB DONE" in (attempt_dir / "pw.out").read_text(errors="replace")
+    except (OSError, ValueError):
+        return None
+    return ended if finished and not ended.timed_out else None
+
+
 def available_restart(restart: RestartType, scratch: Path) -> RestartType:
     """The restart asked for, or the closest one the scratch directory holds the files for."""
     if restart in (RestartType.FROM_CHARGE_DENSITY, RestartType.FROM_WAVE_FUNCTIONS):
@@ -126,47 +157,65 @@ class QERunner:
         self.recovery = recovery or RecoveryHandler()
 
     # -- one attempt -------------------------------------------------------------------------------------------
+    def attempt_input(
+        self, atoms: Atoms, params: dict[str, dict[str, Any]], restart: RestartType = RestartType.FROM_SCRATCH,
+    ) -> tuple[PwInput, float]:
+        """The input of an attempt with lasting corrections `params` started as `restart` says, and its time budget
+        (seconds)."""
+        namelists = merge_parameters({nl: v for nl, v in params.items() if nl != "run"}, RESTART_PARAMETERS[restart])
+        budget = time_budget(self.execution.timeout, seconds_left_in_allocation())
+        pw_input = self.generator.generate(atoms, namelists)
+        control = pw_input.parameters["control"]
+        control["outdir"] = f"../{SCRATCH_DIR}"  # shared by the attempts: restarts and density reuse read it
+        # pw.x stops cleanly (and can restart) before the timeout kills it; a smaller configured value stands
+        control["max_seconds"] = min(control.get("max_seconds", budget), round(0.9 * budget, 1))
+        return pw_input, budget
+
     def run_attempt(
         self, atoms: Atoms, run_dir: Path, number: int, params: dict[str, dict[str, Any]],
         correction: Correction | None = None,
     ) -> tuple[Attempt, PwOutput, PwInput]:
         """Write pw.in into run_dir/attempt_<number>, run pw.x, parse and classify.
 
-        `params`: lasting corrections; the correction's restart applies to this attempt only.
+        `params`: lasting corrections; the correction's restart applies to this attempt only (as far as the scratch
+        allows). When the directory holds a run of the same input that pw.x finished (its owner died before
+        recording the outcome, or the same calculation is asked for again), that run is taken in instead.
         """
         execution = self.execution
-        restart = RestartType.FROM_SCRATCH
-        if correction is not None:
-            restart = available_restart(correction.restart, run_dir / SCRATCH_DIR)
-        namelists = merge_parameters({nl: v for nl, v in params.items() if nl != "run"}, RESTART_PARAMETERS[restart])
-        budget = time_budget(execution.timeout, seconds_left_in_allocation())
-        pw_input = self.generator.generate(atoms, namelists)
-        control = pw_input.parameters["control"]
-        control["outdir"] = f"../{SCRATCH_DIR}"  # shared by the attempts: restarts and density reuse read it
-        # pw.x stops cleanly (and can restart) before the timeout kills it; a smaller configured value stands
-        control["max_seconds"] = min(control.get("max_seconds", budget), round(0.9 * budget, 1))
         attempt_dir = run_dir / f"attempt_{number}"
-        if attempt_dir.exists():
-            shutil.rmtree(attempt_dir)
-        attempt_dir.mkdir(parents=True)
-        (attempt_dir / "pw.in").write_text(render(atoms, pw_input))
-        ranks = execution.mpi_ranks or available_ranks()
-        spins = 2 if pw_input.namelist_value("system", "nspin") == 2 else 1
-        kpoint_count = irreducible_kpoint_count(pw_input.kpts) * spins
-        pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
-        argv = pw_command(execution.command, execution.mpi_launcher, ranks, pools)
-        ended = execute(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
+        restart = correction.restart if correction else RestartType.FROM_SCRATCH
+        pw_input, budget = self.attempt_input(atoms, params, restart)
+        ended = finished_run(attempt_dir, render(atoms, pw_input))
+        if ended is not None:
+            log.warning("taking in the finished pw.x run in %s instead of running it again", attempt_dir)
+        else:
+            if (available := available_restart(restart, run_dir / SCRATCH_DIR)) != restart:
+                restart = available
+                pw_input, budget = self.attempt_input(atoms, params, restart)
+            if attempt_dir.exists():
+                shutil.rmtree(attempt_dir)
+            attempt_dir.mkdir(parents=True)
+            (attempt_dir / "pw.in").write_text(render(atoms, pw_input))
+            ranks = execution.mpi_ranks or available_ranks()
+            spins = 2 if pw_input.namelist_value("system", "nspin") == 2 else 1
+            kpoint_count = irreducible_kpoint_count(pw_input.kpts) * spins
+            pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
+            argv = pw_command(execution.command, execution.mpi_launcher, ranks, pools)
+            process = execute(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
+            ended = RunEnded(returncode=process.returncode, timed_out=process.timed_out,
+                             wall_time=round(process.wall_time, 3), ranks=ranks, pools=pools)
+            (attempt_dir / ENDED).write_text(ended.model_dump_json())
         stdout, stderr, crash = read_run_texts(attempt_dir)
         output = parse_pw_output(stdout, crash)
         diagnosis = classify(output, stdout, stderr, ended.returncode, ended.timed_out)
         diagnosis = self._blame_geometry(atoms, diagnosis)
         attempt = Attempt(
             number=number, correction=correction.name if correction else None, restart=restart.value,
-            directory=str(attempt_dir), parameters=pw_input.parameters, ranks=ranks, pools=pools,
+            directory=str(attempt_dir), parameters=pw_input.parameters, ranks=ended.ranks, pools=ended.pools,
             error_type=diagnosis.error_type.name, error_code=diagnosis.error_type.code, message=diagnosis.message,
             scf_iterations=output.scf_iterations,
             final_scf_accuracy=output.scf_accuracy[-1] if output.scf_accuracy else None,
-            returncode=ended.returncode, wall_time=round(ended.wall_time, 3), cpu_time=output.cpu_time,
+            returncode=ended.returncode, wall_time=ended.wall_time, cpu_time=output.cpu_time,
         )
         return attempt, output, pw_input
 
@@ -187,14 +236,16 @@ class QERunner:
 
     def prepare(self, atoms: Atoms, uid: str) -> PwInput:
         """Refuse bad input before pw.x runs (raises one of REFUSALS); return the nominal input and start a fresh
-        run directory."""
+        run directory (kept when it holds a finished first attempt of this very calculation: a rerun after a
+        crash takes its runs in)."""
         check_uid(uid)
         check_structure(atoms, self.config.min_distance_factor)
         nominal = self.generator.generate(atoms)  # raises on missing pseudopotentials or a relax request
         run_dir = self.run_dir(uid)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
+        first, _ = self.attempt_input(atoms, {})
+        if run_dir.exists() and finished_run(run_dir / "attempt_1", render(atoms, first)) is None:
+            shutil.rmtree(run_dir)  # another calculation's, or nothing worth keeping
+        run_dir.mkdir(parents=True, exist_ok=True)
         return nominal
 
     def run(self, atoms: Atoms, uid: str, raise_on_failure: bool = True) -> DFTResult:

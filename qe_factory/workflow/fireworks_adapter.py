@@ -124,18 +124,19 @@ def connect_store(store: Any) -> None:
 MONTY_STORAGE_FILE = ".monty.storage"  # montydb: names the storage engine of a repository
 
 
-def after_state_changes(launchpad: LaunchPad, callback: Callable[[], None]) -> LaunchPad:
-    """Call `callback` after every state change launch_rocket makes through this LaunchPad client.
+def after_state_changes(launchpad: LaunchPad, callback: Callable[[str, Any], None]) -> LaunchPad:
+    """Call `callback(method name, its result)` after every state change launch_rocket makes through this client.
 
     Relies on: `launch_rocket` (via Rocket.run) checks out, reserves and completes Fireworks only through the
-    LaunchPad methods in STATE_CHANGING_METHODS, looked up on the instance (so instance attributes wrap them).
+    LaunchPad methods in STATE_CHANGING_METHODS, looked up on the instance (so instance attributes wrap them);
+    `checkout_fw` returns (Firework or None, launch id).
     """
     for name in STATE_CHANGING_METHODS:
         original = getattr(launchpad, name)
 
-        def wrapped(*args, _original=original, **kwargs):
+        def wrapped(*args, _original=original, _name=name, **kwargs):
             result = _original(*args, **kwargs)
-            callback()
+            callback(_name, result)
             return result
 
         setattr(launchpad, name, wrapped)

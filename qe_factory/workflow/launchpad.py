@@ -11,6 +11,7 @@ import errno
 import io
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,12 +122,24 @@ def release_launchpad(launchpad: LaunchPad) -> None:
     save_launchpad(launchpad)
 
 
-def persist_every_change(launchpad: LaunchPad) -> LaunchPad:
-    """Make an embedded LaunchPad save itself after each checkout and completion, so a killed worker leaves a
-    RUNNING Firework (found by `lpad detect_lostruns`) instead of losing every state change."""
+SAVE_INTERVAL = 5.0  # seconds: state changes closer together than this are saved together
+
+
+def persist_changes(launchpad: LaunchPad, interval: float = SAVE_INTERVAL) -> LaunchPad:
+    """Make an embedded LaunchPad save itself as it changes: at once when an SCF Firework starts (a long pw.x run
+    shows RUNNING), else at most every `interval` seconds; the worker saves at its end too. A change lost with a
+    killed worker is redone by the next one, which takes in the finished pw.x runs it finds (runner.finished_run)."""
     if embedded_store(launchpad) is None:
         return launchpad
-    return after_state_changes(launchpad, lambda: save_launchpad(launchpad))
+    last = [time.monotonic()]
+
+    def save(name: str, result) -> None:
+        starting_scf = name == "checkout_fw" and result[0] is not None and result[0].spec.get("stage") == "scf"
+        if starting_scf or time.monotonic() - last[0] >= interval:
+            save_launchpad(launchpad)
+            last[0] = time.monotonic()
+
+    return after_state_changes(launchpad, save)
 
 
 def finished_count(launchpad: LaunchPad) -> int:

@@ -21,7 +21,7 @@ from qe_factory.workflow.launchpad import (
     finished_count,
     get_jobstore,
     get_launchpad,
-    persist_every_change,
+    persist_changes,
     save_launchpad,
 )
 
@@ -100,7 +100,7 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, exe
               file=sys.stderr)
     requeue_not_failed(launchpad)
     save_launchpad(launchpad)
-    persist_every_change(launchpad)
+    persist_changes(launchpad)
     fworker = FWorker.from_file(FWORKER_LOC) if FWORKER_LOC else FWorker()
     launch_root = Path(launch_root or Path.cwd()).resolve()
     finishing: list[int] = []  # SIGUSR1: finish the current Firework, take no new one

@@ -42,7 +42,7 @@ def test_si_energy_forces_stress_and_provenance(fast_config):
 def test_cleanup_leaves_only_inputs_and_outputs(fast_config):
     QERunner(fast_config).run(rattled_si(), uid="clean")
     assert files_left(fast_config.execution.work_dir / "run_clean") == {
-        "attempt_1", "attempt_1/pw.in", "attempt_1/pw.out", "attempt_1/pw.err"
+        "attempt_1", "attempt_1/pw.in", "attempt_1/pw.out", "attempt_1/pw.err", "attempt_1/ended.json"
     }
 
 

@@ -108,8 +108,16 @@ def test_launch_rocket_changes_states_only_through_the_wrapped_methods(home, tmp
     launchpad = get_launchpad()
     fw_id = list(launchpad.add_wf(Firework(ScriptTask.from_str("true"), name="one")).values())[0]
     seen: list[str] = []
-    after_state_changes(launchpad, lambda: seen.append(launchpad.fireworks.find_one({"fw_id": fw_id})["state"]))
+    checked_out = []
+
+    def record(name, result):
+        seen.append(launchpad.fireworks.find_one({"fw_id": fw_id})["state"])
+        if name == "checkout_fw":
+            checked_out.append(result[0].fw_id)
+
+    after_state_changes(launchpad, record)
     assert all(name in vars(launchpad) for name in STATE_CHANGING_METHODS)
     monkeypatch.chdir(tmp_path)
     launch_rocket(launchpad, FWorker(), strm_lvl="ERROR")
     assert seen[0] == "RUNNING" and seen[-1] == "COMPLETED"
+    assert checked_out == [fw_id]  # checkout_fw's result names the Firework

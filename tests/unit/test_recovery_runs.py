@@ -153,3 +153,24 @@ def test_a_custom_recovery_handler_drives_the_runner(fake_runner):
     result = runner.run(bulk("Si"), uid="custom")
     assert [a.correction for a in result.attempts] == [None, "more steps"]
     assert result.parameters["electrons"]["electron_maxstep"] == 321
+
+
+def test_a_finished_run_of_the_same_calculation_is_taken_in_not_run_again(fake_runner, tmp_path):
+    """What a finished pw.x run left on disk (its worker killed before recording it, or the same calculation asked
+    for again) is read back; a run killed by our timeout, or another structure under the same uid, is not."""
+    runner = fake_runner("replay:si_unconverged,replay:si_scf")
+    first = runner.run(bulk("Si"), uid="again")
+    again = runner.run(bulk("Si"), uid="again")
+    assert calls(tmp_path) == 2  # pw.x ran twice, for the first run's two attempts; none for the second
+    assert again.energy == first.energy and [a.correction for a in again.attempts] == [None, "mixing_beta=0.3"]
+    moved = bulk("Si")
+    moved.positions[1, 0] += 0.05
+    fake_runner("replay:si_scf").run(moved, uid="again")
+    assert calls(tmp_path) == 3  # another structure: run
+
+
+def test_a_run_killed_by_the_timeout_is_not_taken_in(fake_runner, tmp_path):
+    failed = fake_runner("hang", timeout=1).run(bulk("Si"), uid="slow", raise_on_failure=False)
+    assert [a.error_type for a in failed.attempts] == ["TIMEOUT"]
+    result = fake_runner("replay:si_scf", timeout=60).run(bulk("Si"), uid="slow")
+    assert result.succeeded and calls(tmp_path) == 2

@@ -165,7 +165,7 @@ def test_a_missing_or_damaged_jobstore_is_named(factory, tmp_path, damage):
         for path in folder.rglob("*"):
             if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".cfg"):
                 path.write_bytes(b"this is not a database" * 100)
-    for args in (["status"], ["export", "-o", str(tmp_path / "x.extxyz")]):
+    for args in (["status"], ["export", "-o", str(tmp_path / "x.extxyz")], ["worker"]):
         result = qef(factory, *args)
         assert result.returncode == 4, (args, result.stdout, result.stderr)
         assert str(folder) in result.stderr and "qe-factory repair" in result.stderr
