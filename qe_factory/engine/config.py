@@ -70,6 +70,9 @@ class DFTConfig(MSONProtocol, BaseSettings):
     pseudo_family: str = Field("debian-pbe", description="bundled family name or path to an SSSP-style JSON")
     pseudo_dir: Path | None = Field(None, description="directory of the UPF files; None = the family's default")
     kpoint_density: PositiveFloat = Field(0.15, description="max reciprocal-space spacing, 1/Å, 2π included")
+    vacuum_threshold: PositiveFloat = Field(
+        6.0, description="Å; along an axis where the atoms leave a wider gap (vacuum), 1 k-point; all three: Γ"
+    )
     smearing: Literal["cold", "mv", "gaussian", "mp", "fd"] = "cold"
     degauss: PositiveFloat = Field(0.02, description="Ry")
     mixing_beta: float = Field(0.7, gt=0, le=1)

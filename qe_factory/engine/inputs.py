@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import kptdensity2monkhorstpack
+from ase.data import ground_state_magnetic_moments
 from ase.io.espresso import write_espresso_in
 from pydantic import BaseModel
 
@@ -33,6 +34,12 @@ class PwInput(BaseModel):
     pseudopotentials: dict[str, str]
     pseudo_md5: dict[str, str]
     starting_magnetization: list[float] | None = None
+    vacuum_axes: tuple[bool, bool, bool] = (False, False, False)  # axes with a vacuum gap: 1 k-point
+
+    @property
+    def isolated(self) -> bool:
+        """Vacuum along every axis (a molecule or an atom in a box): a Γ-point run."""
+        return all(self.vacuum_axes)
 
     def namelist_value(self, namelist: str, key: str, default: Any = None) -> Any:
         """A value of one namelist (e.g. ('electrons', 'mixing_beta'))."""
@@ -45,6 +52,19 @@ def kpoint_mesh(atoms: Atoms, spacing: float) -> tuple[int, int, int]:
     return tuple(int(n) for n in kptdensity2monkhorstpack(atoms, kptdensity=1.0 / spacing, even=False))  # type: ignore[return-value]
 
 
+def vacuum_axes(atoms: Atoms, threshold: float) -> tuple[bool, bool, bool]:
+    """Per cell axis: do the atoms leave a gap (between atom centres, across the periodic boundary too) wider than
+    `threshold` Å along it? Measured perpendicular to the planes spanned by the two other axes."""
+    fractional = atoms.get_scaled_positions(wrap=True)
+    plane_spacing = 1.0 / np.linalg.norm(atoms.cell.reciprocal(), axis=1)
+    gaps = []
+    for axis in range(3):
+        coordinates = np.sort(fractional[:, axis])
+        steps = np.diff(np.append(coordinates, coordinates[0] + 1.0))
+        gaps.append(bool(steps.max() * plane_spacing[axis] > threshold))
+    return tuple(gaps)  # type: ignore[return-value]
+
+
 def irreducible_kpoint_count(kpts: tuple[int, int, int]) -> int:
     """Points pw.x keeps from an unshifted MP mesh with nosym: time reversal pairs k with -k."""
     total = math.prod(kpts)
@@ -52,15 +72,23 @@ def irreducible_kpoint_count(kpts: tuple[int, int, int]) -> int:
     return (total + self_inverse) // 2
 
 
-def starting_moments(atoms: Atoms) -> np.ndarray | None:
-    """Initial moments (μB per atom): the Atoms' own if set, else defaults for magnetic elements, else None."""
+def starting_moments(atoms: Atoms, valence: np.ndarray, isolated: bool) -> np.ndarray | None:
+    """Initial moments (μB per atom), or None for a spin-restricted run: the Atoms' own if set; else defaults for
+    magnetic elements; else Hund's-rule moment of a lone atom in vacuum; else 1 μB per atom when the valence
+    electrons are odd in number (an open shell has a spin-polarised ground state)."""
     if atoms.has("initial_magmoms"):
         moments = np.asarray(atoms.get_initial_magnetic_moments(), dtype=float)
         if moments.ndim != 1:
             raise InputError("non-collinear initial magnetic moments are not supported")
         return moments if np.any(moments != 0) else None
     moments = np.array([MAGNETIC_MOMENTS.get(s, 0.0) for s in atoms.get_chemical_symbols()])
-    return moments if np.any(moments) else None
+    if np.any(moments):
+        return moments
+    if isolated and len(atoms) == 1 and ground_state_magnetic_moments[atoms.numbers[0]] > 0:
+        return np.array([float(ground_state_magnetic_moments[atoms.numbers[0]])])
+    if round(float(valence.sum())) % 2 == 1:
+        return np.ones(len(atoms))
+    return None
 
 
 def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -87,7 +115,9 @@ class InputGenerator:
         """Parameters for an SCF of `atoms`; `params` (per namelist) override everything else."""
         cfg = self.config
         pseudos = self.pseudos(atoms)
-        moments = starting_moments(atoms)
+        vacuum = vacuum_axes(atoms, cfg.vacuum_threshold)
+        valence = np.array([pseudos[s].header.z_valence for s in atoms.get_chemical_symbols()])
+        moments = starting_moments(atoms, valence, all(vacuum))
         control = {
             "calculation": "scf", "tstress": True, "tprnfor": True, "disk_io": "low",
             "pseudo_dir": str(self.family.directory.resolve()), "outdir": "./out", "prefix": "pwscf",
@@ -102,6 +132,11 @@ class InputGenerator:
             "conv_thr": cfg.conv_thr_per_atom * len(atoms), "mixing_beta": cfg.mixing_beta,
             "mixing_mode": "plain", "electron_maxstep": cfg.electron_maxstep,
         }
+        if any(vacuum):  # gentler mixing across vacuum; local-TF damps a slab's charge sloshing (it stalls atoms)
+            electrons.update(mixing_beta=min(cfg.mixing_beta, 0.3), mixing_mode="plain" if all(vacuum) else "local-TF")
+        if all(vacuum) and len(atoms) == 1 and moments is not None and not atoms.has("initial_magmoms"):
+            # a lone atom (an E0 reference): its Hund's-rule spin, fixed — a floating moment stalls its SCF
+            system["tot_magnetization"] = float(moments[0])
         parameters = _merge({"control": control, "system": system, "electrons": electrons}, cfg.pw_parameters)
         parameters = _merge(parameters, params or {})
         if parameters["control"]["calculation"] != "scf":
@@ -111,11 +146,12 @@ class InputGenerator:
             )
         magnetization = None
         if moments is not None and parameters["system"]["nspin"] == 2:
-            valence = np.array([pseudos[s].header.z_valence for s in atoms.get_chemical_symbols()])
             magnetization = [round(float(m), 6) for m in np.clip(moments / valence, -1.0, 1.0)]
+        mesh = kpoint_mesh(atoms, cfg.kpoint_density)
         return PwInput(
             parameters=parameters,
-            kpts=kpoint_mesh(atoms, cfg.kpoint_density),
+            kpts=tuple(1 if empty else n for n, empty in zip(mesh, vacuum)),
+            vacuum_axes=vacuum,
             pseudopotentials={el: p.path.name for el, p in pseudos.items()},
             pseudo_md5={el: p.md5 for el, p in pseudos.items()},
             starting_magnetization=magnetization,
@@ -136,9 +172,9 @@ def render(atoms: Atoms, pw_input: PwInput) -> str:
     elif atoms.has("initial_magmoms"):
         atoms.set_initial_magnetic_moments(None)
     buffer = io.StringIO()
-    write_espresso_in(
+    write_espresso_in(  # kpts=None: K_POINTS gamma (real wavefunctions: half the memory and time)
         buffer, atoms, input_data=copy.deepcopy(pw_input.parameters),
-        pseudopotentials=pw_input.pseudopotentials, kpts=pw_input.kpts,
+        pseudopotentials=pw_input.pseudopotentials, kpts=None if pw_input.isolated else pw_input.kpts,
     )
     # ASE writes empty &IONS/&CELL/&FCP/&RISM namelists that pw.x 6.7 reports as ignored cards: drop them.
     return re.sub(r"^&\w+\n/\n", "", buffer.getvalue(), flags=re.MULTILINE)

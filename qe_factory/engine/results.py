@@ -48,6 +48,7 @@ class DFTResult(Document):
     formula: str
     structure: StructureDoc
     kpoints: list[int] | None = None
+    vacuum_axes: list[str] = []  # cell axes ('a', 'b', 'c') treated as vacuum: 1 k-point (all three: Γ)
     ecutwfc: float | None = None
     ecutrho: float | None = None
     pseudopotentials: dict[str, dict[str, str]] = {}

@@ -331,6 +331,7 @@ class QERunner:
             parameters=pw_input.parameters,
             final_mixing_beta=pw_input.namelist_value("electrons", "mixing_beta"),
             kpoints=list(pw_input.kpts),
+            vacuum_axes=[axis for axis, empty in zip("abc", pw_input.vacuum_axes) if empty],
             ecutwfc=pw_input.namelist_value("system", "ecutwfc"),
             ecutrho=pw_input.namelist_value("system", "ecutrho"),
             pseudopotentials={

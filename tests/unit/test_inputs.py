@@ -8,7 +8,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from qe_factory import DFTConfig, InputError, InputGenerator, PseudopotentialError
-from qe_factory.engine.inputs import irreducible_kpoint_count, kpoint_mesh
+from qe_factory.engine.inputs import irreducible_kpoint_count, kpoint_mesh, vacuum_axes
 
 
 @pytest.fixture
@@ -82,6 +82,41 @@ def test_molecule_in_a_box_gets_gamma_only(generator):
     water = molecule("H2O", vacuum=5.0)
     assert not water.pbc.any()
     assert generator.generate(water).kpts == (1, 1, 1)
+
+
+def test_vacuum_gaps_get_one_kpoint_whatever_pbc_says(generator):
+    slab = bulk("Si", a=5.43, cubic=True)
+    slab.center(vacuum=5.0, axis=2)  # periodic along c, but 10 Å of vacuum between the slab's images
+    water = molecule("H2O")
+    water.cell, water.pbc = [9.0, 9.0, 9.0], True
+    water.center()
+    for atoms, axes, kpts in ((bulk("Si"), (False, False, False), (14, 14, 14)), (slab, (False, False, True), None),
+                              (water, (True, True, True), (1, 1, 1))):
+        assert vacuum_axes(atoms, 6.0) == axes
+        pw_input = generator.generate(atoms)
+        assert pw_input.vacuum_axes == axes and (kpts is None or pw_input.kpts == kpts)
+    assert generator.generate(slab).kpts[2] == 1 and generator.generate(slab).kpts[0] > 1
+    assert vacuum_axes(slab, 12.0) == (False, False, False)  # the threshold decides
+    text = generator.create_input_string(water)
+    assert "K_POINTS gamma" in text and "mixing_beta      = 0.3" in text
+    assert "local-TF" in generator.create_input_string(slab)  # a slab's charge sloshing
+
+
+def test_open_shells_in_vacuum_start_spin_polarised(generator):
+    def boxed(atoms):
+        atoms.cell, atoms.pbc = [9.0, 9.0, 9.0], True
+        atoms.center()
+        return atoms
+
+    no = generator.generate(boxed(molecule("NO")))  # 11 valence electrons: a doublet
+    assert no.parameters["system"]["nspin"] == 2 and "tot_magnetization" not in no.parameters["system"]
+    water = generator.generate(boxed(molecule("H2O")))  # 8: closed shell
+    assert water.parameters["system"]["nspin"] == 1
+    oxygen = generator.generate(boxed(Atoms("O")))  # a lone atom: Hund's rule, 2 μB, held fixed
+    assert oxygen.parameters["system"]["nspin"] == 2 and oxygen.parameters["system"]["tot_magnetization"] == 2.0
+    given = boxed(Atoms("O"))
+    given.set_initial_magnetic_moments([0.0])  # the user's own (here: none) stands
+    assert generator.generate(given).parameters["system"]["nspin"] == 1
 
 
 def test_slab_gets_one_kpoint_along_its_normal():
