@@ -8,6 +8,7 @@ file that counts the calls; FAKE_PW_PIDFILE, if set, gets this process's pid. Ac
   cholesky          si_scf's output up to its first SCF iteration, then the error block and CRASH file pw.x writes
                     when the Cholesky factorisation fails (real pw.x 6.7 did not fail so on any cheap input)
   segfault          die on SIGSEGV        oom      die on SIGKILL after printing the OOM killer's words to stderr
+  sigkill           die on SIGKILL without a word (as a scheduler or a user kills it)
   hang              sleep until killed    garbage  print bytes that are no pw.x output and exit 0
 """
 
@@ -58,6 +59,8 @@ def main() -> int:
     if action == "oom":
         sys.stderr.write("Out of memory: Killed process (pw.x)\n")
         sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "hang":
         time.sleep(3600)

@@ -6,6 +6,7 @@ import re
 import signal
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from qe_factory.engine.parsers import PwOutput
 
@@ -26,11 +27,14 @@ class DFTErrorType(Enum):
     WRONG_CHARGE = (531, "the number of electrons is wrong (smearing or bands)")
     DIAGONALIZATION = (800, "eigensolver failure (Cholesky, S matrix, bands or eigenvectors not converged)")
     TIMEOUT = (801, "the factory's timeout killed pw.x")
-    OUT_OF_MEMORY = (802, "killed for lack of memory (OOM killer, SIGKILL or failed allocation)")
+    OUT_OF_MEMORY = (802, "out of memory: a failed allocation, or the kernel's OOM killer (its message or its "
+                          "cgroup counter)")
     SIGNAL = (803, "pw.x died on a signal (segmentation fault or similar)")
     MISSING_PSEUDO = (804, "a pseudopotential file could not be read")
     BAD_INPUT = (805, "pw.x refused the input")
     GEOMETRY = (806, "atoms too close: the overlap matrix is singular; only the geometry is at fault")
+    KILLED = (808, "killed by SIGKILL from outside, not by the factory's timeout and with no sign of the OOM killer: "
+                   "cause unknown (a scheduler, a user, a lost node)")
     DISK_FULL = (807, "a file could not be written: the disk (or quota) is full; retry once space is back")
     UNKNOWN = (899, "pw.x failed for a reason not in the table")
 
@@ -57,9 +61,9 @@ PATTERNS: list[tuple[DFTErrorType, re.Pattern[str]]] = [
     (DFTErrorType.TOO_MANY_POOLS, re.compile(
         rf"invalid number of pools|{_routine('mp_start_pools|divide_et_impera')}")),
     (DFTErrorType.OUT_OF_MEMORY, re.compile(
-        r"oom-kill|out of memory|cannot allocate memory|error allocating|allocation failed|"
-        r"exited on signal 9\b|\bKilled\b", re.IGNORECASE)),
-    (DFTErrorType.SIGNAL, re.compile(r"segmentation fault|SIGSEGV|SIGBUS|exited on signal \d+", re.IGNORECASE)),
+        r"oom-kill|out of memory|cannot allocate memory|error allocating|allocation failed", re.IGNORECASE)),
+    # signal 9 alone says nothing of its cause: the exit code decides (KILLED, or OUT_OF_MEMORY with evidence)
+    (DFTErrorType.SIGNAL, re.compile(r"segmentation fault|SIGSEGV|SIGBUS|exited on signal (?!9\b)\d+", re.I)),
     (DFTErrorType.MISSING_PSEUDO, re.compile(_routine(r"readpp|read_ps\w*|upf\w*|read_upf\w*|import_upf"), re.I)),
     (DFTErrorType.BAD_INPUT, re.compile(
         _routine(r"read_namelists|read_cards|card_\w+|iosys|cell_base_init|setup|input"), re.IGNORECASE)),
@@ -81,6 +85,29 @@ _ERROR_LINE = re.compile(
 class DiskFullError(OSError):
     """A file could not be written for lack of space or quota (pw.x's scratch, or the factory's state); the message
     names what. Not a failure of the structure: run it again once space is back."""
+
+
+def oom_kill_count() -> int | None:
+    """How many processes the kernel's OOM killer has killed in this process's memory cgroup (v2 memory.events or
+    v1 memory.oom_control); None where it cannot be read."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        candidates = {"": ("memory.events",), "memory": ("memory.oom_control",)}.get(controllers)
+        if candidates is None:
+            continue
+        base = Path("/sys/fs/cgroup") / ("memory" if controllers else "") / path.lstrip("/")
+        for name in candidates:
+            try:
+                text = (base / name).read_text()
+            except OSError:
+                continue
+            if match := re.search(r"^oom_kill (\d+)$", text, re.MULTILINE):
+                return int(match.group(1))
+    return None
 
 
 @dataclass(frozen=True)
@@ -109,9 +136,11 @@ def _signal_name(returncode: int) -> str | None:
 
 
 def classify(
-    output: PwOutput, stdout: str = "", stderr: str = "", returncode: int | None = 0, timed_out: bool = False
+    output: PwOutput, stdout: str = "", stderr: str = "", returncode: int | None = 0, timed_out: bool = False,
+    oom_killed: bool = False,
 ) -> Diagnosis:
-    """Name the outcome of a run from its parsed output, raw texts, exit code and whether we killed it."""
+    """Name the outcome of a run from its parsed output, raw texts, exit code, whether we killed it and whether the
+    kernel's OOM killer struck meanwhile (its cgroup counter rose)."""
     if timed_out:
         return Diagnosis(DFTErrorType.TIMEOUT, [f"killed after the timeout; {output.scf_iterations} SCF iterations"])
     texts = [*output.errors, output.crash or "", stdout, stderr]
@@ -121,8 +150,13 @@ def classify(
                 lines = list(dict.fromkeys(output.errors + _ERROR_LINE.findall(text)))
                 return Diagnosis(error_type, [line.strip() for line in lines if line.strip()] or [match.group(0)])
     if returncode is not None and (signal_name := _signal_name(returncode)):
-        kind = DFTErrorType.OUT_OF_MEMORY if signal_name == "SIGKILL" else DFTErrorType.SIGNAL
-        return Diagnosis(kind, [f"exit code {returncode} ({signal_name})"])
+        said = list(dict.fromkeys(line.strip() for text in (stderr, stdout) for line in _ERROR_LINE.findall(text)))
+        if signal_name != "SIGKILL":
+            return Diagnosis(DFTErrorType.SIGNAL, [f"exit code {returncode} ({signal_name})", *said[:2]])
+        if oom_killed:
+            return Diagnosis(DFTErrorType.OUT_OF_MEMORY, [f"exit code {returncode} (SIGKILL); the OOM killer's "
+                                                          "counter of this cgroup rose during the run", *said[:2]])
+        return Diagnosis(DFTErrorType.KILLED, [f"exit code {returncode} (SIGKILL)", *said[:2]])
     if output.errors or output.crash:
         return Diagnosis(DFTErrorType.UNKNOWN, output.errors or [output.crash.strip()[:500]])
     if output.missing_results() or not output.converged:

@@ -80,6 +80,7 @@ LADDERS: dict[DFTErrorType, list[Correction]] = {
     DFTErrorType.TOO_MANY_POOLS: [ONE_POOL],
     DFTErrorType.OUT_OF_MEMORY: [ONE_POOL],
     DFTErrorType.SIGNAL: [RERUN],
+    DFTErrorType.KILLED: [RERUN],
     DFTErrorType.OUTPUT_INCOMPLETE: [RERUN],
 }
 

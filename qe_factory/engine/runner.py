@@ -13,7 +13,7 @@ from ase import Atoms
 
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.document import Document
-from qe_factory.engine.errors import DFTErrorType, Diagnosis, DiskFullError, classify
+from qe_factory.engine.errors import DFTErrorType, Diagnosis, DiskFullError, classify, oom_kill_count
 from qe_factory.engine.inputs import InputError, InputGenerator, PwInput, irreducible_kpoint_count, render
 from qe_factory.engine.parallel import (
     available_ranks,
@@ -110,6 +110,7 @@ class RunEnded(Document):
     wall_time: float
     ranks: int
     pools: int
+    oom_killed: bool = False  # the OOM killer's counter of this cgroup rose during the run
 
 
 def _without_time_limit(text: str) -> str:
@@ -201,13 +202,16 @@ class QERunner:
             kpoint_count = irreducible_kpoint_count(pw_input.kpts) * spins
             pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
             argv = pw_command(execution.command, execution.mpi_launcher, ranks, pools)
+            oom_before = oom_kill_count()
             process = execute(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
+            oom_after = oom_kill_count()
             ended = RunEnded(returncode=process.returncode, timed_out=process.timed_out,
-                             wall_time=round(process.wall_time, 3), ranks=ranks, pools=pools)
+                             wall_time=round(process.wall_time, 3), ranks=ranks, pools=pools,
+                             oom_killed=oom_before is not None and oom_after is not None and oom_after > oom_before)
             (attempt_dir / ENDED).write_text(ended.model_dump_json())
         stdout, stderr, crash = read_run_texts(attempt_dir)
         output = parse_pw_output(stdout, crash)
-        diagnosis = classify(output, stdout, stderr, ended.returncode, ended.timed_out)
+        diagnosis = classify(output, stdout, stderr, ended.returncode, ended.timed_out, ended.oom_killed)
         diagnosis = self._blame_geometry(atoms, diagnosis)
         attempt = Attempt(
             number=number, correction=correction.name if correction else None, restart=restart.value,

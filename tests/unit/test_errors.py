@@ -54,8 +54,6 @@ TABLE = [
      "In file 'addusdens.f90', around line 116: Error allocating 7448256 bytes: Cannot allocate memory",
      "si_out_of_memory"),
     (T.OUT_OF_MEMORY, "Could not print backtrace: mmap: Cannot allocate memory", "si_out_of_memory"),
-    (T.OUT_OF_MEMORY, "mpirun noticed that process rank 0 with PID 0 on node vm exited on signal 9 (Killed).",
-     "si_killed_sigkill"),
     (T.SIGNAL, "Program received signal SIGSEGV: Segmentation fault - invalid memory reference.",
      "si_killed_sigsegv"),
     (T.SIGNAL, "mpirun noticed that process rank 0 with PID 0 on node vm exited on signal 11 (Segmentation fault).",
@@ -114,7 +112,7 @@ END_TO_END = [
     ("si_bad_input", T.BAD_INPUT),
     ("si_pools_out_of_range", T.TOO_MANY_POOLS),
     ("si_out_of_memory", T.OUT_OF_MEMORY),
-    ("si_killed_sigkill", T.OUT_OF_MEMORY),
+    ("si_killed_sigkill", T.KILLED),  # SIGKILL with no sign of the OOM killer: cause unknown
     ("si_killed_sigsegv", T.SIGNAL),
     ("si_truncated", T.OUTPUT_INCOMPLETE),
     ("si_too_many_pools", T.OK),
@@ -194,7 +192,7 @@ def test_crash_file_alone_is_at_least_a_failure():
 # -- exit codes and our own timeout ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "returncode, expected, signal_name",
-    [(-9, T.OUT_OF_MEMORY, "SIGKILL"), (137, T.OUT_OF_MEMORY, "SIGKILL"), (-11, T.SIGNAL, "SIGSEGV"),
+    [(-9, T.KILLED, "SIGKILL"), (137, T.KILLED, "SIGKILL"), (-11, T.SIGNAL, "SIGSEGV"),
      (139, T.SIGNAL, "SIGSEGV"), (-15, T.SIGNAL, "SIGTERM"), (134, T.SIGNAL, "SIGABRT")],
 )
 def test_exit_code_alone(returncode, expected, signal_name):
@@ -203,7 +201,17 @@ def test_exit_code_alone(returncode, expected, signal_name):
     assert signal_name in diagnosis.message
 
 
-@pytest.mark.parametrize("name, expected", [("si_killed_sigkill", T.OUT_OF_MEMORY), ("si_killed_sigsegv", T.SIGNAL)])
+def test_sigkill_is_out_of_memory_only_with_evidence():
+    """mpirun says "exited on signal 9 (Killed)" for any SIGKILL: OOM needs the kernel's word (its message, or its
+    cgroup counter rising during the run); our own timeout is TIMEOUT; anything else is KILLED."""
+    mpirun = "mpirun noticed that process rank 0 with PID 0 on node vm exited on signal 9 (Killed)."
+    assert classify(PwOutput(), "", mpirun, 137).error_type is T.KILLED
+    assert classify(PwOutput(), "", mpirun, 137, oom_killed=True).error_type is T.OUT_OF_MEMORY
+    assert classify(PwOutput(), "", "Out of memory: Killed process 4242 (pw.x)", 137).error_type is T.OUT_OF_MEMORY
+    assert classify(PwOutput(), "", mpirun, -9, timed_out=True).error_type is T.TIMEOUT
+
+
+@pytest.mark.parametrize("name, expected", [("si_killed_sigkill", T.KILLED), ("si_killed_sigsegv", T.SIGNAL)])
 def test_killed_fixture_without_stderr(name, expected):
     """Under a launcher that reports nothing (stderr lost), mpirun's real exit code (137 / 139) still tells."""
     assert meta(name)["returncode"] in (137, 139)

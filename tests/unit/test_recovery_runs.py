@@ -85,6 +85,14 @@ def test_oom_kill_tries_one_pool_then_gives_up(fake_runner):
     assert result.attempts[1].pools == 1 and result.attempts[1].correction == "pools=1"
 
 
+def test_an_unexplained_sigkill_is_killed_not_out_of_memory(fake_runner, tmp_path):
+    """Three SIGKILLs, three error types: our timeout (TIMEOUT, above), the OOM killer (OUT_OF_MEMORY: one pool),
+    an unknown killer (KILLED: one unchanged rerun, never the memory correction)."""
+    result = fake_runner("sigkill,replay:si_scf", mpi_ranks=2).run(bulk("Si"), uid="killed")
+    assert [a.error_type for a in result.attempts] == ["KILLED", "OK"]
+    assert result.attempts[1].correction == "rerun unchanged" and result.attempts[1].pools == 2
+
+
 def test_hang_is_killed_at_the_timeout_and_not_retried(fake_runner):
     result = fake_runner("hang", timeout=2).run(bulk("Si"), uid="hang", raise_on_failure=False)
     assert [a.error_type for a in result.attempts] == ["TIMEOUT"]
