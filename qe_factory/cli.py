@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     uids = [uid for uid, _ in structures]
     print(f"factory home {home}; LaunchPad {embedded_file(home) or 'MongoDB'}; {len(structures)} structures")
     progress = tqdm(total=len(structures), desc="structures", unit="structure", file=sys.stderr)
-    skipped = 0
+    refused: dict[str, str] = {}
     for start in range(0, len(structures), args.batch):
         batch = structures[start : start + args.batch]
         for uid, atoms in batch:
@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:
         report = submit([atoms for _, atoms in batch], config, launchpad=launchpad, store=store)
         for uid, why in report.refused.items():
             tqdm.write(f"{uid:<24} REFUSED {why}")
-        skipped += len(report.refused) + len(report.duplicates)
+        refused.update(report.refused)
         progress.update(len(report.refused) + len(report.duplicates))
         before = finished_count(launchpad)
 
@@ -182,15 +182,15 @@ def _run(args: argparse.Namespace, home: Path) -> int:
         run_worker(launchpad, launch_root=home / "launches", on_launch=advance, execution=config.execution)
         archive_completed(launchpad)
     progress.close()
-    results = load_results(store, uids)
+    results = load_results(store, [uid for uid in uids if uid not in refused])  # a refused uid's old label is not this
     for result in results:
         print(summary_line(result))
     failures = [f for f in status_report(launchpad)["failures"] if f["uid"] in set(uids)]
     for failure in failures:
         print(f"{failure['uid']:<24} FAILED at {failure['stage']}: {failure['error_type']} {failure['message']}")
     written = write_training_set(results, args.output, include_marked=args.include_marked)
-    print(f"{written} labelled structures in {args.output}; {len(failures)} failed; "
-          f"{len(uids) - len(results) - len(failures)} neither (refused or still waiting)")
+    print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(refused)} refused; "
+          f"{len(uids) - len(results) - len(failures) - len(refused)} neither (duplicates of another uid, or waiting)")
     return 0 if written == len(uids) else 1
 
 

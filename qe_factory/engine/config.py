@@ -6,12 +6,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from qe_factory.engine.document import MSONProtocol
 
 NAMELISTS = ("control", "system", "electrons")
+# pw.x keys the factory sets itself: given in pw_parameters they would make the recorded provenance untrue
+OWNED_KEYS = {
+    "control": ("calculation", "pseudo_dir", "outdir", "prefix", "wfcdir", "restart_mode", "tstress", "tprnfor"),
+    "system": ("nat", "ntyp", "ibrav", "celldm", "a", "b", "c", "cosab", "cosac", "cosbc"),
+    "electrons": ("startingpot", "startingwfc"),
+}
 
 
 class ConfigError(ValueError):
@@ -88,6 +103,18 @@ class DFTConfig(MSONProtocol, BaseSettings):
     pw_parameters: dict[Literal["control", "system", "electrons"], dict[str, Any]] = Field(
         default_factory=dict, description="extra pw.x namelist settings, e.g. {'electrons': {'electron_maxstep': 5}}"
     )
+
+    @field_validator("pw_parameters")
+    @classmethod
+    def _no_owned_keys(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Keys the factory owns would make its provenance lie (another pseudo_dir, another scratch, a relax)."""
+        owned = sorted(f"{nl}.{key}" for nl, values in value.items() for key in values if key in OWNED_KEYS.get(nl, ()))
+        if owned:
+            raise ValueError(
+                f"{', '.join(owned)} are set by the factory (pseudopotentials: pseudo_family/pseudo_dir; scratch: "
+                "work_dir; calculation is always 'scf'; restarts: the recovery) and cannot be given in pw_parameters"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -49,6 +49,8 @@ def check_structure(atoms: Atoms, min_distance_factor: float = 0.5) -> None:
     """Raise StructureError if pw.x cannot (or should not) run on `atoms`."""
     if not isinstance(atoms, Atoms):
         raise StructureError(f"expected an ase.Atoms, got {type(atoms).__name__}")
+    if "unreadable" in atoms.info:
+        raise StructureError(atoms.info["unreadable"])
     if len(atoms) == 0:
         raise StructureError("the structure has no atoms")
     unknown = sorted({s for s in atoms.get_chemical_symbols() if s not in chemical_symbols[1:]})
@@ -108,17 +110,47 @@ class StructureDoc(Document):
         return self.to_atoms().get_chemical_formula()
 
 
+XYZ = (".xyz", ".extxyz")  # frame by frame: one unreadable frame is refused alone
+
+
+def _frames(path: Path) -> list[Atoms]:
+    """Every frame of a file. In an (ext)xyz file a frame ASE cannot read (e.g. an unknown element symbol) becomes an
+    empty Atoms marked `unreadable` with the reason, which check_structure refuses: one bad frame costs only itself."""
+    from ase.io import iread
+
+    if not path.is_file():
+        raise StructureError(f"cannot read structures from {path}: no such file")
+    frames: list[Atoms] = []
+    while True:
+        try:
+            for atoms in iread(path, index=f"{len(frames)}:"):
+                frames.append(atoms)
+            return frames
+        except Exception as exc:  # ASE raises many types for unreadable frames
+            if path.suffix not in XYZ or not _has_frame(path, len(frames) + 1):
+                raise StructureError(f"cannot read structures from {path}: {exc}") from exc
+            reason = f"unknown chemical symbol {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            frames.append(Atoms(info={"unreadable": f"frame {len(frames)} of {path.name} cannot be read: {reason}"}))
+            if not _has_frame(path, len(frames) + 1):
+                return frames
+
+
+def _has_frame(path: Path, count: int) -> bool:
+    """Whether an (ext)xyz file has at least `count` frames, counted without reading the atoms."""
+    lines = path.read_text().splitlines()
+    at, frames = 0, 0
+    while at < len(lines) and lines[at].strip().isdigit():
+        frames += 1
+        at += int(lines[at]) + 2
+    return frames >= count
+
+
 def read_structures(source: str | Path | Atoms | Iterable) -> list[tuple[str | None, Atoms]]:
     """(uid or None, Atoms) for Atoms, pymatgen Structures or files (any format ASE reads, all frames)."""
-    from ase.io import read
 
     if isinstance(source, (str, Path)):
-        try:
-            frames = read(source, index=":")
-        except Exception as exc:  # ASE raises many types for unreadable files
-            raise StructureError(f"cannot read structures from {source}: {exc}") from exc
         stem = Path(source).stem
-        return [(str(a.info.get("uid") or f"{stem}-{i:05d}"), a) for i, a in enumerate(frames)]
+        return [(str(a.info.get("uid") or f"{stem}-{i:05d}"), a) for i, a in enumerate(_frames(Path(source)))]
     items = [source] if isinstance(source, Atoms) else list(source)
     out: list[tuple[str | None, Atoms]] = []
     for item in items:

@@ -132,9 +132,13 @@ def build_workflows(
     ))
     existing = {doc["metadata"]["qe_factory_key"]: doc["metadata"]["uid"] for doc in known}
     # finished and archived from the LaunchPad: their results are in the JobStore
-    archived = {"metadata.stage": "validate", "metadata.qe_factory_key": {"$in": list(keyed)}}
+    archived = {"metadata.stage": "validate", "$or": [
+        {"metadata.qe_factory_key": {"$in": list(keyed)}}, {"metadata.uid": {"$in": sorted(uids)}},
+    ]}
+    labelled: dict[str, str] = {}  # uid → key of its label
     for doc in store.query(archived, properties=["metadata"]):
         existing.setdefault(doc["metadata"]["qe_factory_key"], doc["metadata"]["uid"])
+        labelled[doc["metadata"]["uid"]] = doc["metadata"]["qe_factory_key"]
     taken_uids = {doc["metadata"]["uid"] for doc in known}
     workflows = []
     for key, (uid, atoms) in keyed.items():
@@ -143,6 +147,10 @@ def build_workflows(
             continue
         if uid in taken_uids:
             report.refused[uid] = f"uid {uid!r} is already in the LaunchPad for another structure or settings"
+            continue
+        if uid in labelled:  # one uid, one label: a data set never holds two for the same name
+            report.refused[uid] = (f"uid {uid!r} already has a label made with another structure or other settings; "
+                                   "give this calculation another uid")
             continue
         flow = maker.make(atoms, uid, resources, key)
         workflows.append((uid, flow_to_workflow(flow, metadata={"uid": uid, "qe_factory_key": key})))

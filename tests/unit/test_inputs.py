@@ -7,7 +7,7 @@ import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
 
-from qe_factory import DFTConfig, InputError, InputGenerator, PseudopotentialError
+from qe_factory import ConfigError, DFTConfig, InputError, InputGenerator, PseudopotentialError
 from qe_factory.engine.inputs import irreducible_kpoint_count, kpoint_mesh, vacuum_axes
 
 
@@ -150,8 +150,18 @@ def test_conv_thr_scales_with_atoms(generator):
 def test_relax_is_refused(generator):
     with pytest.raises(InputError, match="only 'scf'"):
         generator.generate(bulk("Si"), {"control": {"calculation": "relax"}})
-    with pytest.raises(InputError, match="only 'scf'"):
-        InputGenerator(DFTConfig(pw_parameters={"control": {"calculation": "vc-relax"}})).generate(bulk("Si"))
+    with pytest.raises(ConfigError, match="control.calculation"):
+        DFTConfig.create(pw_parameters={"control": {"calculation": "vc-relax"}})
+
+
+def test_keys_the_factory_owns_are_refused_in_pw_parameters():
+    """Another pseudo_dir (pw.x would read other files than the provenance records), another outdir or prefix
+    (scratch written outside the run directory, never cleaned), restart keys (the recovery's)."""
+    for namelist, key, value in (("control", "pseudo_dir", "altpp"), ("control", "prefix", "../../x"),
+                                 ("control", "outdir", "/tmp"), ("electrons", "startingwfc", "file")):
+        with pytest.raises(ConfigError, match=f"{namelist}.{key}"):
+            DFTConfig.create(pw_parameters={namelist: {key: value}})
+    assert DFTConfig.create(pw_parameters={"electrons": {"electron_maxstep": 7}}).pw_parameters
 
 
 def test_same_input_same_text(generator):

@@ -76,3 +76,27 @@ def test_threshold_is_configurable():
 def test_sane_structures_pass():
     check_structure(bulk("Si"))
     check_structure(molecule("H2O", vacuum=4.0))
+
+
+def test_an_unreadable_frame_is_refused_alone_naming_the_symbol(tmp_path):
+    from ase.build import bulk
+    from ase.io import write
+
+    from qe_factory.engine.structure import read_structures
+
+    frames = []
+    for uid in ("first", "bad", "last"):
+        atoms = bulk("Si")
+        atoms.info["uid"] = uid
+        frames.append(atoms)
+    write(tmp_path / "in.extxyz", frames)
+    text = (tmp_path / "in.extxyz").read_text().split("\n")
+    bad_line = next(i for i, line in enumerate(text) if "uid=bad" in line) + 1
+    text[bad_line] = text[bad_line].replace("Si", "Xx", 1)
+    (tmp_path / "in.extxyz").write_text("\n".join(text))
+    read = read_structures(tmp_path / "in.extxyz")
+    assert [uid for uid, _ in read] == ["first", "in-00001", "last"]
+    check_structure(read[0][1])
+    check_structure(read[2][1])
+    with pytest.raises(StructureError, match="frame 1 of in.extxyz cannot be read: unknown chemical symbol 'Xx'"):
+        check_structure(read[1][1])
