@@ -45,6 +45,7 @@ class PwOutput(BaseModel):
     crash: str | None = None
     wall_time: float | None = None
     cpu_time: float | None = None
+    pseudos_read: dict[str, dict[str, str]] = {}  # element → {"path", "md5"} of the file pw.x says it read
 
     def missing_results(self) -> list[str]:
         """Names of the results this output lacks."""
@@ -154,6 +155,12 @@ def parse_pw_output(text: str, crash: str | None = None) -> PwOutput:
     out["errors"] = _error_blocks(text) + (_error_blocks(crash) if crash else [])
     if m := re.search(r"PWSCF\s*:\s*(.*?)CPU\s*(.*?)WALL", text):
         out["cpu_time"], out["wall_time"] = _seconds(m.group(1)), _seconds(m.group(2))
+    out["pseudos_read"] = {
+        element: {"path": path, "md5": md5}
+        for element, path, md5 in re.findall(
+            r"PseudoPot\. #\s*\d+ for (\S+) read from file:\s*\n\s*(\S+)\s*\n\s*MD5 check sum:\s*(\S+)", text
+        )
+    }
     return PwOutput(**out)
 
 

@@ -35,7 +35,7 @@ from qe_factory.engine.recovery import (
     merge_parameters,
 )
 from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult
-from qe_factory.engine.sanitize import sanitize
+from qe_factory.engine.sanitize import provenance_problems, sanitize
 from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, closest_contact
 
 log = logging.getLogger(__name__)
@@ -326,6 +326,7 @@ class QERunner:
             )
         output, pw_input = outcome.output, outcome.pw_input
         problems = sanitize(output, len(atoms), self.config.sanitizer)
+        problems += provenance_problems(output, pw_input.pseudo_md5, pw_input.pseudopotentials)
         return DFTResult(
             **base,
             energy=output.energy, forces=output.forces, stress=output.stress,

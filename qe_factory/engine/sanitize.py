@@ -46,3 +46,22 @@ def sanitize(output: PwOutput, natoms: int, limits: SanitizerThresholds | None =
             "overlapping cores or too low a cutoff"
         )
     return problems
+
+
+def provenance_problems(output: PwOutput, expected_md5: dict[str, str], expected_names: dict[str, str]) -> list[str]:
+    """Where the pseudopotential files pw.x says it read are not the data set's (another file, another md5, or pw.x's
+    own fallback directory): the label would be recorded with provenance it does not have."""
+    problems = []
+    for element, md5 in expected_md5.items():
+        read = output.pseudos_read.get(element)
+        if read is None:
+            if output.pseudos_read:
+                problems.append(f"pw.x reports no pseudopotential read for {element}")
+            continue
+        name = read["path"].rsplit("/", 1)[-1]
+        if read["md5"] != md5 or name != expected_names[element]:
+            problems.append(
+                f"pw.x read {read['path']} (md5 {read['md5']}) for {element}, not the data set's "
+                f"{expected_names[element]} (md5 {md5})"
+            )
+    return problems

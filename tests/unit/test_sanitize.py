@@ -131,3 +131,18 @@ def test_h2_overlap_is_refused_by_a_tight_force_limit():
     problems = sanitize_fixture("h2_overlap", SanitizerThresholds(max_force=50))
     assert problems == [f"max |force| {fmax:.1f} eV/Å exceeds 50.0 eV/Å"]
     assert sanitize_fixture("h2_overlap", SanitizerThresholds(max_force=fmax * 1.001)) == []
+
+
+def test_the_pseudopotentials_pw_read_are_checked_against_the_data_set():
+    """pw.x prints the path and md5 of every file it read: a different file (pw.x's own fallback directory, an LDA
+    file under a PBE name) makes the label's recorded provenance untrue and is flagged."""
+    from qe_factory.engine.sanitize import provenance_problems
+
+    out = parse_pw_output((DATA / "si_scf" / "pw.out").read_text())
+    printed = re.search(r"MD5 check sum:\s*(\S+)", (DATA / "si_scf" / "pw.out").read_text()).group(1)
+    name = "Si.pbe-nl-rrkjus_psl.1.0.0.UPF"
+    assert out.pseudos_read["Si"]["md5"] == printed
+    assert provenance_problems(out, {"Si": printed}, {"Si": name}) == []
+    (problem,) = provenance_problems(out, {"Si": "0" * 32}, {"Si": name})
+    assert f"md5 {printed}" in problem and "not the data set's" in problem
+    assert provenance_problems(out, {"Si": printed}, {"Si": "Si.other.UPF"})
