@@ -78,11 +78,11 @@ def activate(home: str | Path | None = None) -> Path:
     os.environ.update(config_environment(home))
     reload_configuration()
     if new_store:
-        _create_jobstore()
+        create_jobstore()
     return home
 
 
-def _create_jobstore() -> None:
+def create_jobstore() -> None:
     """Create the JobStore's collections once, with the home, before any worker starts (montydb races when two
     processes create them)."""
     import jobflow

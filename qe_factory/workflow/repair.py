@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from qe_factory.workflow.coordinator import command_line, coordinate
+from qe_factory.workflow.fireworks_adapter import reload_configuration
 from qe_factory.workflow.home import embedded_file
 
 
@@ -53,7 +54,7 @@ def repair_launchpad_file(file: Path) -> tuple[list[str], bool]:
 
 def repair_jobstore(home: Path) -> list[str]:
     """A readable JobStore: the existing one, or a new one with the damaged one moved aside."""
-    from qe_factory.workflow.home import _create_jobstore
+    from qe_factory.workflow.home import create_jobstore
     from qe_factory.workflow.launchpad import StateError, get_jobstore
 
     folder = home / "state" / "jobstore"
@@ -64,10 +65,8 @@ def repair_jobstore(home: Path) -> list[str]:
         lines = [f"JobStore {folder}: {exc}".split(". Nothing was changed")[0]]
     if folder.exists():
         lines.append(f"moved it to {_move_aside(folder)}; the results it held are lost (resubmit to recompute)")
-    import jobflow
-
-    jobflow.SETTINGS = jobflow.settings.JobflowSettings()
-    _create_jobstore()
+    reload_configuration()  # a fresh JobStore object: the old one points at the moved folder
+    create_jobstore()
     lines.append("created a new, empty JobStore")
     return lines
 
