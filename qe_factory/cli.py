@@ -127,7 +127,8 @@ def worker(args: argparse.Namespace) -> int:
     home = activate(args.home)
     execution = _config(args).execution if args.config else None
     launched = run_worker(
-        max_structures=args.structures, nlaunches=args.nlaunches, launch_root=home / "launches", execution=execution
+        max_structures=args.structures, nlaunches=args.nlaunches, launch_root=home / "launches", execution=execution,
+        log=None if args.verbose else home / "logs" / "worker.log",
     )
     print(f"worker ran {launched} Firework(s)")
     return 0
@@ -179,7 +180,8 @@ def _run(args: argparse.Namespace, home: Path) -> int:
             progress.update(now - done[0])
             done[0] = now
 
-        run_worker(launchpad, launch_root=home / "launches", on_launch=advance, execution=config.execution)
+        run_worker(launchpad, launch_root=home / "launches", on_launch=advance, execution=config.execution,
+                   log=None if args.verbose else home / "logs" / "worker.log")
         archive_completed(launchpad)
     progress.close()
     results = load_results(store, [uid for uid in uids if uid not in refused])  # a refused uid's old label is not this
@@ -287,7 +289,8 @@ def qlaunch(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qe-factory", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every retry and pw.x run")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log every retry and pw.x run; FireWorks' and jobflow's lines live (else in <home>/logs/)")
     parser.add_argument("--home", help="factory home (default $QE_FACTORY_HOME or ./factory)")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -4,6 +4,7 @@ SIGTERM/SIGINT (the running structure goes back to READY)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -72,6 +73,7 @@ def run_worker(
     launch_root: Path | None = None,
     on_launch=None,
     execution: ExecutionSettings | None = None,
+    log: Path | None = None,
 ) -> int:
     """Run READY Fireworks one after another in this process, as the home's coordinator.
 
@@ -80,14 +82,15 @@ def run_worker(
     SLURM template sends it before the time limit). SIGTERM/SIGINT stop the running pw.x, put its structure back
     to READY, save and raise Stopped (a second one exits at once). Returns the number of Fireworks run;
     `on_launch(launchpad)` is called after each. `execution`: where and how pw.x runs (default:
-    home.worker_execution()). Raises coordinator.HomeBusy if another process coordinates the home.
+    home.worker_execution()). `log`: a file that FireWorks' and jobflow's own log lines (printed to stdout) go to
+    instead of the terminal. Raises coordinator.HomeBusy if another process coordinates the home.
     """
     home = factory_home()
     with coordinate(home, command_line()):
-        return _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, execution)
+        return _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, execution, log)
 
 
-def _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, execution) -> int:
+def _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, execution, log) -> int:
     from fireworks import FWorker
     from fireworks.core.rocket_launcher import launch_rocket
     from fireworks.fw_config import FWORKER_LOC
@@ -136,7 +139,10 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, exe
             cwd = Path.cwd()
             os.chdir(launch_dir)
             try:
-                launch_rocket(launchpad, fworker, strm_lvl="WARNING")
+                with contextlib.ExitStack() as quiet:
+                    if log:  # jobflow's handler (made anew in each task) and FireWorks' INFO lines write to stdout
+                        quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(log, "a"))))
+                    launch_rocket(launchpad, fworker, strm_lvl="WARNING")
             finally:
                 os.chdir(cwd)
             launched += 1

@@ -54,6 +54,8 @@ def test_run_again_recomputes_nothing_and_export_gives_the_same_labels(tmp_path)
     (tmp_path / "fast.yaml").write_text(FAST)
     first = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "labels.extxyz")
     assert first.returncode == 0, first.stdout + first.stderr
+    assert "Starting job" not in first.stdout + first.stderr  # FireWorks' and jobflow's lines go to the log
+    assert "Starting job - scf si-1 attempt 1" in (tmp_path / "factory" / "logs" / "worker.log").read_text()
     outputs = sorted((tmp_path / "factory" / "runs").glob("run_*/attempt_*/pw.out"))
     assert [p.parent.parent.name for p in outputs] == ["run_si-1", "run_si-2"]  # in the home, one attempt each
     stamps = [p.stat().st_mtime_ns for p in outputs]
