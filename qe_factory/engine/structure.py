@@ -105,10 +105,6 @@ class StructureDoc(Document):
             atoms.set_initial_magnetic_moments(self.magmoms)
         return atoms
 
-    @property
-    def formula(self) -> str:
-        return self.to_atoms().get_chemical_formula()
-
 
 XYZ = (".xyz", ".extxyz")  # frame by frame: one unreadable frame is refused alone
 

@@ -109,6 +109,7 @@ def rebuild_from_launch_dirs(home: Path, launchpad, store) -> list[str]:
 def repair(home: Path) -> list[str]:
     """Repair the home's state as its coordinator; one line per finding or action."""
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, save_launchpad
+    from qe_factory.workflow.worker import rerun_orphans
 
     with coordinate(home, command_line()):
         lines = []
@@ -121,8 +122,7 @@ def repair(home: Path) -> list[str]:
         launchpad, store = get_launchpad(), get_jobstore()
         if file is not None:
             lines += rebuild_from_launch_dirs(home, launchpad, store)
-            _, lost, _ = launchpad.detect_lostruns(expiration_secs=0, rerun=True)
-            if lost:
+            if lost := rerun_orphans(launchpad):
                 lines.append(f"{len(lost)} Firework(s) left RUNNING by a dead worker put back to READY")
         finished = {d["metadata"]["uid"] for d in store.query({"metadata.stage": "validate"}, properties=["metadata"])}
         gone = [wf for wf in launchpad.workflows.find({"state": "COMPLETED"}, {"nodes": 1, "metadata.uid": 1})
