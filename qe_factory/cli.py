@@ -128,7 +128,7 @@ def worker(args: argparse.Namespace) -> int:
     execution = _config(args).execution if args.config else None
     launched = run_worker(
         max_structures=args.structures, nlaunches=args.nlaunches, launch_root=home / "launches", execution=execution,
-        log=None if args.verbose else home / "logs" / "worker.log",
+        log=None if args.verbose else home / "logs" / "worker.log", parallel=args.parallel,
     )
     print(f"worker ran {launched} Firework(s)")
     return 0
@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:
             done[0] = now
 
         run_worker(launchpad, launch_root=home / "launches", on_launch=advance, execution=config.execution,
-                   log=None if args.verbose else home / "logs" / "worker.log")
+                   log=None if args.verbose else home / "logs" / "worker.log", parallel=args.parallel)
         archive_completed(launchpad)
     progress.close()
     results = load_results(store, [uid for uid in uids if uid not in refused])  # a refused uid's old label is not this
@@ -246,13 +246,15 @@ def rerun_lost(args: argparse.Namespace) -> int:
     """
     from qe_factory.workflow.coordinator import command_line, coordinate
     from qe_factory.workflow.home import activate, embedded_file
-    from qe_factory.workflow.launchpad import get_launchpad, save_launchpad
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, save_launchpad
+    from qe_factory.workflow.worker import settle_offline_runs
 
     home = activate(args.home)
     with coordinate(home, command_line()):
         launchpad = get_launchpad()
         expiration = 0 if embedded_file(home) else args.time
         _, lost_fws, _ = launchpad.detect_lostruns(expiration_secs=expiration, rerun=True)
+        lost_fws = sorted([*lost_fws, *settle_offline_runs(launchpad, get_jobstore())[1]])  # workers' reserved runs
         save_launchpad(launchpad)
     print(f"{len(lost_fws)} lost Firework(s) put back to READY: {lost_fws}")
     return 0
@@ -279,12 +281,64 @@ def lpad(args: argparse.Namespace) -> int:
 
 
 def qlaunch(args: argparse.Namespace) -> int:
-    """Stock qlaunch with this home's configuration (safe with the embedded LaunchPad: see launchpad.py)."""
-    from qe_factory.workflow.home import activate
+    """SLURM worker jobs for this home. Embedded LaunchPad (or --offline): this process is the home's coordinator;
+    it keeps up to -m jobs in the queue, each running one SCF Firework offline (FireWorks' reservation mode, no
+    database access from the job), and takes their results in. MongoDB: stock qlaunch with the home's config."""
+    from qe_factory.workflow.home import activate, embedded_file
     from qe_factory.workflow.launchpad import qlaunch_command
 
-    argv, environment = qlaunch_command(args.qlaunch_args, activate(args.home))
-    return subprocess.run(argv, env=environment).returncode
+    home = activate(args.home)
+    options = qlaunch_options(args.qlaunch_args)
+    if embedded_file(home) is None and not options.offline:
+        argv, environment = qlaunch_command(args.qlaunch_args, home)
+        return subprocess.run(argv, env=environment).returncode
+    from fireworks.fw_config import QUEUEADAPTER_LOC
+    from fireworks.utilities.fw_serializers import load_object_from_file
+
+    from qe_factory.workflow.slots import QueueSlots
+    from qe_factory.workflow.worker import run_worker
+
+    slots = QueueSlots(load_object_from_file(QUEUEADAPTER_LOC), options.maxjobs_queue,
+                       options.sleep, options.nlaunches)
+    launched = run_worker(launch_root=home / "launches", slots=slots, timeout=options.timeout,
+                          log=None if args.verbose else home / "logs" / "worker.log")
+    waiting = len(slots.running())
+    print(f"qlaunch: {slots.submitted} SLURM job(s) submitted, {launched} Firework(s) finished"
+          + (f"; {waiting} job(s) still queued or running: the next `qe-factory qlaunch` (or run/worker) takes "
+             "them in" if waiting else ""))
+    return 0
+
+
+def qlaunch_options(argv: list[str]) -> argparse.Namespace:
+    """The qlaunch options the offline coordinator understands (as stock qlaunch spells them)."""
+    parser = argparse.ArgumentParser(prog="qe-factory qlaunch")
+    parser.add_argument("--offline", action="store_true", help="offline jobs also with MongoDB")
+    parser.add_argument("mode", choices=["rapidfire", "singleshot"], nargs="?", default="rapidfire")
+    parser.add_argument("-m", "--maxjobs_queue", type=int, default=1, help="jobs in the queue at once")
+    parser.add_argument("--nlaunches", type=int, default=0, help="jobs to submit in all (0: until done)")
+    parser.add_argument("--timeout", type=float, help="seconds after which no new job is submitted")
+    parser.add_argument("--sleep", type=float, default=10, help="seconds between looks at the queue")
+    options = parser.parse_args(argv)
+    if options.mode == "singleshot":
+        options.maxjobs_queue, options.nlaunches = 1, 1
+    return options
+
+
+def launch_offline(args: argparse.Namespace) -> int:
+    """Run the Firework reserved in a launch directory, with no LaunchPad or JobStore access (a SLURM job)."""
+    import signal
+
+    from qe_factory.engine.process import STOP
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.offline import run_offline
+
+    activate(args.home)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # the time limit is near: pw.x's max_seconds acts
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: STOP.set())
+    state = run_offline(Path(args.launch_dir).resolve())
+    print(f"launch-offline: {state}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,14 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "this worker uses; what is computed comes with each workflow")
     p.add_argument("--structures", type=int, help="stop after this many structures finished")
     p.add_argument("--nlaunches", type=int, help="stop after this many Fireworks")
+    p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     p = command("run", run, "submit + run locally + export (the whole pipeline)", True, True, True)
     p.add_argument("--batch", type=int, default=100, help="structures per LaunchPad batch (keeps it small)")
+    p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
     command("status", status, "counts per state and failures with reasons")
     p = command("export", export, "write validated results as extxyz", output=True)
     p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
-    p = command("qlaunch", qlaunch, "stock qlaunch on this home, e.g. qe-factory qlaunch rapidfire -m 1")
+    p = command("qlaunch", qlaunch, "SLURM worker jobs for this home, e.g. qe-factory qlaunch rapidfire -m 8")
     p.add_argument("qlaunch_args", nargs=argparse.REMAINDER, help="arguments for qlaunch")
+    p = command("launch-offline", launch_offline, "run one reserved Firework offline (what a SLURM job runs)")
+    p.add_argument("launch_dir", help="the launch directory holding FW.json and FW_offline.json")
     p = command("rerun-lost", rerun_lost, "requeue Fireworks whose worker died")
     p.add_argument("--time", type=int, default=1800,
                    help="MongoDB only: seconds without a ping before a run is lost (embedded: no coordinator = lost)")

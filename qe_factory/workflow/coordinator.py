@@ -135,13 +135,22 @@ def take_in(home: Path, launchpad: LaunchPad, save) -> list[str]:
         taken = {v for doc in known for v in (doc["metadata"].get("qe_factory_key"), doc["metadata"].get("uid"))}
         new = [wf for wf in workflows if not {wf.metadata.get("qe_factory_key"), wf.metadata.get("uid")} & taken]
         if new:
-            launchpad.bulk_add_wfs(new)
+            bulk_add(launchpad, new)
         save(launchpad)
         path.unlink()
         skipped = len(workflows) - len(new)
         lines.append(f"took in {path.name}: {len(new)} workflow(s) added" + (f", {skipped} already here" if skipped
                                                                             else ""))
     return lines
+
+
+def bulk_add(launchpad: LaunchPad, workflows: list[Workflow]) -> None:
+    """FireWorks' bulk_add_wfs without the progress bar it draws on stderr (ours is the one the user watches)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        launchpad.bulk_add_wfs(workflows)
 
 
 def command_line() -> str:

@@ -141,3 +141,23 @@ def after_state_changes(launchpad: LaunchPad, callback: Callable[[str, Any], Non
 
         setattr(launchpad, name, wrapped)
     return launchpad
+
+
+def mend_offline_rocket() -> None:
+    """Make FireWorks' offline Rocket work with the installed monty.
+
+    Relies on: `fireworks.core.rocket` (FireWorks 2.1.4) opens FW_offline.json with `zopen(path)`, no mode, in
+    offline mode; monty's `zopen` now requires the mode (TypeError). The rocket module gets a zopen whose mode
+    defaults to text reading, as it did.
+    """
+    import fireworks.core.rocket as rocket
+    from monty.io import zopen
+
+    if getattr(rocket.zopen, "mended", False):
+        return
+
+    def zopen_text(filename, mode: str = "rt", **kwargs):
+        return zopen(filename, mode, **kwargs)
+
+    zopen_text.mended = True  # type: ignore[attr-defined]
+    rocket.zopen = zopen_text

@@ -14,17 +14,18 @@ from typing import TYPE_CHECKING
 
 from qe_factory.engine.config import ExecutionSettings
 from qe_factory.engine.errors import DiskFullError
-from qe_factory.engine.parallel import seconds_left_in_allocation
+from qe_factory.engine.parallel import available_ranks, seconds_left_in_allocation
 from qe_factory.engine.process import STOP
 from qe_factory.workflow.coordinator import command_line, coordinate, take_in
-from qe_factory.workflow.home import embedded_file, factory_home, use_execution
+from qe_factory.workflow.home import embedded_file, factory_home, use_execution, worker_execution
 from qe_factory.workflow.launchpad import (
-    finished_count,
     get_jobstore,
     get_launchpad,
     persist_changes,
     save_launchpad,
 )
+from qe_factory.workflow.offline import pending_runs, queue_job_alive, reserve, take_back
+from qe_factory.workflow.slots import LocalSlots
 
 if TYPE_CHECKING:
     from fireworks import LaunchPad
@@ -66,6 +67,26 @@ def rerun_orphans(launchpad: LaunchPad) -> list[int]:
     return sorted(lost_fw_ids)
 
 
+def settle_offline_runs(launchpad: LaunchPad, store, queue_alive=None) -> tuple[list[int], list[int]]:
+    """Take in the offline runs an earlier coordinator left: finished ones (also SLURM jobs that ended while no
+    coordinator ran), and lost ones — a local worker dies with its coordinator; a SLURM job left the queue
+    unfinished — back to READY. Runs of SLURM jobs still queued or running are left alone. Returns the Firework ids
+    (taken in, lost)."""
+    alive = queue_alive or queue_job_alive
+    taken_in, lost = [], []
+    for run in pending_runs(launchpad):
+        if run.finished() or run.job_id is None or not alive(run.job_id):
+            (taken_in if run.finished() else lost).append(run.fw_id)
+            take_back(launchpad, run, store)
+    return taken_in, lost
+
+
+def choose_parallel(ranks: int, structures: int) -> int:
+    """How many pw.x runs at once on `ranks` cores: one per core when there are as many structures to run (pw.x
+    on a few ranks scales worse than independent runs), never more than the structures waiting."""
+    return max(1, min(ranks, structures))
+
+
 def run_worker(
     launchpad: LaunchPad | None = None,
     max_structures: int | None = None,
@@ -74,47 +95,65 @@ def run_worker(
     on_launch=None,
     execution: ExecutionSettings | None = None,
     log: Path | None = None,
+    parallel: int | None = None,
+    slots=None,
+    timeout: float | None = None,
 ) -> int:
-    """Run READY Fireworks one after another in this process, as the home's coordinator.
+    """Run the home's Fireworks as its coordinator: quick stages (inputs, validate) in this process, SCF
+    Fireworks offline in `parallel` local worker processes (default: chosen from the cores and the structures
+    waiting; each pw.x gets cores/parallel ranks) or in `slots` (e.g. slots.QueueSlots: SLURM jobs).
 
-    Stops when nothing is READY, after `max_structures` structures finished or `nlaunches` Fireworks ran, when
-    less than a minute is left in its SLURM allocation, or after the current Firework once SIGUSR1 arrives (the
-    SLURM template sends it before the time limit). SIGTERM/SIGINT stop the running pw.x, put its structure back
-    to READY, save and raise Stopped (a second one exits at once). Returns the number of Fireworks run;
-    `on_launch(launchpad)` is called after each. `execution`: where and how pw.x runs (default:
-    home.worker_execution()). `log`: a file that FireWorks' and jobflow's own log lines (printed to stdout) go to
-    instead of the terminal. Raises coordinator.HomeBusy if another process coordinates the home.
+    Stops when nothing is READY and nothing runs; takes no new work after `max_structures` structures finished,
+    `nlaunches` Fireworks, `timeout` seconds, SIGUSR1, or with less than a minute left in its SLURM allocation.
+    SIGTERM/SIGINT stop the running pw.x runs, put their structures back to READY, save and raise Stopped (a
+    second one exits at once). Returns the number of Fireworks run; `on_launch(launchpad)` is called after each.
+    `execution`: where and how pw.x runs (default: home.worker_execution()). `log`: a file that FireWorks' and
+    jobflow's own log lines go to instead of the terminal. Raises coordinator.HomeBusy if another process
+    coordinates the home.
     """
     home = factory_home()
     with coordinate(home, command_line()):
-        return _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, execution, log)
+        return _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, execution, log, parallel,
+                    slots, None if timeout is None else time.monotonic() + timeout)
 
 
-def _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, execution, log) -> int:
+def _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, execution, log, parallel,
+         slots, deadline) -> int:
     from fireworks import FWorker
-    from fireworks.core.rocket_launcher import launch_rocket
     from fireworks.fw_config import FWORKER_LOC
 
     launchpad = launchpad or get_launchpad()
-    get_jobstore()  # connected once, here: jobs reuse the connection
+    store = get_jobstore()  # connected once, here: jobs reuse the connection
     embedded = embedded_file(home) is not None
     if embedded and (orphans := rerun_orphans(launchpad)):
         print(f"qe-factory: {len(orphans)} Firework(s) left RUNNING by a dead worker put back to READY: {orphans}",
               file=sys.stderr)
+    if lost := settle_offline_runs(launchpad, store)[1]:
+        print(f"qe-factory: {len(lost)} Firework(s) whose worker was lost put back to READY: {lost}", file=sys.stderr)
+    if hasattr(slots, "adopt"):  # SLURM jobs an earlier coordinator submitted, still queued or running
+        slots.adopt(pending_runs(launchpad))
     requeue_not_failed(launchpad)
     save_launchpad(launchpad)
     persist_changes(launchpad)
     fworker = FWorker.from_file(FWORKER_LOC) if FWORKER_LOC else FWorker()
     launch_root = Path(launch_root or Path.cwd()).resolve()
-    finishing: list[int] = []  # SIGUSR1: finish the current Firework, take no new one
+    execution = execution or worker_execution()
+    if slots is None:
+        ranks = execution.mpi_ranks or available_ranks()
+        waiting = launchpad.workflows.count_documents({"state": {"$nin": ["COMPLETED", "FIZZLED", "DEFUSED"]}})
+        count = parallel or choose_parallel(ranks, waiting)
+        slot_execution = execution.model_copy(update={"mpi_ranks": max(1, ranks // count)})
+        slots = LocalSlots(count, slot_execution, log)
+    finishing: list[int] = []  # SIGUSR1: finish the running Fireworks, take no new one
     signals: list[int] = []
 
     def stop_now(signum, frame):
         if signals:
-            os._exit(128 + signum)  # a second request: at once (the reaper stops pw.x)
+            os._exit(128 + signum)  # a second request: at once (the workers and the reaper stop pw.x)
         signals.append(signum)
         STOP.set()
-        print(f"qe-factory: {signal.Signals(signum).name}: stopping pw.x, the structure goes back to READY "
+        slots.signal(signal.SIGTERM)
+        print(f"qe-factory: {signal.Signals(signum).name}: stopping pw.x, the structures go back to READY "
               "(again to exit at once)", file=sys.stderr)
 
     handlers = {
@@ -123,46 +162,65 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, exe
         signal.SIGINT: stop_now,
     }
     previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
-    finished_before, launched, completed = finished_count(launchpad), 0, False
+    count = {"launched": 0, "finished": 0}
     use_execution(execution)
+
+    def accepting() -> bool:
+        if finishing or signals or (deadline is not None and time.monotonic() >= deadline):
+            return False
+        if max_structures and count["finished"] >= max_structures:
+            return False
+        if nlaunches and count["launched"] + len(slots.running()) >= nlaunches:
+            return False
+        left = seconds_left_in_allocation()
+        return left is None or left >= MIN_SECONDS_FOR_A_LAUNCH  # else leave the rest to the next batch job
+
+    def ended(fw_id: int) -> None:
+        count["launched"] += 1
+        count["finished"] += structure_finished(launchpad, fw_id)
+        if on_launch:
+            on_launch(launchpad)
+
+    def take_back_ended(runs) -> None:
+        for run in runs:
+            take_back(launchpad, run, store)
+            ended(run.fw_id)
+
+    completed = False
     try:
-        while not finishing and not signals:
-            for line in take_in(home, launchpad, save_launchpad) if embedded else ():
-                print(f"qe-factory: {line}", file=sys.stderr)
-            if not launchpad.run_exists(fworker):
-                break
-            left = seconds_left_in_allocation()
-            if left is not None and left < MIN_SECONDS_FOR_A_LAUNCH:
-                break  # leave the rest to the next batch job rather than be killed mid-run
-            launch_dir = launch_root / f"launcher_{time.strftime('%Y-%m-%d-%H-%M-%S')}_{os.getpid()}_{launched}"
-            launch_dir.mkdir(parents=True)
-            cwd = Path.cwd()
-            os.chdir(launch_dir)
-            try:
-                with contextlib.ExitStack() as quiet:
-                    if log:  # jobflow's handler (made anew in each task) and FireWorks' INFO lines write to stdout
-                        quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(log, "a"))))
-                    launch_rocket(launchpad, fworker, strm_lvl="WARNING")
-            finally:
-                os.chdir(cwd)
-            launched += 1
-            requeued = requeue_not_failed(launchpad)
-            if requeued and not signals:  # a full disk: nothing more can run until space is back
-                save_launchpad(launchpad)
-                raise DiskFullError(28, f"pw.x's scratch is full; Firework(s) {requeued} back to READY. Free space "
-                                    "in the work_dir, then run the worker again")
-            if on_launch:
-                on_launch(launchpad)
-            if max_structures and finished_count(launchpad) - finished_before >= max_structures:
-                break
-            if nlaunches and launched >= nlaunches:
-                break
-        if signals:
-            requeued = requeue_not_failed(launchpad)
-            save_launchpad(launchpad)
-            raise Stopped(signals[0], requeued)
+        while True:
+            if accepting():
+                for line in take_in(home, launchpad, save_launchpad) if embedded else ():
+                    print(f"qe-factory: {line}", file=sys.stderr)
+                while accepting() and (ready := next_ready(launchpad, fworker)) is not None:
+                    fw_id, stage = ready
+                    if stage in WORKER_STAGES and not slots.free():
+                        break  # a new structure starts, and an SCF runs, only when a worker is free for it
+                    if stage == "scf":
+                        run = reserve(launchpad, fworker, launch_root / launch_name("scf", fw_id), store, fw_id)
+                        slots.start(run)
+                        if run.job_id:
+                            launchpad.set_reservation_id(run.launch_id, run.job_id)
+                        save_launchpad(launchpad)  # a long pw.x run shows RESERVED at once
+                    else:
+                        _launch_here(launchpad, fworker, fw_id, launch_root / launch_name(stage, fw_id), log)
+                        ended(fw_id)
+            if not slots.running():
+                if not (accepting() and next_ready(launchpad, fworker)):
+                    break
+                continue
+            take_back_ended(slots.wait())
+            if (requeued := requeue_not_failed(launchpad)) and not signals:  # a full disk: nothing more can run
+                raise DiskFullError(28, f"pw.x's scratch is full; Firework(s) {requeued} back to READY. Free "
+                                    "space in the work_dir, then run the worker again")
         completed = True
     finally:
+        if slots.running() and isinstance(slots, LocalSlots):  # an error or a stop: bring the workers' runs back
+            slots.signal(signal.SIGTERM)
+            while slots.running():
+                take_back_ended(slots.wait())
+        slots.close()
+        requeued = requeue_not_failed(launchpad)
         use_execution(None)
         STOP.clear()
         for sig, handler in previous.items():
@@ -172,4 +230,44 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, exe
         except DiskFullError:
             if completed:  # otherwise the exception on its way out says more
                 raise
-    return launched
+    if signals:
+        raise Stopped(signals[0], requeued)
+    return count["launched"]
+
+
+WORKER_STAGES = ("inputs", "scf")  # run when a worker is free: the SCF in it, the inputs as the start of one
+
+
+def next_ready(launchpad: LaunchPad, fworker) -> tuple[int, str] | None:
+    """(fw_id, stage) of the READY Firework this FWorker would run next (FireWorks' order: highest _priority
+    first, so a structure is finished before the next is started)."""
+    doc = launchpad.fireworks.find_one({**(fworker.query or {}), "state": "READY"}, {"fw_id": 1, "spec.stage": 1},
+                                       sort=[("spec._priority", -1)])
+    return (doc["fw_id"], doc.get("spec", {}).get("stage")) if doc else None
+
+
+def structure_finished(launchpad: LaunchPad, fw_id: int) -> bool:
+    """Whether the Firework that just ran finished its structure: a validation that COMPLETED, or a failure."""
+    doc = launchpad.fireworks.find_one({"fw_id": fw_id}, {"state": 1, "spec.stage": 1}) or {}
+    return doc.get("state") == "FIZZLED" or (doc.get("state") == "COMPLETED"
+                                             and doc.get("spec", {}).get("stage") == "validate")
+
+
+def launch_name(kind: str, fw_id: int | None) -> str:
+    return f"launcher_{time.strftime('%Y-%m-%d-%H-%M-%S')}_{os.getpid()}_{kind}_{fw_id or time.monotonic_ns()}"
+
+
+def _launch_here(launchpad: LaunchPad, fworker, fw_id: int, launch_dir: Path, log: Path | None) -> None:
+    """Run one Firework in this process, in its own launch directory."""
+    from fireworks.core.rocket_launcher import launch_rocket
+
+    launch_dir.mkdir(parents=True)
+    cwd = Path.cwd()
+    os.chdir(launch_dir)
+    try:
+        with contextlib.ExitStack() as quiet:
+            if log:  # jobflow's handler (made anew in each task) and FireWorks' INFO lines write to stdout
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(log, "a"))))
+            launch_rocket(launchpad, fworker, fw_id=fw_id, strm_lvl="WARNING")
+    finally:
+        os.chdir(cwd)

@@ -94,7 +94,7 @@ def home(tmp_path) -> Path:
 def test_a_stopped_worker_stops_pw_and_puts_the_structure_back_to_ready(home, tmp_path, signum):
     submit(home, tmp_path, ENDLESS, 1)
     submit(home, tmp_path, FAST, 2)
-    worker = start(home, "worker")
+    worker = start(home, "worker", "--parallel", "1")  # one structure at a time: the second must stay untouched
     wait_until(lambda: pw_is_iterating(home, "si-1"))
     os.killpg(worker.pid, signum)  # SIGINT to the whole group, as Ctrl-C in a terminal
     _, stderr = worker.communicate()
@@ -128,12 +128,12 @@ def test_two_workers_and_two_runs_at_once_never_run_a_structure_twice(home, tmp_
 def test_a_worker_killed_by_sigkill_takes_its_pw_with_it_and_the_next_worker_reruns(home, tmp_path):
     submit(home, tmp_path, ENDLESS, 1)
     submit(home, tmp_path, FAST, 2)
-    worker = start(home, "worker")
+    worker = start(home, "worker", "--parallel", "1")
     wait_until(lambda: pw_is_iterating(home, "si-1"))
     worker.send_signal(signal.SIGKILL)  # the worker alone: no handler, no finally
     worker.communicate()
     wait_until(lambda: pw_processes(home / "runs") == [])  # its reaper stops pw.x
-    assert states(home)["scf si-1 attempt 1"] == "RUNNING"  # as the dead worker left it
+    assert states(home)["scf si-1 attempt 1"] == "RESERVED"  # as the dead worker left it (for its pw.x process)
     assert qef(home, "lpad", "defuse_fws", "-n", "scf si-1 attempt 1").returncode == 0  # no coordinator: allowed
     rest = qef(home, "worker")
     assert rest.returncode == 0, rest.stderr

@@ -117,7 +117,8 @@ def test_killed_worker_is_detected_and_rerun_without_duplicates(home, fast_confi
     assert worker.poll() is None, "the worker ended before it could be killed mid-SCF"
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and its pw.x, as a node loss would
     worker.wait()
-    assert get_launchpad(read_only=True).fireworks.find_one({"spec.stage": "scf"})["state"] == "RUNNING"
+    # reserved for the (dead) coordinator's worker process, which ran pw.x offline
+    assert get_launchpad(read_only=True).fireworks.find_one({"spec.stage": "scf"})["state"] == "RESERVED"
     lost = subprocess.run([*qe_factory, "rerun-lost", "--time", "0"], capture_output=True, text=True, check=True)
     assert "1 lost Firework(s)" in lost.stdout
     (home / "one-rank.yaml").write_text("mpi_ranks: 1\n")  # this worker's own execution settings

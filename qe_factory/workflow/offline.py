@@ -1,0 +1,186 @@
+"""Offline launches: SCF Fireworks run by workers that never touch the LaunchPad or the JobStore.
+
+FireWorks' reservation + offline mode, with jobflow's JobStore kept off the workers too:
+1. the coordinator reserves a Firework into its launch directory (`reserve`: `LaunchPad.reserve_fw` and
+   `setup_offline_job`, i.e. FW.json and FW_offline.json) and adds the JobStore documents its job reads;
+2. a worker — a child process of a local coordinator, or a SLURM job — runs it there (`run_offline`: FireWorks'
+   offline Rocket, jobflow writing into an in-memory JobStore saved to the directory at the end);
+3. the coordinator takes the outcome in (`take_back`: the job's documents into the JobStore, then
+   `LaunchPad.recover_offline`, which completes the launch and applies its FWAction: a recovery detour included).
+
+So the embedded LaunchPad file and the sqlite JobStore have one writer, the coordinator, however many workers run
+and on whichever nodes; a worker needs only the shared filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qe_factory.engine.config import ExecutionSettings
+
+if TYPE_CHECKING:
+    from fireworks import Firework, FWorker, LaunchPad
+    from jobflow import JobStore
+
+INPUTS = "jobstore_in.json"  # the JobStore documents the Firework's job reads (written by the coordinator)
+OUTPUTS = "jobstore_out.json"  # the documents it wrote; written last, atomically: the worker is done
+
+
+@dataclass
+class OfflineRun:
+    """A Firework reserved for a worker: its launch, the directory the worker runs it in, and (on SLURM) the job."""
+
+    launch_id: int
+    fw_id: int
+    launch_dir: Path
+    job_id: str | None = None
+
+    def finished(self) -> bool:
+        return (self.launch_dir / OUTPUTS).is_file()
+
+
+def reserve(launchpad: LaunchPad, fworker: FWorker, launch_dir: Path, store: JobStore, fw_id: int) -> OfflineRun:
+    """Reserve READY Firework `fw_id` for an offline worker in `launch_dir` (created)."""
+    from fireworks.queue.queue_launcher import setup_offline_job
+
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    fw, launch_id = launchpad.reserve_fw(fworker, str(launch_dir), fw_id=fw_id)
+    with contextlib.chdir(launch_dir):
+        setup_offline_job(launchpad, fw, launch_id)  # FW.json, FW_offline.json, the offline_runs entry
+    write_json(launch_dir / INPUTS, referenced_documents(fw, store))
+    return OfflineRun(launch_id, fw.fw_id, launch_dir)
+
+
+def referenced_documents(fw: Firework, store: JobStore) -> list[dict]:
+    """The JobStore documents (every index of every job) that the Firework's job reads through its references."""
+    from jobflow import Job
+
+    uuids: set[str] = set()
+    for task in fw.tasks:
+        job = task.get("job")
+        job = Job.from_dict(job) if isinstance(job, dict) else job
+        uuids.update(ref.uuid for ref in getattr(job, "input_references", ()))
+    if not uuids:
+        return []
+    return [_plain(doc) for doc in store.docs_store.query({"uuid": {"$in": sorted(uuids)}})]
+
+
+def _plain(doc: dict) -> dict:
+    from monty.json import jsanitize
+
+    return jsanitize({k: v for k, v in doc.items() if k != "_id"}, strict=False, allow_bson=False)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a reader sees the whole file or none)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def run_offline(launch_dir: Path, execution: ExecutionSettings | None = None) -> str:
+    """Run the Firework reserved in `launch_dir` with no LaunchPad and no JobStore connection; returns its final
+    state (COMPLETED or FIZZLED, as FireWorks wrote it to FW_offline.json). What the job wrote to its JobStore
+    goes to OUTPUTS for the coordinator, which stores it."""
+    import jobflow
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import launch_rocket
+    from jobflow import JobStore
+    from maggma.stores import MemoryStore
+
+    from qe_factory.workflow.fireworks_adapter import mend_offline_rocket
+    from qe_factory.workflow.home import use_execution
+
+    mend_offline_rocket()
+    launch_dir = Path(launch_dir)
+    configured = jobflow.SETTINGS.JOB_STORE
+    store = JobStore(MemoryStore(), {name: MemoryStore() for name in configured.additional_stores})
+    store.connect()
+    given = json.loads((launch_dir / INPUTS).read_text())
+    if given:
+        store.docs_store.update(given, key=["uuid", "index"])
+    known = {(doc["uuid"], doc["index"]) for doc in given}
+    jobflow.SETTINGS.JOB_STORE = store  # JobFiretask takes the store from the settings when its Firework has none
+    use_execution(execution)
+    try:
+        with contextlib.chdir(launch_dir):
+            launch_rocket(None, FWorker(), strm_lvl="WARNING")
+    finally:
+        use_execution(None)
+        jobflow.SETTINGS.JOB_STORE = configured
+    written = {
+        "docs": [_plain(d) for d in store.docs_store.query({}) if (d["uuid"], d["index"]) not in known],
+        **{name: [_plain(d) for d in sub.query({})] for name, sub in store.additional_stores.items()},
+    }
+    write_json(launch_dir / OUTPUTS, written)
+    return json.loads((launch_dir / "FW_offline.json").read_text()).get("state", "UNKNOWN")
+
+
+MAX_LOST_RUNS = 3  # a Firework whose worker was lost this often FIZZLES (no endless reruns of a worker killer)
+
+
+def take_back(launchpad: LaunchPad, run: OfflineRun, store: JobStore) -> str:
+    """Take a finished offline run in: its JobStore documents first (later Fireworks read them), then FireWorks'
+    recover_offline (completes the launch, applies detours). A run that ended without finishing (its worker died,
+    its SLURM job left the queue) goes back to READY, or FIZZLES as WORKER_LOST the MAX_LOST_RUNS-th time.
+    Returns the launch's state."""
+    outputs = run.launch_dir / OUTPUTS
+    if outputs.is_file():
+        written = json.loads(outputs.read_text())
+        if written["docs"]:
+            store.docs_store.update(written["docs"], key=["uuid", "index"])
+        for name, sub in store.additional_stores.items():
+            if written.get(name):
+                sub.update(written[name], key=sub.key)
+        offline = json.loads((run.launch_dir / "FW_offline.json").read_text())
+        if "fwaction" in offline:
+            launchpad.recover_offline(run.launch_id, ignore_errors=False)
+            return offline["state"]
+    lost = launchpad.offline_runs.count_documents({"fw_id": run.fw_id, "deprecated": True}) + 1
+    launchpad.forget_offline(run.launch_id)
+    if lost < MAX_LOST_RUNS:
+        launchpad.cancel_reservation(run.launch_id)  # RESERVED → READY, the launch kept in its history
+        return "READY"
+    from fireworks import FWAction
+
+    where = f"SLURM job {run.job_id}" if run.job_id else "local worker process"
+    message = (f"its worker ({where}) ended {lost} times without finishing it (killed, node lost, or crashed: "
+               f"see {run.launch_dir} and the home's logs/)")
+    details = {"error_type": "WORKER_LOST", "error_message": message}
+    action = FWAction(stored_data={"_exception": {"_stacktrace": f"WORKER_LOST: {message}", "_details": details}})
+    launchpad.complete_launch(run.launch_id, action, "FIZZLED")
+    return "FIZZLED"
+
+
+def pending_runs(launchpad: LaunchPad) -> list[OfflineRun]:
+    """Offline runs the LaunchPad still waits for (reserved and not yet taken back), with their SLURM job ids."""
+    runs = []
+    for entry in launchpad.offline_runs.find({"completed": False, "deprecated": False}):
+        launch = launchpad.launches.find_one({"launch_id": entry["launch_id"]},
+                                             {"launch_dir": 1, "state_history": 1, "state": 1})
+        if launch is None or launch["state"] != "RESERVED":
+            launchpad.forget_offline(entry["launch_id"])
+            continue
+        job_ids = [h["reservation_id"] for h in launch.get("state_history", []) if h.get("reservation_id")]
+        runs.append(OfflineRun(entry["launch_id"], entry["fw_id"], Path(launch["launch_dir"]),
+                               str(job_ids[-1]) if job_ids else None))
+    return runs
+
+
+def queue_job_alive(job_id: str) -> bool:
+    """Whether a SLURM job is still pending or running (squeue knows it in a live state)."""
+    try:
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return True  # cannot tell: never take a live job's Firework away
+    return state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
