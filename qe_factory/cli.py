@@ -148,14 +148,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     from qe_factory.engine.results import write_training_set
     from qe_factory.workflow.flows import submit
     from qe_factory.workflow.home import embedded_file
-    from qe_factory.workflow.launchpad import (
-        archive_completed,
-        finished_count,
-        get_jobstore,
-        get_launchpad,
-        load_results,
-        status_report,
-    )
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, load_results, status_report
     from qe_factory.workflow.worker import run_worker
 
     config, launchpad, store = _config(args), get_launchpad(), get_jobstore()
@@ -163,36 +156,32 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     uids = [uid for uid, _ in structures]
     print(f"factory home {home}; LaunchPad {embedded_file(home) or 'MongoDB'}; {len(structures)} structures")
     progress = tqdm(total=len(structures), desc="structures", unit="structure", file=sys.stderr)
-    refused: dict[str, str] = {}
-    for start in range(0, len(structures), args.batch):
-        batch = structures[start : start + args.batch]
-        for uid, atoms in batch:
-            atoms.info["uid"] = uid
-        report = submit([atoms for _, atoms in batch], config, launchpad=launchpad, store=store)
-        for uid, why in report.refused.items():
-            tqdm.write(f"{uid:<24} REFUSED {why}")
-        refused.update(report.refused)
-        progress.update(len(report.refused) + len(report.duplicates))
-        before = finished_count(launchpad)
+    for uid, atoms in structures:
+        atoms.info["uid"] = uid
+    report = submit([atoms for _, atoms in structures], config, launchpad=launchpad, store=store)
+    for uid, why in report.refused.items():
+        tqdm.write(f"{uid:<24} REFUSED {why}")
+    progress.update(len(report.refused) + len(report.duplicates))
+    ours = set(uids)
 
-        def advance(lp, before=before, done=[0]):  # noqa: B006 - a counter shared between calls
-            now = finished_count(lp) - before
-            progress.update(now - done[0])
-            done[0] = now
+    def finished(uid: str, state: str) -> None:
+        if uid not in ours:
+            return
+        progress.update(1)
+        if state == "COMPLETED":
+            tqdm.write(summary_line(load_results(store, [uid])[0]))
 
-        run_worker(launchpad, launch_root=home / "launches", on_launch=advance, execution=config.execution,
-                   log=None if args.verbose else home / "logs" / "worker.log", parallel=args.parallel)
-        archive_completed(launchpad)
+    run_worker(launchpad, launch_root=home / "launches", on_finished=finished, execution=config.execution,
+               log=None if args.verbose else home / "logs" / "worker.log", parallel=args.parallel)
     progress.close()
-    results = load_results(store, [uid for uid in uids if uid not in refused])  # a refused uid's old label is not this
-    for result in results:
-        print(summary_line(result))
-    failures = [f for f in status_report(launchpad)["failures"] if f["uid"] in set(uids)]
+    results = load_results(store, [uid for uid in uids if uid not in report.refused])  # a refused uid's old label
+    failures = [f for f in status_report(launchpad)["failures"] if f["uid"] in ours]
     for failure in failures:
         print(f"{failure['uid']:<24} FAILED at {failure['stage']}: {failure['error_type']} {failure['message']}")
     written = write_training_set(results, args.output, include_marked=args.include_marked)
-    print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(refused)} refused; "
-          f"{len(uids) - len(results) - len(failures) - len(refused)} neither (duplicates of another uid, or waiting)")
+    print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(report.refused)} refused; "
+          f"{len(uids) - len(results) - len(failures) - len(report.refused)} neither (duplicates of another uid, "
+          "or waiting)")
     return 0 if written == len(uids) else 1
 
 
@@ -201,9 +190,11 @@ def status(args: argparse.Namespace) -> int:
     from qe_factory.workflow.coordinator import holder, waiting
     from qe_factory.workflow.home import activate, embedded_file
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, result_counts, status_report
+    from qe_factory.workflow.offline import pending_runs
 
     home = activate(args.home)
-    report = status_report(get_launchpad(read_only=True))
+    launchpad = get_launchpad(read_only=True)
+    report = status_report(launchpad)
     file = embedded_file(home)
     print(f"LaunchPad: {file if file else 'MongoDB'}")
     if file:
@@ -215,7 +206,12 @@ def status(args: argparse.Namespace) -> int:
     results = result_counts(get_jobstore())
     print(f"results (JobStore): {results['validated']} structure(s) labelled, {results['marked']} of them with "
           "settings other than the nominal ones")
-    print("workflows: " + (", ".join(f"{n} {state}" for state, n in sorted(report["workflows"].items())) or "none"))
+    print("workflows in the LaunchPad (labelled ones leave it): "
+          + (", ".join(f"{n} {state}" for state, n in sorted(report["workflows"].items())) or "none"))
+    if runs := pending_runs(launchpad):
+        jobs = [run.job_id for run in runs if run.job_id]
+        print(f"  workers: {len(runs)} SCF run(s) reserved offline" + (f", {len(jobs)} of them in SLURM job(s) "
+                                                                      f"{', '.join(jobs)}" if jobs else ""))
     for state, stages in sorted(report["fireworks"].items()):
         print(f"  {state:<10} " + ", ".join(f"{n} {stage}" for stage, n in sorted(stages.items())))
     for failure in report["failures"]:
@@ -374,7 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nlaunches", type=int, help="stop after this many Fireworks")
     p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     p = command("run", run, "submit + run locally + export (the whole pipeline)", True, True, True)
-    p.add_argument("--batch", type=int, default=100, help="structures per LaunchPad batch (keeps it small)")
     p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
     command("status", status, "counts per state and failures with reasons")

@@ -142,12 +142,6 @@ def persist_changes(launchpad: LaunchPad, interval: float = SAVE_INTERVAL) -> La
     return after_state_changes(launchpad, save)
 
 
-def finished_count(launchpad: LaunchPad) -> int:
-    """Structures finished so far: validated, or failed at any stage."""
-    validated = launchpad.fireworks.count_documents({"state": "COMPLETED", "spec.stage": "validate"})
-    return validated + launchpad.fireworks.count_documents({"state": "FIZZLED"})
-
-
 def failure_reason(launch: dict) -> tuple[str, str]:
     """(error type, message) of a FIZZLED launch, from the DFTResult report or the exception's last line."""
     exception = launch.get("action", {}).get("stored_data", {}).get("_exception", {})
@@ -179,14 +173,11 @@ def status_report(launchpad: LaunchPad) -> dict[str, Any]:
     return {"fireworks": counts, "workflows": workflows, "failures": failures}
 
 
-def archive_completed(launchpad: LaunchPad) -> int:
-    """Remove COMPLETED workflows (their results are in the JobStore) so the embedded LaunchPad stays small."""
-    done = [wf["nodes"][0] for wf in launchpad.workflows.find({"state": "COMPLETED"}, {"nodes": 1})]
+def archive(launchpad: LaunchPad, fw_id: int) -> None:
+    """Remove the workflow of `fw_id` from the LaunchPad (a COMPLETED one: its result and history are in the
+    JobStore), so the embedded LaunchPad stays as small as the work in progress."""
     with contextlib.redirect_stdout(io.StringIO()):  # delete_wf prints every id it removes
-        for fw_id in done:
-            launchpad.delete_wf(fw_id, delete_launch_dirs=False)
-    save_launchpad(launchpad)
-    return len(done)
+        launchpad.delete_wf(fw_id, delete_launch_dirs=False)
 
 
 def load_results(store: JobStore, uids: list[str] | None = None) -> list[DFTResult]:

@@ -167,8 +167,7 @@ def pending_runs(launchpad: LaunchPad) -> list[OfflineRun]:
     for entry in launchpad.offline_runs.find({"completed": False, "deprecated": False}):
         launch = launchpad.launches.find_one({"launch_id": entry["launch_id"]},
                                              {"launch_dir": 1, "state_history": 1, "state": 1})
-        if launch is None or launch["state"] != "RESERVED":
-            launchpad.forget_offline(entry["launch_id"])
+        if launch is None or launch["state"] != "RESERVED":  # rerun, defused or deleted by hand meanwhile
             continue
         job_ids = [h["reservation_id"] for h in launch.get("state_history", []) if h.get("reservation_id")]
         runs.append(OfflineRun(entry["launch_id"], entry["fw_id"], Path(launch["launch_dir"]),

@@ -19,6 +19,7 @@ from qe_factory.engine.process import STOP
 from qe_factory.workflow.coordinator import command_line, coordinate, take_in
 from qe_factory.workflow.home import embedded_file, factory_home, use_execution, worker_execution
 from qe_factory.workflow.launchpad import (
+    archive,
     get_jobstore,
     get_launchpad,
     persist_changes,
@@ -92,7 +93,7 @@ def run_worker(
     max_structures: int | None = None,
     nlaunches: int | None = None,
     launch_root: Path | None = None,
-    on_launch=None,
+    on_finished=None,
     execution: ExecutionSettings | None = None,
     log: Path | None = None,
     parallel: int | None = None,
@@ -106,18 +107,19 @@ def run_worker(
     Stops when nothing is READY and nothing runs; takes no new work after `max_structures` structures finished,
     `nlaunches` Fireworks, `timeout` seconds, SIGUSR1, or with less than a minute left in its SLURM allocation.
     SIGTERM/SIGINT stop the running pw.x runs, put their structures back to READY, save and raise Stopped (a
-    second one exits at once). Returns the number of Fireworks run; `on_launch(launchpad)` is called after each.
+    second one exits at once). Returns the number of Fireworks run; `on_finished(uid, state)` is called for every
+    structure finished (COMPLETED: its result is in the JobStore, and its workflow has left the LaunchPad; FIZZLED).
     `execution`: where and how pw.x runs (default: home.worker_execution()). `log`: a file that FireWorks' and
     jobflow's own log lines go to instead of the terminal. Raises coordinator.HomeBusy if another process
     coordinates the home.
     """
     home = factory_home()
     with coordinate(home, command_line()):
-        return _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, execution, log, parallel,
+        return _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, execution, log, parallel,
                     slots, None if timeout is None else time.monotonic() + timeout)
 
 
-def _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, execution, log, parallel,
+def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, execution, log, parallel,
          slots, deadline) -> int:
     from fireworks import FWorker
     from fireworks.fw_config import FWORKER_LOC
@@ -177,9 +179,12 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_launch, exe
 
     def ended(fw_id: int) -> None:
         count["launched"] += 1
-        count["finished"] += structure_finished(launchpad, fw_id)
-        if on_launch:
-            on_launch(launchpad)
+        if finished := structure_finished(launchpad, fw_id):
+            count["finished"] += 1
+            if finished[1] == "COMPLETED":  # the result is in the JobStore: the LaunchPad stays small
+                archive(launchpad, fw_id)
+            if on_finished:
+                on_finished(*finished)
 
     def take_back_ended(runs) -> None:
         for run in runs:
@@ -246,11 +251,14 @@ def next_ready(launchpad: LaunchPad, fworker) -> tuple[int, str] | None:
     return (doc["fw_id"], doc.get("spec", {}).get("stage")) if doc else None
 
 
-def structure_finished(launchpad: LaunchPad, fw_id: int) -> bool:
-    """Whether the Firework that just ran finished its structure: a validation that COMPLETED, or a failure."""
-    doc = launchpad.fireworks.find_one({"fw_id": fw_id}, {"state": 1, "spec.stage": 1}) or {}
-    return doc.get("state") == "FIZZLED" or (doc.get("state") == "COMPLETED"
-                                             and doc.get("spec", {}).get("stage") == "validate")
+def structure_finished(launchpad: LaunchPad, fw_id: int) -> tuple[str, str] | None:
+    """(uid, state) if the Firework that just ran finished its structure: a validation that COMPLETED, or a
+    failure (FIZZLED); else None."""
+    doc = launchpad.fireworks.find_one({"fw_id": fw_id}, {"state": 1, "spec.stage": 1, "spec.uid": 1}) or {}
+    spec = doc.get("spec", {})
+    if doc.get("state") == "FIZZLED" or (doc.get("state") == "COMPLETED" and spec.get("stage") == "validate"):
+        return spec.get("uid"), doc["state"]
+    return None
 
 
 def launch_name(kind: str, fw_id: int | None) -> str:
