@@ -125,21 +125,32 @@ def release_launchpad(launchpad: LaunchPad) -> None:
 SAVE_INTERVAL = 5.0  # seconds: state changes closer together than this are saved together
 
 
-def persist_changes(launchpad: LaunchPad, interval: float = SAVE_INTERVAL) -> LaunchPad:
-    """Make an embedded LaunchPad save itself as it changes: at once when an SCF Firework starts (a long pw.x run
-    shows RUNNING), else at most every `interval` seconds; the worker saves at its end too. A change lost with a
-    killed worker is redone by the next one, which takes in the finished pw.x runs it finds (runner.finished_run)."""
-    if embedded_store(launchpad) is None:
-        return launchpad
-    last = [time.monotonic()]
+class Saver:
+    """Saves an embedded LaunchPad as the coordinator changes it, at most every `interval` seconds: a reader never
+    sees a state older than that (the coordinator flushes while it waits, see `due`). A change lost with a killed
+    coordinator is redone by the next one, which takes in the finished pw.x runs it finds (runner.finished_run)."""
 
-    def save(name: str, result) -> None:
-        starting_scf = name == "checkout_fw" and result[0] is not None and result[0].spec.get("stage") == "scf"
-        if starting_scf or time.monotonic() - last[0] >= interval:
-            save_launchpad(launchpad)
-            last[0] = time.monotonic()
+    def __init__(self, launchpad: LaunchPad, interval: float = SAVE_INTERVAL):
+        self.launchpad, self.interval = launchpad, interval
+        self.dirty, self.last = False, time.monotonic()
+        if embedded_store(launchpad) is not None:
+            after_state_changes(launchpad, lambda name, result: self.changed())
 
-    return after_state_changes(launchpad, save)
+    def changed(self) -> None:
+        """Note a change (the wrapped LaunchPad methods note theirs); save if the last save is old enough."""
+        self.dirty = True
+        if time.monotonic() - self.last >= self.interval:
+            self.flush()
+
+    def due(self) -> float | None:
+        """Seconds until unsaved changes are due to be saved (None: nothing unsaved)."""
+        return max(0.0, self.last + self.interval - time.monotonic()) if self.dirty else None
+
+    def flush(self) -> None:
+        """Save now if anything changed since the last save."""
+        if self.dirty:
+            save_launchpad(self.launchpad)
+            self.dirty, self.last = False, time.monotonic()
 
 
 def failure_reason(launch: dict) -> tuple[str, str]:

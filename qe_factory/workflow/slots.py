@@ -60,6 +60,8 @@ class LocalSlots:
     """`count` worker processes on this machine, each running one launch at a time with `execution` (its
     mpi_ranks set to this slot's share of the cores)."""
 
+    outlive_coordinator = False  # they die with it (and their pw.x with them)
+
     def __init__(self, count: int, execution: ExecutionSettings, log: Path | None = None):
         self.environment = {}
         if count > 1 and (execution.mpi_ranks or 1) > 1:  # else mpirun binds every run's ranks to the first cores
@@ -128,6 +130,8 @@ class LocalSlots:
 class QueueSlots:
     """Up to `max_jobs` SLURM jobs at once, one offline launch each, submitted with the home's queue adapter."""
 
+    outlive_coordinator = True  # a job runs on without its coordinator; the next one takes its result in
+
     def __init__(self, qadapter, max_jobs: int, poll_seconds: float, max_submissions: int = 0):
         self.qadapter, self.max_jobs, self.poll_seconds = qadapter, max_jobs, poll_seconds
         self.max_submissions = max_submissions  # 0: no limit
@@ -152,8 +156,8 @@ class QueueSlots:
 
     def wait(self, timeout: float | None = None) -> list[OfflineRun]:
         """Runs whose job finished the launch, or left the queue without finishing it; polls every poll_seconds
-        until one ended or `timeout` passed."""
-        deadline = time.monotonic() + (self.poll_seconds if timeout is None else timeout)
+        until one ended or `timeout` (at most poll_seconds) passed."""
+        deadline = time.monotonic() + min(self.poll_seconds, self.poll_seconds if timeout is None else timeout)
         while True:
             ended = [run for run in self.runs if run.finished() or not queue_job_alive(run.job_id or "")]
             if ended or time.monotonic() >= deadline:

@@ -1,6 +1,7 @@
-"""The in-process worker: the home's coordinator while it runs. It runs READY Fireworks one after another, saves
-the embedded LaunchPad at every state change, takes in submissions posted to the home's inbox, and stops cleanly on
-SIGTERM/SIGINT (the running structure goes back to READY)."""
+"""The home's coordinator loop: takes submissions in, runs the quick stages of each workflow (inputs, validate) in
+this process, hands SCF Fireworks to workers — local worker processes or SLURM jobs (slots.py), which run them
+offline (offline.py) — takes their results back in, and keeps the embedded LaunchPad small and saved. SIGTERM/SIGINT
+stop the running pw.x runs cleanly (their structures go back to READY)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from qe_factory.engine.process import STOP
 from qe_factory.workflow.coordinator import command_line, coordinate, take_in
 from qe_factory.workflow.home import embedded_file, factory_home, use_execution, worker_execution
 from qe_factory.workflow.launchpad import (
+    Saver,
     archive,
     get_jobstore,
     get_launchpad,
-    persist_changes,
     save_launchpad,
 )
 from qe_factory.workflow.offline import pending_runs, queue_job_alive, reserve, take_back
@@ -136,7 +137,7 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
         slots.adopt(pending_runs(launchpad))
     requeue_not_failed(launchpad)
     save_launchpad(launchpad)
-    persist_changes(launchpad)
+    saver = Saver(launchpad)
     fworker = FWorker.from_file(FWORKER_LOC) if FWORKER_LOC else FWorker()
     launch_root = Path(launch_root or Path.cwd()).resolve()
     execution = execution or worker_execution()
@@ -183,12 +184,14 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
             count["finished"] += 1
             if finished[1] == "COMPLETED":  # the result is in the JobStore: the LaunchPad stays small
                 archive(launchpad, fw_id)
+                saver.changed()
             if on_finished:
                 on_finished(*finished)
 
     def take_back_ended(runs) -> None:
         for run in runs:
             take_back(launchpad, run, store)
+            saver.changed()
             ended(run.fw_id)
 
     completed = False
@@ -206,7 +209,6 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
                         slots.start(run)
                         if run.job_id:
                             launchpad.set_reservation_id(run.launch_id, run.job_id)
-                        save_launchpad(launchpad)  # a long pw.x run shows RESERVED at once
                     else:
                         _launch_here(launchpad, fworker, fw_id, launch_root / launch_name(stage, fw_id), log)
                         ended(fw_id)
@@ -214,7 +216,13 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
                 if not (accepting() and next_ready(launchpad, fworker)):
                     break
                 continue
-            take_back_ended(slots.wait())
+            if not accepting() and slots.outlive_coordinator:
+                break  # SLURM jobs run on by themselves: the next coordinator takes them in
+            finished_runs = slots.wait(saver.due())
+            if not finished_runs:  # unsaved changes are due, or (SLURM) time for another look at the queue
+                saver.flush()
+                continue
+            take_back_ended(finished_runs)
             if (requeued := requeue_not_failed(launchpad)) and not signals:  # a full disk: nothing more can run
                 raise DiskFullError(28, f"pw.x's scratch is full; Firework(s) {requeued} back to READY. Free "
                                     "space in the work_dir, then run the worker again")
