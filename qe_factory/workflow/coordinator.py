@@ -8,12 +8,13 @@ which the coordinator takes in. Readers (`status`, `export`) never write. With M
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from qe_factory.workflow.home import embedded_file
 if TYPE_CHECKING:
     from fireworks import LaunchPad, Workflow
 
+POST_FILE_SIZE = 1000  # workflows per inbox file: the coordinator takes in (and saves) one file at a time
 _held: dict[Path, int] = {}  # homes whose lock this process holds → lock file descriptor
 
 
@@ -96,19 +98,47 @@ def coordinate(home: Path, command: str) -> Iterator[None]:
         os.close(fd)
 
 
-def post(home: Path, workflows: list[Workflow]) -> Path:
-    """Leave workflows in the home's inbox for its coordinator to add (atomically: a file appears whole)."""
-    from monty.json import MontyEncoder
-
+def post(home: Path, workflows: Iterable[Workflow], per_file: int = POST_FILE_SIZE) -> list[Path]:
+    """Leave workflows in the home's inbox for its coordinator to add, `per_file` to a file, in order; each file
+    appears whole (atomically). Serialised one workflow at a time: a bulk submission needs no more memory than its
+    Workflow objects. If writing fails, the files this call already posted are taken back (unless taken in)."""
     folder = inbox(home)
     folder.mkdir(exist_ok=True)
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns()}.json"
+    paths: list[Path] = []
+    try:
+        for chunk in chunked(workflows, per_file):
+            paths.append(_post_file(folder, chunk))
+    except BaseException:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
+    return paths
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last one shorter)."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _post_file(folder: Path, workflows: list[Workflow]) -> Path:
+    """One inbox file: a JSON list of the workflows' documents, written beside and renamed into place."""
+    from monty.json import MontyEncoder
+
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns():020d}.json"
     tmp = folder / f".{name}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump([wf.to_dict() for wf in workflows], handle, cls=MontyEncoder)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / name)
+    try:
+        with open(tmp, "w") as handle:  # the text of json.dump(list), one document at a time
+            handle.write("[")
+            for index, workflow in enumerate(workflows):
+                handle.write((", " if index else "") + json.dumps(workflow.to_dict(), cls=MontyEncoder))
+            handle.write("]")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / name)
+    finally:
+        tmp.unlink(missing_ok=True)
     return folder / name
 
 

@@ -36,11 +36,13 @@ class SubmitReport(BaseModel):
     duplicates: dict[str, str] = {}  # uid → uid already in the LaunchPad with the same structure and settings
     refused: dict[str, str] = {}  # uid → why
     queued: list[str] = []  # uids left in the inbox for the home's running coordinator to add
-    inbox_file: str | None = None
+    inbox_files: list[str] = []  # where they were left, in order
 
     def summary(self) -> str:
         added = f"{len(self.fw_ids)} added" if not self.queued else (
-            f"{len(self.queued)} queued in {self.inbox_file} for the running coordinator to add"
+            f"{len(self.queued)} queued in {self.inbox_files[0]}"
+            + (f" and {len(self.inbox_files) - 1} more file(s)" if len(self.inbox_files) > 1 else "")
+            + " for the running coordinator to add"
         )
         return f"{added}, {len(self.duplicates)} duplicates skipped, {len(self.refused)} refused"
 
@@ -79,7 +81,7 @@ def submit(
             structures, config, get_launchpad(read_only=True), store, resources, uid_prefix, recovery
         )
         if workflows:
-            report.inbox_file = str(post(home, [wf for _, wf in workflows]))
+            report.inbox_files = [str(path) for path in post(home, (wf for _, wf in workflows))]
             report.queued = [uid for uid, _ in workflows]
         return report
     with coordinate(home, "submit"):
@@ -153,5 +155,7 @@ def build_workflows(
                                    "give this calculation another uid")
             continue
         flow = maker.make(atoms, uid, resources, key)
-        workflows.append((uid, flow_to_workflow(flow, metadata={"uid": uid, "qe_factory_key": key})))
+        # the Flow's references are all its own (LabelMaker.make): no need for jobflow to serialise it to check
+        workflow = flow_to_workflow(flow, allow_external_references=True, metadata={"uid": uid, "qe_factory_key": key})
+        workflows.append((uid, workflow))
     return report, workflows
