@@ -1,11 +1,12 @@
 """Building and posting a bulk submission (prints figures; not a timed test).
 
-`build_workflows` (refusals, de-duplication, one Flow and Workflow per structure) for N small distinct structures
-(rattled 2-atom Si and Ge cells) against a fresh embedded home, then `post` of the workflows to the home's inbox.
+`plan_workflows` (refusals, de-duplication) for N small distinct structures (rattled 2-atom Si and Ge cells) against
+a fresh embedded home, then `make_workflows` (one Flow and Workflow per structure) streamed into `post`, which writes
+them to the home's inbox; with --held, `build_workflows` makes them all before `post` writes them.
 Prints the seconds of each phase, the peak RSS and the size of the inbox (goal for 10,000: well under 60 s,
 peak RSS < 300 MB).
 
-    .venv/bin/python benchmarks/submit.py [--structures 10000] [--profile out.prof]
+    .venv/bin/python benchmarks/submit.py [--structures 10000] [--held] [--profile out.prof]
 """
 
 from __future__ import annotations
@@ -36,22 +37,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def run(workdir: Path, count: int, profile: Path | None) -> None:
+def run(workdir: Path, count: int, held: bool, profile: Path | None) -> None:
     from qe_factory.engine.config import DFTConfig
     from qe_factory.workflow.coordinator import inbox, post
-    from qe_factory.workflow.flows import build_workflows
+    from qe_factory.workflow.flows import build_workflows, make_workflows, plan_workflows
     from qe_factory.workflow.home import activate
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
 
     home = activate(workdir / "home")
-    launchpad, store = get_launchpad(), get_jobstore()
+    launchpad, store, config = get_launchpad(), get_jobstore(), DFTConfig(kpoint_density=0.3)
     frames = structures(count)
     print(f"setup: {count} structures, peak RSS {peak_rss_mb():.0f} MB")
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
     start, cpu_start = time.perf_counter(), time.process_time()
-    report, workflows = build_workflows(frames, DFTConfig(kpoint_density=0.3), launchpad, store)
+    if held:  # every Workflow made before the first is written
+        report, workflows = build_workflows(frames, config, launchpad, store)
+        phases = "build_workflows", "post"
+    else:  # made as post writes them
+        report, planned = plan_workflows(frames, config, launchpad, store)
+        workflows = make_workflows(planned, config)
+        phases = "plan_workflows", "make_workflows + post"
     built, cpu_built = time.perf_counter(), time.process_time()
     rss_built = peak_rss_mb()
     post(home, (wf for _, wf in workflows))
@@ -61,9 +68,9 @@ def run(workdir: Path, count: int, profile: Path | None) -> None:
         profiler.dump_stats(profile)
     files = list(inbox(home).glob("*.json"))
     size = sum(f.stat().st_size for f in files) / 1e6
-    print(f"build_workflows {built - start:.1f} s (CPU {cpu_built - cpu_start:.1f} s; {len(workflows)} workflows, "
-          f"{len(report.duplicates)} duplicates, {len(report.refused)} refused), peak RSS {rss_built:.0f} MB")
-    print(f"post {posted - built:.1f} s (CPU {cpu_posted - cpu_built:.1f} s), peak RSS {peak_rss_mb():.0f} MB; "
+    print(f"{phases[0]} {built - start:.1f} s (CPU {cpu_built - cpu_start:.1f} s; {len(report.duplicates)} duplicates, "
+          f"{len(report.refused)} refused), peak RSS {rss_built:.0f} MB")
+    print(f"{phases[1]} {posted - built:.1f} s (CPU {cpu_posted - cpu_built:.1f} s), peak RSS {peak_rss_mb():.0f} MB; "
           f"inbox {size:.1f} MB in {len(files)} file(s)")
     print(f"total {posted - start:.1f} s (CPU {cpu_posted - cpu_start:.1f} s)")
 
@@ -71,10 +78,11 @@ def run(workdir: Path, count: int, profile: Path | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--structures", type=int, default=10_000)
+    parser.add_argument("--held", action="store_true", help="build_workflows (all at once), then post")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of build + post to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        run(Path(tmp), args.structures, args.profile)
+        run(Path(tmp), args.structures, args.held, args.profile)
 
 
 if __name__ == "__main__":

@@ -100,14 +100,15 @@ def coordinate(home: Path, command: str) -> Iterator[None]:
 
 def post(home: Path, workflows: Iterable[Workflow], per_file: int = POST_FILE_SIZE) -> list[Path]:
     """Leave workflows in the home's inbox for its coordinator to add, `per_file` to a file, in order; each file
-    appears whole (atomically). Serialised one workflow at a time: a bulk submission needs no more memory than its
-    Workflow objects. If writing fails, the files this call already posted are taken back (unless taken in)."""
+    appears whole (atomically). Each workflow is serialised and written as it comes: given a generator, a bulk
+    submission never holds them all. If writing fails, the files this call already posted are taken back (unless
+    taken in meanwhile)."""
     folder = inbox(home)
     folder.mkdir(exist_ok=True)
-    paths: list[Path] = []
+    remaining, paths = iter(workflows), []
     try:
-        for chunk in chunked(workflows, per_file):
-            paths.append(_post_file(folder, chunk))
+        while path := _post_file(folder, itertools.islice(remaining, per_file)):
+            paths.append(path)
     except BaseException:
         for path in paths:
             path.unlink(missing_ok=True)
@@ -115,31 +116,25 @@ def post(home: Path, workflows: Iterable[Workflow], per_file: int = POST_FILE_SI
     return paths
 
 
-def chunked(items: Iterable, size: int) -> Iterator[list]:
-    """Lists of `size` consecutive items (the last one shorter)."""
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
-
-
-def _post_file(folder: Path, workflows: list[Workflow]) -> Path:
-    """One inbox file: a JSON list of the workflows' documents, written beside and renamed into place."""
+def _post_file(folder: Path, workflows: Iterable[Workflow]) -> Path | None:
+    """One inbox file: the JSON list of the workflows' documents (the text json.dump gives), written beside and
+    renamed into place; None (no file) when there are no workflows."""
     from monty.json import MontyEncoder
 
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns():020d}.json"
-    tmp = folder / f".{name}.tmp"
+    tmp, count = folder / f".{name}.tmp", 0
     try:
-        with open(tmp, "w") as handle:  # the text of json.dump(list), one document at a time
-            handle.write("[")
-            for index, workflow in enumerate(workflows):
-                handle.write((", " if index else "") + json.dumps(workflow.to_dict(), cls=MontyEncoder))
+        with open(tmp, "w") as handle:
+            for count, workflow in enumerate(workflows, 1):
+                handle.write(("[" if count == 1 else ", ") + json.dumps(workflow.to_dict(), cls=MontyEncoder))
             handle.write("]")
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, folder / name)
+        if count:
+            os.replace(tmp, folder / name)
     finally:
         tmp.unlink(missing_ok=True)
-    return folder / name
+    return folder / name if count else None
 
 
 def waiting(home: Path) -> list[Path]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ase import Atoms
 from pydantic import BaseModel
@@ -77,12 +77,11 @@ def submit(
         return report
     home = factory_home()
     if embedded_file(home) is not None and holder(home) is not None:  # another process coordinates the home
-        report, workflows = build_workflows(
-            structures, config, get_launchpad(read_only=True), store, resources, uid_prefix, recovery
-        )
-        if workflows:
+        report, planned = plan_workflows(structures, config, get_launchpad(read_only=True), store, uid_prefix)
+        if planned:  # made and written one at a time
+            workflows = make_workflows(planned, config, resources, recovery)
             report.inbox_files = [str(path) for path in post(home, (wf for _, wf in workflows))]
-            report.queued = [uid for uid, _ in workflows]
+            report.queued = [item.uid for item in planned]
         return report
     with coordinate(home, "submit"):
         launchpad = get_launchpad()
@@ -101,15 +100,29 @@ def add_workflows(launchpad, report: SubmitReport, workflows: list) -> None:
     report.fw_ids = {uid: sorted(fw.fw_id for fw in wf) for uid, wf in workflows}
 
 
+class Planned(NamedTuple):
+    """A structure to make a workflow for: its uid, the structure, the calculation key."""
+
+    uid: str
+    atoms: Atoms
+    key: str
+
+
 def build_workflows(
     structures, config: DFTConfig, launchpad, store, resources=None, uid_prefix: str = "s",
     recovery: RecoveryHandler | None = None,
 ) -> tuple[SubmitReport, list]:
     """The report (refusals, duplicates against the batch, the LaunchPad and the JobStore) and the (uid, Workflow)
-    pairs to add."""
-    from jobflow.managers.fireworks import flow_to_workflow
+    pairs to add, all made at once (`plan_workflows` then `make_workflows` makes them one at a time)."""
+    report, planned = plan_workflows(structures, config, launchpad, store, uid_prefix)
+    return report, list(make_workflows(planned, config, resources, recovery))
 
-    maker = LabelMaker(config=config, recovery=recovery or RecoveryHandler())
+
+def plan_workflows(
+    structures, config: DFTConfig, launchpad, store, uid_prefix: str = "s"
+) -> tuple[SubmitReport, list[Planned]]:
+    """The report (refusals, duplicates against the batch, the LaunchPad and the JobStore) and the structures to
+    make workflows for, in order."""
     generator = InputGenerator(config)
     report, keyed, uids = SubmitReport(), {}, set()
     for index, (uid, atoms) in enumerate(read_structures(structures)):
@@ -142,7 +155,7 @@ def build_workflows(
         existing.setdefault(doc["metadata"]["qe_factory_key"], doc["metadata"]["uid"])
         labelled[doc["metadata"]["uid"]] = doc["metadata"]["qe_factory_key"]
     taken_uids = {doc["metadata"]["uid"] for doc in known}
-    workflows = []
+    planned = []
     for key, (uid, atoms) in keyed.items():
         if key in existing:
             report.duplicates[uid] = existing[key]
@@ -154,8 +167,19 @@ def build_workflows(
             report.refused[uid] = (f"uid {uid!r} already has a label made with another structure or other settings; "
                                    "give this calculation another uid")
             continue
+        planned.append(Planned(uid, atoms, key))
+    return report, planned
+
+
+def make_workflows(
+    planned: Iterable[Planned], config: DFTConfig, resources=None, recovery: RecoveryHandler | None = None
+) -> Iterator[tuple[str, Any]]:
+    """(uid, Workflow) of each planned structure, made as they are asked for: a bulk submission streamed to the
+    inbox (`coordinator.post`) never holds them all."""
+    from jobflow.managers.fireworks import flow_to_workflow
+
+    maker = LabelMaker(config=config, recovery=recovery or RecoveryHandler())
+    for uid, atoms, key in planned:
         flow = maker.make(atoms, uid, resources, key)
         # the Flow's references are all its own (LabelMaker.make): no need for jobflow to serialise it to check
-        workflow = flow_to_workflow(flow, allow_external_references=True, metadata={"uid": uid, "qe_factory_key": key})
-        workflows.append((uid, workflow))
-    return report, workflows
+        yield uid, flow_to_workflow(flow, allow_external_references=True, metadata={"uid": uid, "qe_factory_key": key})
