@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,6 +47,29 @@ def closest_contact(atoms: Atoms) -> tuple[int, int, float, float] | None:
     return int(i[k]), int(j[k]), float(d[k]), float(ratio[k])
 
 
+SCREEN_LIMIT = 20_000  # pair-image distances the brute-force screen computes at most (larger: ASE alone)
+
+
+def clearly_apart(atoms: Atoms, factor: float) -> bool:
+    """True when no two atoms (periodic images included) are closer than `factor` × the sum of their covalent radii:
+    a quick sufficient test for small cells (brute force over every periodic image within reach), False when it
+    cannot tell. `closest_contact` (ASE's neighbour list: ~1 ms even for 2 atoms) then decides."""
+    radii = covalent_radii[atoms.numbers]
+    reach = factor * 2 * float(radii.max())  # no pair closer than this can be too close
+    fractional = atoms.get_scaled_positions(wrap=True)  # in [0, 1] along periodic axes
+    # |Δf_k + s_k| ≤ reach·|b_k| for any image within reach (b_k: reciprocal vector without 2π), and |Δf_k| ≤ 1
+    spans = [math.ceil(reach * length) + 1 if periodic else 0
+             for length, periodic in zip(np.linalg.norm(atoms.cell.reciprocal(), axis=1), atoms.pbc)]
+    if len(atoms) ** 2 * math.prod(2 * n + 1 for n in spans) > SCREEN_LIMIT:
+        return False
+    shifts = np.array(list(itertools.product(*(range(-n, n + 1) for n in spans))), dtype=float)
+    delta = fractional[None, :, None, :] - fractional[:, None, None, :] + shifts[None, None, :, :]  # i, j, image
+    distances = np.linalg.norm(delta @ atoms.cell.array, axis=-1)
+    distances[np.arange(len(atoms)), np.arange(len(atoms)), len(shifts) // 2] = np.inf  # an atom and itself
+    ratios = distances / (radii[:, None, None] + radii[None, :, None])
+    return bool(ratios.min() >= factor * (1 + 1e-6))
+
+
 def check_structure(atoms: Atoms, min_distance_factor: float = 0.5) -> None:
     """Raise StructureError if pw.x cannot (or should not) run on `atoms`."""
     if not isinstance(atoms, Atoms):
@@ -72,7 +97,7 @@ def check_structure(atoms: Atoms, min_distance_factor: float = 0.5) -> None:
     volume = float(np.linalg.det(cell))
     if volume <= 1e-6:
         raise StructureError(f"the cell volume is {volume:.4g} Å^3: the cell must be right-handed and non-degenerate")
-    contact = closest_contact(atoms)
+    contact = None if clearly_apart(atoms, min_distance_factor) else closest_contact(atoms)
     if contact and contact[3] < min_distance_factor:
         i, j, d, ratio = contact
         s = atoms.get_chemical_symbols()

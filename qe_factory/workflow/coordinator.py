@@ -8,12 +8,13 @@ which the coordinator takes in. Readers (`status`, `export`) never write. With M
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from qe_factory.workflow.home import embedded_file
 if TYPE_CHECKING:
     from fireworks import LaunchPad, Workflow
 
+POST_FILE_SIZE = 1000  # workflows per inbox file: the coordinator takes in (and saves) one file at a time
 _held: dict[Path, int] = {}  # homes whose lock this process holds → lock file descriptor
 
 
@@ -96,20 +98,43 @@ def coordinate(home: Path, command: str) -> Iterator[None]:
         os.close(fd)
 
 
-def post(home: Path, workflows: list[Workflow]) -> Path:
-    """Leave workflows in the home's inbox for its coordinator to add (atomically: a file appears whole)."""
-    from monty.json import MontyEncoder
-
+def post(home: Path, workflows: Iterable[Workflow], per_file: int = POST_FILE_SIZE) -> list[Path]:
+    """Leave workflows in the home's inbox for its coordinator to add, `per_file` to a file, in order; each file
+    appears whole (atomically). Each workflow is serialised and written as it comes: given a generator, a bulk
+    submission never holds them all. If writing fails, the files this call already posted are taken back (unless
+    taken in meanwhile)."""
     folder = inbox(home)
     folder.mkdir(exist_ok=True)
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns()}.json"
-    tmp = folder / f".{name}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump([wf.to_dict() for wf in workflows], handle, cls=MontyEncoder)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / name)
-    return folder / name
+    remaining, paths = iter(workflows), []
+    try:
+        while path := _post_file(folder, itertools.islice(remaining, per_file)):
+            paths.append(path)
+    except BaseException:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
+    return paths
+
+
+def _post_file(folder: Path, workflows: Iterable[Workflow]) -> Path | None:
+    """One inbox file: the JSON list of the workflows' documents (the text json.dump gives), written beside and
+    renamed into place; None (no file) when there are no workflows."""
+    from monty.json import MontyEncoder
+
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns():020d}.json"
+    tmp, count = folder / f".{name}.tmp", 0
+    try:
+        with open(tmp, "w") as handle:
+            for count, workflow in enumerate(workflows, 1):
+                handle.write(("[" if count == 1 else ", ") + json.dumps(workflow.to_dict(), cls=MontyEncoder))
+            handle.write("]")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if count:
+            os.replace(tmp, folder / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return folder / name if count else None
 
 
 def waiting(home: Path) -> list[Path]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ase import Atoms
 from pydantic import BaseModel
@@ -36,11 +36,13 @@ class SubmitReport(BaseModel):
     duplicates: dict[str, str] = {}  # uid → uid already in the LaunchPad with the same structure and settings
     refused: dict[str, str] = {}  # uid → why
     queued: list[str] = []  # uids left in the inbox for the home's running coordinator to add
-    inbox_file: str | None = None
+    inbox_files: list[str] = []  # where they were left, in order
 
     def summary(self) -> str:
         added = f"{len(self.fw_ids)} added" if not self.queued else (
-            f"{len(self.queued)} queued in {self.inbox_file} for the running coordinator to add"
+            f"{len(self.queued)} queued in {self.inbox_files[0]}"
+            + (f" and {len(self.inbox_files) - 1} more file(s)" if len(self.inbox_files) > 1 else "")
+            + " for the running coordinator to add"
         )
         return f"{added}, {len(self.duplicates)} duplicates skipped, {len(self.refused)} refused"
 
@@ -75,12 +77,11 @@ def submit(
         return report
     home = factory_home()
     if embedded_file(home) is not None and holder(home) is not None:  # another process coordinates the home
-        report, workflows = build_workflows(
-            structures, config, get_launchpad(read_only=True), store, resources, uid_prefix, recovery
-        )
-        if workflows:
-            report.inbox_file = str(post(home, [wf for _, wf in workflows]))
-            report.queued = [uid for uid, _ in workflows]
+        report, planned = plan_workflows(structures, config, get_launchpad(read_only=True), store, uid_prefix)
+        if planned:  # made and written one at a time
+            workflows = make_workflows(planned, config, resources, recovery)
+            report.inbox_files = [str(path) for path in post(home, (wf for _, wf in workflows))]
+            report.queued = [item.uid for item in planned]
         return report
     with coordinate(home, "submit"):
         launchpad = get_launchpad()
@@ -99,15 +100,29 @@ def add_workflows(launchpad, report: SubmitReport, workflows: list) -> None:
     report.fw_ids = {uid: sorted(fw.fw_id for fw in wf) for uid, wf in workflows}
 
 
+class Planned(NamedTuple):
+    """A structure to make a workflow for: its uid, the structure, the calculation key."""
+
+    uid: str
+    atoms: Atoms
+    key: str
+
+
 def build_workflows(
     structures, config: DFTConfig, launchpad, store, resources=None, uid_prefix: str = "s",
     recovery: RecoveryHandler | None = None,
 ) -> tuple[SubmitReport, list]:
     """The report (refusals, duplicates against the batch, the LaunchPad and the JobStore) and the (uid, Workflow)
-    pairs to add."""
-    from jobflow.managers.fireworks import flow_to_workflow
+    pairs to add, all made at once (`plan_workflows` then `make_workflows` makes them one at a time)."""
+    report, planned = plan_workflows(structures, config, launchpad, store, uid_prefix)
+    return report, list(make_workflows(planned, config, resources, recovery))
 
-    maker = LabelMaker(config=config, recovery=recovery or RecoveryHandler())
+
+def plan_workflows(
+    structures, config: DFTConfig, launchpad, store, uid_prefix: str = "s"
+) -> tuple[SubmitReport, list[Planned]]:
+    """The report (refusals, duplicates against the batch, the LaunchPad and the JobStore) and the structures to
+    make workflows for, in order."""
     generator = InputGenerator(config)
     report, keyed, uids = SubmitReport(), {}, set()
     for index, (uid, atoms) in enumerate(read_structures(structures)):
@@ -140,7 +155,7 @@ def build_workflows(
         existing.setdefault(doc["metadata"]["qe_factory_key"], doc["metadata"]["uid"])
         labelled[doc["metadata"]["uid"]] = doc["metadata"]["qe_factory_key"]
     taken_uids = {doc["metadata"]["uid"] for doc in known}
-    workflows = []
+    planned = []
     for key, (uid, atoms) in keyed.items():
         if key in existing:
             report.duplicates[uid] = existing[key]
@@ -152,6 +167,19 @@ def build_workflows(
             report.refused[uid] = (f"uid {uid!r} already has a label made with another structure or other settings; "
                                    "give this calculation another uid")
             continue
+        planned.append(Planned(uid, atoms, key))
+    return report, planned
+
+
+def make_workflows(
+    planned: Iterable[Planned], config: DFTConfig, resources=None, recovery: RecoveryHandler | None = None
+) -> Iterator[tuple[str, Any]]:
+    """(uid, Workflow) of each planned structure, made as they are asked for: a bulk submission streamed to the
+    inbox (`coordinator.post`) never holds them all."""
+    from jobflow.managers.fireworks import flow_to_workflow
+
+    maker = LabelMaker(config=config, recovery=recovery or RecoveryHandler())
+    for uid, atoms, key in planned:
         flow = maker.make(atoms, uid, resources, key)
-        workflows.append((uid, flow_to_workflow(flow, metadata={"uid": uid, "qe_factory_key": key})))
-    return report, workflows
+        # the Flow's references are all its own (LabelMaker.make): no need for jobflow to serialise it to check
+        yield uid, flow_to_workflow(flow, allow_external_references=True, metadata={"uid": uid, "qe_factory_key": key})

@@ -7,7 +7,7 @@ here. Where and how pw.x runs (ExecutionSettings) is the worker's: `home.worker_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ase import Atoms
@@ -44,6 +44,11 @@ class LabelMaker(Maker):
     name: str = "qe_factory"
     config: DFTConfig = field(default_factory=DFTConfig)
     recovery: RecoveryHandler = field(default_factory=RecoveryHandler)
+
+    def __deepcopy__(self, memo: dict) -> LabelMaker:
+        """A new maker sharing `config` and `recovery` (never changed in place). jobflow deep-copies the maker into
+        every job it makes: sharing keeps a bulk submission's memory and time to the structures."""
+        return replace(self)
 
     def make(
         self, atoms: Atoms, uid: str, resources: dict[str, Any] | None = None, key: str | None = None

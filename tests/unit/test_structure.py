@@ -100,3 +100,29 @@ def test_an_unreadable_frame_is_refused_alone_naming_the_symbol(tmp_path):
     check_structure(read[2][1])
     with pytest.raises(StructureError, match="frame 1 of in.extxyz cannot be read: unknown chemical symbol 'Xx'"):
         check_structure(read[1][1])
+
+
+def test_the_quick_screen_never_clears_a_contact_ase_finds():
+    """clearly_apart (brute force over periodic images, small cells) only ever skips ASE's neighbour list when ASE
+    would find no pair below the factor: random small cells, skewed or partly periodic, some with a close pair."""
+    from qe_factory.engine.structure import clearly_apart
+
+    rng = np.random.default_rng(0)
+    cleared = 0
+    for _ in range(300):
+        cell = np.diag(rng.uniform(1.5, 7.0, 3)) + rng.normal(0, 1.0, (3, 3))
+        if np.linalg.det(cell) < 1.0 or (1 / np.linalg.norm(np.linalg.inv(cell), axis=0)).min() < 1.0:
+            continue
+        n = int(rng.integers(1, 5))
+        atoms = Atoms(numbers=rng.choice([1, 8, 14, 26, 79], n), scaled_positions=rng.uniform(-0.2, 1.2, (n, 3)),
+                      cell=cell, pbc=rng.random(3) < 0.8)
+        if rng.random() < 0.3:
+            atoms.positions[-1] = atoms.positions[0] + rng.normal(0, 0.3, 3)
+        factor = float(rng.choice([0.3, 0.5, 0.8, 1.2]))
+        if clearly_apart(atoms, factor):
+            cleared += 1
+            contact = closest_contact(atoms)
+            assert contact is None or contact[3] >= factor, (atoms.cell, atoms.positions, factor, contact)
+    assert cleared > 50  # the screen does clear most sane cells
+    assert clearly_apart(bulk("Si"), 0.5)
+    assert not clearly_apart(Atoms("Si2", positions=[(0.1, 0, 0), (2.6, 0, 0)], cell=[3.0, 8, 8], pbc=True), 0.5)

@@ -130,3 +130,20 @@ def test_the_recovery_policy_and_settings_travel_with_the_workflow(fast_config):
     maker = scf.tasks[0]["job"].function.__self__
     assert type(maker.recovery) is MoreStepsFirst and maker.recovery.steps == 77
     assert maker.config.degauss == 0.03 and maker.config.execution.mpi_ranks is None
+
+
+def test_post_streams_workflows_into_inbox_files_of_bounded_size(home, fast_config):
+    """A generator of workflows goes to the inbox in files of at most `per_file`, in order, each the JSON list of
+    the workflows' documents."""
+    from qe_factory.workflow.coordinator import post, waiting
+    from qe_factory.workflow.flows import make_workflows, plan_workflows
+    from qe_factory.workflow.launchpad import get_jobstore
+
+    report, planned = plan_workflows([rattled_si(seed) for seed in range(7)], fast_config, get_launchpad(),
+                                     get_jobstore())
+    paths = post(home, (wf for _, wf in make_workflows(planned, fast_config)), per_file=3)
+    assert paths == waiting(home) and len(paths) == 3
+    documents = [doc for path in paths for doc in json.loads(path.read_text())]
+    assert [len(json.loads(path.read_text())) for path in paths] == [3, 3, 1]
+    assert [doc["metadata"]["uid"] for doc in documents] == [f"si-{seed}" for seed in range(7)]
+    assert post(home, iter(())) == [] and len(waiting(home)) == 3
