@@ -17,14 +17,17 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qe_factory.workflow.home import embedded_file
 
 if TYPE_CHECKING:
     from fireworks import LaunchPad, Workflow
 
-POST_FILE_SIZE = 1000  # workflows per inbox file: the coordinator takes in (and saves) one file at a time
+POST_FILE_SIZE = 20  # workflows per inbox file: the coordinator takes in (and saves) one file at a time
+# Unfinished workflows the embedded LaunchPad holds before the coordinator takes in more (plus one inbox file): its
+# file-backed store scans every document on each query, so it holds the work in progress, not the whole backlog.
+LAUNCHPAD_WORKFLOWS = 20
 _held: dict[Path, int] = {}  # homes whose lock this process holds → lock file descriptor
 
 
@@ -143,30 +146,48 @@ def waiting(home: Path) -> list[Path]:
     return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 
-def take_in(home: Path, launchpad: LaunchPad, save) -> list[str]:
-    """Add the inbox's workflows to the LaunchPad (skipping a uid or calculation already there), save, then delete
-    each submission file; returns one line per submission. Only the coordinator calls this."""
+class Intake(NamedTuple):
+    """What one inbox file brought: uid → Firework ids of each workflow added, and how many were already known."""
+
+    file: str
+    added: dict[str, list[int]]
+    skipped: int
+
+    def line(self) -> str:
+        return f"took in {self.file}: {len(self.added)} workflow(s) added" + (
+            f", {self.skipped} already here or labelled" if self.skipped else "")
+
+
+UNFINISHED = {"state": {"$nin": ["COMPLETED", "FIZZLED", "DEFUSED"]}}
+
+
+def take_in(home: Path, launchpad: LaunchPad, save, store=None, capacity: int | None = None) -> list[Intake]:
+    """Add the inbox's workflows to the LaunchPad, oldest file first, while it holds fewer than `capacity`
+    unfinished workflows (None: all); skip a uid or calculation already in the LaunchPad or labelled in `store` (a
+    JobStore). Each file is saved in, then deleted. Only the coordinator calls this."""
     from fireworks import Workflow
 
-    lines = []
+    intakes = []
     for path in waiting(home):
+        if capacity is not None and launchpad.workflows.count_documents(UNFINISHED) >= capacity:
+            break
         workflows = [Workflow.from_dict(d) for d in json.loads(path.read_text())]
         keys = [wf.metadata.get("qe_factory_key") for wf in workflows]
         uids = [wf.metadata.get("uid") for wf in workflows]
-        known = launchpad.workflows.find(
-            {"$or": [{"metadata.qe_factory_key": {"$in": keys}}, {"metadata.uid": {"$in": uids}}]},
-            {"metadata.qe_factory_key": 1, "metadata.uid": 1},
-        )
-        taken = {v for doc in known for v in (doc["metadata"].get("qe_factory_key"), doc["metadata"].get("uid"))}
+        either = {"$or": [{"metadata.qe_factory_key": {"$in": keys}}, {"metadata.uid": {"$in": uids}}]}
+        known = [doc["metadata"] for doc in launchpad.workflows.find(either, {"metadata": 1})]
+        if store is not None:
+            known += [doc["metadata"] for doc in store.query({"metadata.stage": "validate", **either},
+                                                             properties=["metadata"])]
+        taken = {value for meta in known for value in (meta.get("qe_factory_key"), meta.get("uid"))}
         new = [wf for wf in workflows if not {wf.metadata.get("qe_factory_key"), wf.metadata.get("uid")} & taken]
         if new:
             bulk_add(launchpad, new)
         save(launchpad)
         path.unlink()
-        skipped = len(workflows) - len(new)
-        lines.append(f"took in {path.name}: {len(new)} workflow(s) added" + (f", {skipped} already here" if skipped
-                                                                            else ""))
-    return lines
+        intakes.append(Intake(path.name, {wf.metadata["uid"]: sorted(wf.id_fw) for wf in new},
+                              len(workflows) - len(new)))
+    return intakes
 
 
 def bulk_add(launchpad: LaunchPad, workflows: list[Workflow]) -> None:

@@ -39,12 +39,10 @@ class SubmitReport(BaseModel):
     inbox_files: list[str] = []  # where they were left, in order
 
     def summary(self) -> str:
-        added = f"{len(self.fw_ids)} added" if not self.queued else (
-            f"{len(self.queued)} queued in {self.inbox_files[0]}"
-            + (f" and {len(self.inbox_files) - 1} more file(s)" if len(self.inbox_files) > 1 else "")
-            + " for the running coordinator to add"
-        )
-        return f"{added}, {len(self.duplicates)} duplicates skipped, {len(self.refused)} refused"
+        queued = (f", {len(self.queued)} queued in {len(self.inbox_files)} inbox file(s) (the coordinator takes "
+                  "them in as the LaunchPad empties)") if self.queued else ""
+        skipped = f"{len(self.duplicates)} duplicates skipped, {len(self.refused)} refused"
+        return f"{len(self.fw_ids)} added{queued}, {skipped}"
 
 
 def submit(
@@ -62,33 +60,48 @@ def submit(
     a JobStore) is reported, not added. `config` (its physics; execution settings stay with the workers) and
     `recovery` (default RecoveryHandler(), or your subclass) travel with every workflow.
 
-    Without a `launchpad` (the documented entry point), the embedded LaunchPad of the active home is written only as
-    its coordinator: when another process coordinates the home, the workflows go to the home's inbox instead and
-    that process adds them (`report.queued`).
+    With the embedded LaunchPad (no MongoDB), the workflows go through the home's inbox (files of POST_FILE_SIZE):
+    this process, as the home's coordinator, takes in as many as keep the LaunchPad at LAUNCHPAD_WORKFLOWS
+    unfinished ones (`report.fw_ids`); the rest (`report.queued`) are taken in by the coordinator as workflows
+    finish. When another process coordinates the home, all go to the inbox for it (never beside it into the file).
     """
-    from qe_factory.workflow.coordinator import coordinate, holder, post, take_in
+    from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, coordinate, holder, take_in
+    from qe_factory.workflow.fireworks_adapter import embedded_store
     from qe_factory.workflow.home import embedded_file, factory_home
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, save_launchpad
 
     store = store if store is not None else get_jobstore()
-    if launchpad is not None:
+    home = factory_home()
+    if launchpad is None and embedded_file(home) is None:
+        launchpad = get_launchpad()
+    if launchpad is not None and embedded_store(launchpad) is None:  # MongoDB: straight in, in bulk
         report, workflows = build_workflows(structures, config, launchpad, store, resources, uid_prefix, recovery)
         add_workflows(launchpad, report, workflows)
         return report
-    home = factory_home()
-    if embedded_file(home) is not None and holder(home) is not None:  # another process coordinates the home
+    if launchpad is None and holder(home) is not None:  # another process coordinates the home
         report, planned = plan_workflows(structures, config, get_launchpad(read_only=True), store, uid_prefix)
-        if planned:  # made and written one at a time
-            workflows = make_workflows(planned, config, resources, recovery)
-            report.inbox_files = [str(path) for path in post(home, (wf for _, wf in workflows))]
-            report.queued = [item.uid for item in planned]
+        post_planned(home, report, planned, config, resources, recovery)
         return report
     with coordinate(home, "submit"):
-        launchpad = get_launchpad()
-        take_in(home, launchpad, save_launchpad)  # what earlier submissions left for a coordinator
-        report, workflows = build_workflows(structures, config, launchpad, store, resources, uid_prefix, recovery)
-        add_workflows(launchpad, report, workflows)
+        launchpad = launchpad or get_launchpad()
+        report, planned = plan_workflows(structures, config, launchpad, store, uid_prefix)
+        post_planned(home, report, planned, config, resources, recovery)
+        intakes = take_in(home, launchpad, save_launchpad, store, LAUNCHPAD_WORKFLOWS)
+    added = {uid: ids for intake in intakes for uid, ids in intake.added.items()}
+    report.fw_ids = {uid: added[uid] for uid in report.queued if uid in added}
+    report.queued = [uid for uid in report.queued if uid not in added]
+    report.inbox_files = [path for path in report.inbox_files if Path(path).exists()]
     return report
+
+
+def post_planned(home: Path, report: SubmitReport, planned: list, config, resources, recovery) -> None:
+    """Make the planned workflows and write them to the inbox one at a time (never all in memory)."""
+    from qe_factory.workflow.coordinator import post
+
+    if planned:
+        workflows = make_workflows(planned, config, resources, recovery)
+        report.inbox_files = [str(path) for path in post(home, (wf for _, wf in workflows))]
+        report.queued = [item.uid for item in planned]
 
 
 def add_workflows(launchpad, report: SubmitReport, workflows: list) -> None:

@@ -67,6 +67,7 @@ class LocalSlots:
         if count > 1 and (execution.mpi_ranks or 1) > 1:  # else mpirun binds every run's ranks to the first cores
             self.environment["OMPI_MCA_hwloc_base_binding_policy"] = "none"
         self.execution, self.log = execution, str(log) if log else None
+        self.max_running = count
         self.idle: list[tuple[Any, Any]] = [self._spawn() for _ in range(count)]  # (connection, process)
         self.busy: dict[Any, tuple[Any, OfflineRun]] = {}  # connection → (process, run)
 
@@ -135,6 +136,7 @@ class QueueSlots:
     def __init__(self, qadapter, max_jobs: int, poll_seconds: float, max_submissions: int = 0):
         self.qadapter, self.max_jobs, self.poll_seconds = qadapter, max_jobs, poll_seconds
         self.max_submissions = max_submissions  # 0: no limit
+        self.max_running = max_jobs
         self.runs: list[OfflineRun] = []  # submitted and not yet ended (also by an earlier coordinator: adopt)
         self.submitted = 0
 

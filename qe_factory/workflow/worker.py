@@ -17,7 +17,7 @@ from qe_factory.engine.config import ExecutionSettings
 from qe_factory.engine.errors import DiskFullError
 from qe_factory.engine.parallel import available_ranks, seconds_left_in_allocation
 from qe_factory.engine.process import STOP
-from qe_factory.workflow.coordinator import command_line, coordinate, take_in
+from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, command_line, coordinate, take_in
 from qe_factory.workflow.home import embedded_file, factory_home, use_execution, worker_execution
 from qe_factory.workflow.launchpad import (
     Saver,
@@ -147,6 +147,7 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
         count = parallel or choose_parallel(ranks, waiting)
         slot_execution = execution.model_copy(update={"mpi_ranks": max(1, ranks // count)})
         slots = LocalSlots(count, slot_execution, log)
+    capacity = max(LAUNCHPAD_WORKFLOWS, 2 * slots.max_running)
     finishing: list[int] = []  # SIGUSR1: finish the running Fireworks, take no new one
     signals: list[int] = []
 
@@ -198,8 +199,9 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
     try:
         while True:
             if accepting():
-                for line in take_in(home, launchpad, save_launchpad) if embedded else ():
-                    print(f"qe-factory: {line}", file=sys.stderr)
+                if embedded:  # the backlog waits in the inbox: the LaunchPad holds the work in progress
+                    for intake in take_in(home, launchpad, save_launchpad, store, capacity):
+                        log_line(log, f"qe-factory: {intake.line()}")
                 while accepting() and (ready := next_ready(launchpad, fworker)) is not None:
                     fw_id, stage = ready
                     if stage in WORKER_STAGES and not slots.free():
@@ -209,6 +211,8 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
                         slots.start(run)
                         if run.job_id:
                             launchpad.set_reservation_id(run.launch_id, run.job_id)
+                        saver.changed()
+                        saver.flush()  # a reader sees what runs (and a killed coordinator leaves it reserved)
                     else:
                         _launch_here(launchpad, fworker, fw_id, launch_root / launch_name(stage, fw_id), log)
                         ended(fw_id)
@@ -267,6 +271,15 @@ def structure_finished(launchpad: LaunchPad, fw_id: int) -> tuple[str, str] | No
     if doc.get("state") == "FIZZLED" or (doc.get("state") == "COMPLETED" and spec.get("stage") == "validate"):
         return spec.get("uid"), doc["state"]
     return None
+
+
+def log_line(log: Path | None, line: str) -> None:
+    """A line for the home's log (or the terminal when there is no log: qe-factory -v)."""
+    if log is None:
+        print(line, file=sys.stderr)
+    else:
+        with open(log, "a") as handle:
+            handle.write(line + "\n")
 
 
 def launch_name(kind: str, fw_id: int | None) -> str:
