@@ -123,8 +123,8 @@ def xml_problems(xml: PwXml, output: PwOutput, pw_input: PwInput) -> list[str]:
     problems = [] if xml.converged == output.converged else [
         f"pw.x's XML and stdout disagree: converged {xml.converged} vs {output.converged}"
     ]
-    pairs = [
-        ("energy", xml.energy, output.energy), ("forces", xml.forces, output.forces),
+    pairs = [  # an unconverged run's XML has its last iteration's energy: no result, as pw.out prints none
+        ("energy", xml.energy if xml.converged else None, output.energy), ("forces", xml.forces, output.forces),
         ("stress", xml.stress, output.stress),
         ("total magnetization", xml.total_magnetization, output.total_magnetization),
         ("absolute magnetization", xml.absolute_magnetization, output.absolute_magnetization),
