@@ -43,6 +43,15 @@ def test_scenario_success(fake_runner, tmp_path):
     expected = parse_pw_output((DATA / "si_scf" / "pw.out").read_text()).energy
     assert result.succeeded and result.energy == pytest.approx(expected, abs=1e-9)
     assert len(result.forces) == 2 and calls(tmp_path) == 1
+    assert result.problems == [] and result.pw_xml["energy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_converged_run_without_its_xml_is_refused(fake_runner):
+    """si_verbosity_high is a converged real run whose fixture keeps no data-file-schema.xml: nothing to check."""
+    result = fake_runner("replay:si_verbosity_high").run(bulk("Si"), uid="no-xml", raise_on_failure=False)
+    assert [a.error_type for a in result.attempts] == ["OK"] and result.energy is not None
+    assert not result.succeeded and result.pw_xml is None
+    assert result.problems == ["pw.x wrote no data-file-schema.xml: the label cannot be checked"]
 
 
 def test_scenario_fail_then_succeed(fake_runner, fast_config, tmp_path):
