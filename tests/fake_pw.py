@@ -4,7 +4,9 @@
 FAKE_PW_PLAN is a comma-separated list of actions, one per call (the last one repeats); FAKE_PW_COUNTER names a
 file that counts the calls; FAKE_PW_PIDFILE, if set, gets this process's pid. Actions:
   replay:<fixture>  print tests/data/<fixture>/pw.out (real pw.x output), its pw.err and CRASH, exit with its code;
-                    when the run had SCF iterations, leave a charge-density file in ../out/pwscf.save as pw.x does
+                    when the run had SCF iterations, leave a charge-density file in ../out/pwscf.save as pw.x does,
+                    and the fixture's data-file-schema.xml there when it has one (its <input> is the fixture's:
+                    the runner's check flags a replay under other settings)
   cholesky          si_scf's output up to its first SCF iteration, then the error block and CRASH file pw.x writes
                     when the Cholesky factorisation fails (real pw.x 6.7 did not fail so on any cheap input)
   segfault          die on SIGSEGV        oom      die on SIGKILL after printing the OOM killer's words to stderr
@@ -42,6 +44,8 @@ def main() -> int:
             density = Path("..", "out", "pwscf.save", "charge-density.dat")
             density.parent.mkdir(parents=True, exist_ok=True)
             density.write_bytes(b"")
+            if (fixture / "data-file-schema.xml").exists():
+                shutil.copy(fixture / "data-file-schema.xml", density.parent / "data-file-schema.xml")
         return json.loads((fixture / "meta.json").read_text())["returncode"]
     if action == "cholesky":
         head = (DATA / "si_scf" / "pw.out").read_text().split("     iteration #  2")[0]

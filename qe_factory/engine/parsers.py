@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase.units import Bohr, Ry
@@ -46,6 +47,10 @@ class PwOutput(BaseModel):
     wall_time: float | None = None
     cpu_time: float | None = None
     pseudos_read: dict[str, dict[str, str]] = {}  # element → {"path", "md5"} of the file pw.x says it read
+    # pw.x's XML record of a converged run, read back by the runner: its summary (pwxml.PwXml.summary) and where it
+    # disagrees with this stdout or with the input asked for (sanitize.xml_problems)
+    xml: dict[str, Any] | None = None
+    xml_problems: list[str] = []
 
     def missing_results(self) -> list[str]:
         """Names of the results this output lacks."""

@@ -55,6 +55,7 @@ class DFTResult(Document):
     pw_version: str | None = None
     scf_iterations: int | None = None
     total_magnetization: float | None = None
+    pw_xml: dict[str, Any] | None = None  # pw.x's own record (data-file-schema.xml, pwxml.PwXml.summary), checked
     problems: list[str] = []
     label_deviations: dict[str, tuple[Any, Any]] = {}
     attempts: list[Attempt] = []

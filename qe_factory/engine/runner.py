@@ -25,6 +25,7 @@ from qe_factory.engine.parallel import (
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_run_texts
 from qe_factory.engine.process import execute
 from qe_factory.engine.pseudos import PseudopotentialError
+from qe_factory.engine.pwxml import XML_NAME, XmlError, read_pw_xml, xml_path
 from qe_factory.engine.recovery import (
     RESTART_PARAMETERS,
     Correction,
@@ -35,13 +36,14 @@ from qe_factory.engine.recovery import (
     merge_parameters,
 )
 from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult
-from qe_factory.engine.sanitize import provenance_problems, sanitize
+from qe_factory.engine.sanitize import provenance_problems, sanitize, xml_problems
 from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, closest_contact
 
 log = logging.getLogger(__name__)
 
 SCRATCH_DIR = "out"  # pw.x outdir, shared by a structure's attempts (restarts read it), removed at the end
 SCRATCH_PATTERNS = ("*.wfc*", "*.mix*", "*.save", "*.restart*", "*.hub*", "*.igk*", "*.xml")
+KEPT_FILES = ("pw.in", "pw.out", "pw.err", "CRASH", XML_NAME)  # what clean_scratch leaves of a run (XML: its copy)
 # What `prepare` raises for input the factory refuses before pw.x runs (one structure, never the batch).
 REFUSALS = (StructureError, PseudopotentialError, InputError)
 
@@ -77,12 +79,29 @@ def clean_scratch(run_dir: Path) -> None:
     """Remove pw.x's scratch (wavefunctions, mixing files, saved state) below run_dir."""
     for pattern in (SCRATCH_DIR, *SCRATCH_PATTERNS):
         for path in run_dir.rglob(pattern):
-            if path.name in ("pw.in", "pw.out", "pw.err", "CRASH"):
+            if path.name in KEPT_FILES:
                 continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             elif path.exists():
                 path.unlink()
+
+
+def read_back(output: PwOutput, attempt_dir: Path, pw_input: PwInput) -> PwOutput:
+    """`output` of a converged run with pw.x's own XML record attached: its summary, and where it disagrees with the
+    stdout or with the input asked for (`xml_problems`; a missing or unreadable XML is one too). The XML is first
+    copied beside pw.out (in the shared scratch the next attempt would overwrite it, and the scratch is removed)."""
+    kept = attempt_dir / XML_NAME
+    written = xml_path(attempt_dir.parent / SCRATCH_DIR, pw_input.namelist_value("control", "prefix", "pwscf"))
+    if not kept.exists() and written.exists():
+        shutil.copy(written, kept)
+    try:
+        xml = read_pw_xml(kept)
+    except FileNotFoundError:
+        return output.model_copy(update={"xml_problems": [f"pw.x wrote no {XML_NAME}: the label cannot be checked"]})
+    except XmlError as error:
+        return output.model_copy(update={"xml_problems": [f"pw.x's {XML_NAME} is unreadable: {error}"]})
+    return output.model_copy(update={"xml": xml.summary(), "xml_problems": xml_problems(xml, output, pw_input)})
 
 
 def _nominal_correction(pw_input: PwInput, nominal: PwInput) -> Correction | None:
@@ -213,6 +232,8 @@ class QERunner:
         output = parse_pw_output(stdout, crash)
         diagnosis = classify(output, stdout, stderr, ended.returncode, ended.timed_out, ended.oom_killed)
         diagnosis = self._blame_geometry(atoms, diagnosis)
+        if diagnosis.error_type is DFTErrorType.OK:
+            output = read_back(output, attempt_dir, pw_input)
         attempt = Attempt(
             number=number, correction=correction.name if correction else None, restart=restart.value,
             directory=str(attempt_dir), parameters=pw_input.parameters, ranks=ended.ranks, pools=ended.pools,
@@ -327,6 +348,7 @@ class QERunner:
         output, pw_input = outcome.output, outcome.pw_input
         problems = sanitize(output, len(atoms), self.config.sanitizer)
         problems += provenance_problems(output, pw_input.pseudo_md5, pw_input.pseudopotentials)
+        problems += output.xml_problems
         return DFTResult(
             **base,
             energy=output.energy, forces=output.forces, stress=output.stress,
@@ -343,7 +365,7 @@ class QERunner:
                 el: {"filename": name, "md5": pw_input.pseudo_md5[el]} for el, name in pw_input.pseudopotentials.items()
             },
             pw_version=output.pw_version, scf_iterations=output.scf_iterations,
-            total_magnetization=output.total_magnetization, problems=problems,
+            total_magnetization=output.total_magnetization, pw_xml=output.xml, problems=problems,
             label_deviations=label_deviations(pw_input.parameters, nominal.parameters),
         )
 

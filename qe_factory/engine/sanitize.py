@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from ase.units import GPa
 
 from qe_factory.engine.config import SanitizerThresholds
+from qe_factory.engine.inputs import PwInput
 from qe_factory.engine.parsers import PwOutput
+from qe_factory.engine.pwxml import SMEARING_NAMES, PwXml, XmlInput, species_element
 
 
 def sanitize(output: PwOutput, natoms: int, limits: SanitizerThresholds | None = None) -> list[str]:
@@ -65,3 +69,65 @@ def provenance_problems(output: PwOutput, expected_md5: dict[str, str], expected
                 f"{expected_names[element]} (md5 {md5})"
             )
     return problems
+
+
+# How far pw.x's XML may be from its stdout: the stdout's rounding (8 decimals in Ry units: ≤ 7e-8 eV, 1.3e-7 eV/Å,
+# 4.6e-7 eV/Å³; magnetization with 2 decimals) with room to spare, far below any physical difference.
+XML_TOLERANCE = {"energy": 1e-6, "forces": 1e-6, "stress": 1e-6, "magnetization": 0.006}
+
+
+def _disagreement(name: str, xml_value: Any, stdout_value: Any) -> str | None:
+    if xml_value is None and stdout_value is None:
+        return None
+    if xml_value is None or stdout_value is None:
+        where = "XML" if xml_value is None else "stdout"
+        return f"pw.x's XML and stdout disagree: no {name} in its {where}"
+    a, b = np.asarray(xml_value, dtype=float), np.asarray(stdout_value, dtype=float)
+    if a.shape != b.shape:
+        return f"pw.x's XML and stdout disagree: {name} of shape {a.shape} vs {b.shape}"
+    limit = XML_TOLERANCE[name.split()[-1]]  # "total magnetization" → "magnetization"
+    if (difference := float(np.abs(a - b).max())) > limit:
+        return f"pw.x's XML and stdout disagree: {name} differs by {difference:.3g} (limit {limit})"
+    return None
+
+
+def _used_differently(xml_input: XmlInput, pw_input: PwInput) -> list[str]:
+    """Where the input pw.x says it used differs from what the factory asked for."""
+    system = pw_input.parameters.get("system", {})
+    asked: dict[str, Any] = {
+        "ecutwfc": system.get("ecutwfc"), "ecutrho": system.get("ecutrho"), "degauss": system.get("degauss"),
+        "smearing": SMEARING_NAMES.get(str(system.get("smearing")).lower(), system.get("smearing")),
+        "lsda": system.get("nspin") == 2,
+        "k-points": "gamma" if pw_input.isolated else [*pw_input.kpts, 0, 0, 0],
+        "pseudopotentials": pw_input.pseudopotentials,
+    }
+    used = {
+        **{key: getattr(xml_input, key) for key in ("ecutwfc", "ecutrho", "degauss", "smearing", "lsda")},
+        "k-points": "gamma" if xml_input.gamma_only else [*(xml_input.kpoints or []), *(xml_input.kpoint_shift or [])],
+        "pseudopotentials": {species_element(s): name for s, name in xml_input.pseudopotentials.items()},
+    }
+    problems = []
+    for key, value in asked.items():
+        same = (
+            value is not None and used[key] is not None and np.isclose(value, used[key], rtol=1e-9, atol=0)
+            if key in ("ecutwfc", "ecutrho", "degauss") else value == used[key]
+        )
+        if not same:
+            problems.append(f"pw.x used {key} {used[key]!r} (its XML), not the {value!r} asked for")
+    return problems
+
+
+def xml_problems(xml: PwXml, output: PwOutput, pw_input: PwInput) -> list[str]:
+    """Where pw.x's XML record of a run disagrees with its stdout (results, magnetization, convergence) or with the
+    input the factory asked for (cutoffs, smearing, spin, k-points, pseudopotential files)."""
+    problems = [] if xml.converged == output.converged else [
+        f"pw.x's XML and stdout disagree: converged {xml.converged} vs {output.converged}"
+    ]
+    pairs = [  # an unconverged run's XML has its last iteration's energy: no result, as pw.out prints none
+        ("energy", xml.energy if xml.converged else None, output.energy), ("forces", xml.forces, output.forces),
+        ("stress", xml.stress, output.stress),
+        ("total magnetization", xml.total_magnetization, output.total_magnetization),
+        ("absolute magnetization", xml.absolute_magnetization, output.absolute_magnetization),
+    ]
+    problems += [problem for pair in pairs if (problem := _disagreement(*pair))]
+    return problems + _used_differently(xml.input, pw_input)

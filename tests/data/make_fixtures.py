@@ -3,9 +3,10 @@
     .venv/bin/python tests/data/make_fixtures.py                     # every fixture
     .venv/bin/python tests/data/make_fixtures.py si_scf fe_magnetic  # only these
 
-Each fixture is a directory tests/data/<name>/ holding pw.in, pw.out, pw.err, CRASH (when pw.x wrote one) and
-meta.json (exit code, argv, wall time, what the fixture is for). The files are kept exactly as pw.x wrote them
-(including the absolute pseudo_dir); pw.x's scratch directory is deleted. Inputs come from qe_factory's own
+Each fixture is a directory tests/data/<name>/ holding pw.in, pw.out, pw.err, CRASH (when pw.x wrote one),
+data-file-schema.xml (pw.x's XML record, for the fixtures made with keep_xml) and meta.json (exit code, argv, wall
+time, what the fixture is for). The files are kept exactly as pw.x wrote them (including the absolute pseudo_dir);
+the rest of pw.x's scratch directory is deleted. Inputs come from qe_factory's own
 InputGenerator with low cutoffs and coarse k-point meshes, so the whole set costs well under a minute of pw.x time.
 `si_truncated` is the one derived fixture: si_scf's real pw.out cut in the middle of the forces block.
 
@@ -36,13 +37,14 @@ from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.inputs import InputGenerator
 from qe_factory.engine.parallel import pw_command, pw_environment
 from qe_factory.engine.process import execute
+from qe_factory.engine.pwxml import XML_NAME, xml_path
 from qe_factory.engine.runner import clean_scratch
 
 HERE = Path(__file__).resolve().parent
 PW_COMMAND = "pw.x"
 LAUNCHER = "mpirun"
 TIMEOUT = 300  # seconds per pw.x run: a safety net only, every run here takes a few seconds
-KEEP = ("pw.in", "pw.out", "pw.err", "CRASH", "meta.json")
+KEEP = ("pw.in", "pw.out", "pw.err", "CRASH", XML_NAME, "meta.json")
 
 SI_SETTINGS = dict(ecutwfc=25.0, ecutrho=200.0, kpoint_density=0.6)
 SI_PSEUDO = "Si.pbe-nl-rrkjus_psl.1.0.0.UPF"
@@ -82,11 +84,12 @@ def observed(text: str) -> list[str]:
 
 def run_pw(
     name: str, text: str, purpose: str, ranks: int = 1, pools: int = 1, command: str = PW_COMMAND,
-    outdir_kb: int | None = None, **extra,
+    outdir_kb: int | None = None, keep_xml: bool = False, **extra,
 ) -> dict:
     """Run pw.x on `text` in a fresh tests/data/<name>/, keep its outputs, delete its scratch, write meta.json.
 
-    `outdir_kb`: pw.x's outdir (./out) is a tmpfs of that size, mounted for the run (needs root).
+    `outdir_kb`: pw.x's outdir (./out) is a tmpfs of that size, mounted for the run (needs root). `keep_xml`: keep
+    the data-file-schema.xml pw.x wrote in its outdir beside pw.out.
     """
     directory = HERE / name
     if directory.exists():
@@ -102,6 +105,8 @@ def run_pw(
     finally:
         if outdir_kb:
             subprocess.run(["umount", directory / "out"], check=True)
+    if keep_xml:
+        shutil.copy(xml_path(directory / "out", "pwscf"), directory / XML_NAME)
     clean_scratch(directory)
     leftovers = sorted(p.name for p in directory.iterdir() if p.name not in KEEP)
     for path in directory.iterdir():  # anything else pw.x left (e.g. an empty outdir) is scratch too
@@ -117,6 +122,7 @@ def run_pw(
         "timed_out": execution.timed_out,
         "wall_time_s": round(execution.wall_time, 2),
         "crash_file": (directory / "CRASH").exists(),
+        "xml_file": (directory / XML_NAME).exists(),
         "removed_scratch": leftovers,
         "observed": observed((directory / "pw.out").read_text(errors="replace")),
         "stderr_head": [line.strip() for line in (directory / "pw.err").read_text(errors="replace").splitlines()
@@ -129,19 +135,28 @@ def run_pw(
 
 # -- the fixtures ----------------------------------------------------------------------------------------------------
 def si_scf() -> dict:
-    return run_pw("si_scf", si_input(), "converged 2-atom Si, sheared and rattled: forces and off-diagonal stress")
+    purpose = "converged 2-atom Si, sheared and rattled: forces and off-diagonal stress"
+    return run_pw("si_scf", si_input(), purpose, keep_xml=True)
 
 
 def fe_magnetic() -> dict:
     atoms = bulk("Fe", "bcc", a=2.83)
     config = DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_density=0.8, degauss=0.02)
     text = InputGenerator(config).create_input_string(atoms, {"electrons": {"conv_thr": 1e-8}})
-    return run_pw("fe_magnetic", text, "converged spin-polarised 1-atom bcc Fe with a non-zero total magnetization")
+    purpose = "converged spin-polarised 1-atom bcc Fe with a non-zero total magnetization"
+    return run_pw("fe_magnetic", text, purpose, keep_xml=True)
 
 
 def si_unconverged() -> dict:
     text = si_input({"electrons": {"electron_maxstep": 3}})
-    return run_pw("si_unconverged", text, "electron_maxstep=3: 'convergence NOT achieved', exit code 2, JOB DONE")
+    purpose = "electron_maxstep=3: 'convergence NOT achieved', exit code 2, JOB DONE"
+    return run_pw("si_unconverged", text, purpose, keep_xml=True)
+
+
+def si_smeared() -> dict:
+    # what a run with the MORE_SMEARING correction (degauss=0.05) really gives: replayed by the recovery tests
+    text = si_input({"system": {"degauss": 0.05}})
+    return run_pw("si_smeared", text, "si_scf with degauss=0.05 Ry (the recovery's larger smearing)", keep_xml=True)
 
 
 def si_walltime() -> dict:
@@ -264,6 +279,7 @@ FIXTURES: dict[str, Callable[[], dict]] = {
     "si_scf": si_scf,
     "fe_magnetic": fe_magnetic,
     "si_unconverged": si_unconverged,
+    "si_smeared": si_smeared,
     "si_walltime": si_walltime,
     "si_missing_pseudo": si_missing_pseudo,
     "si_bad_input": si_bad_input,

@@ -42,8 +42,25 @@ def test_si_energy_forces_stress_and_provenance(fast_config):
 def test_cleanup_leaves_only_inputs_and_outputs(fast_config):
     QERunner(fast_config).run(rattled_si(), uid="clean")
     assert files_left(fast_config.execution.work_dir / "run_clean") == {
-        "attempt_1", "attempt_1/pw.in", "attempt_1/pw.out", "attempt_1/pw.err", "attempt_1/ended.json"
+        "attempt_1", "attempt_1/pw.in", "attempt_1/pw.out", "attempt_1/pw.err", "attempt_1/ended.json",
+        "attempt_1/data-file-schema.xml",  # pw.x's XML record of the converged run, copied out of the scratch
     }
+
+
+def test_the_result_carries_pw_xs_own_record_of_the_run(fast_config):
+    """The XML pw.x wrote agrees with its stdout and says it used the settings asked for: no problem, and its
+    summary travels with the label."""
+    result = QERunner(fast_config).run(rattled_si(), uid="xml")
+    assert result.succeeded and result.problems == []
+    xml = result.pw_xml
+    assert xml["converged"] and xml["scf_steps"] == result.scf_iterations and 0 < xml["scf_error"] < 4e-10
+    assert abs(xml["energy"] - result.energy) < 1e-6 and xml["pw_version"] in result.pw_version
+    assert xml["input"] == {
+        "ecutwfc": 25.0, "ecutrho": 200.0, "smearing": "mv", "degauss": 0.02,  # 'cold' is 'mv' to pw.x
+        "pseudopotentials": {"Si": "Si.pbe-nl-rrkjus_psl.1.0.0.UPF"}, "kpoints": [3, 3, 3], "kpoint_shift": [0, 0, 0],
+        "gamma_only": False, "lsda": False, "functional": "PBE",
+    }
+    assert xml["total_magnetization"] is None and "forces" not in xml
 
 
 def test_keep_files_keeps_the_scratch(fast_config):

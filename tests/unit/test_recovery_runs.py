@@ -2,6 +2,8 @@
 
 pw.x is replaced by tests/fake_pw.py, which replays real pw.x outputs from tests/data/ (made by
 tests/data/make_fixtures.py) or dies the way a node does: segfault, SIGKILL by the OOM killer, a hang, garbage.
+A replay leaves the fixture's data-file-schema.xml, which the runner checks against the input it asked for: the
+runners here ask for the fixtures' settings (bulk Si at kpoint_density 0.6 has the fixtures' 4×4×4 mesh).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def fake_runner(fast_config, monkeypatch, tmp_path):
     def make(plan: str, **changes) -> QERunner:
         monkeypatch.setenv("FAKE_PW_PLAN", plan)
         monkeypatch.setenv("FAKE_PW_COUNTER", str(tmp_path / "calls"))
-        return QERunner(fast_config.with_changes(**{"command": f"{sys.executable} {FAKE_PW}", **changes}))
+        command = f"{sys.executable} {FAKE_PW}"
+        return QERunner(fast_config.with_changes(**{"command": command, "kpoint_density": 0.6, **changes}))
 
     return make
 
@@ -40,6 +43,15 @@ def test_scenario_success(fake_runner, tmp_path):
     expected = parse_pw_output((DATA / "si_scf" / "pw.out").read_text()).energy
     assert result.succeeded and result.energy == pytest.approx(expected, abs=1e-9)
     assert len(result.forces) == 2 and calls(tmp_path) == 1
+    assert result.problems == [] and result.pw_xml["energy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_converged_run_without_its_xml_is_refused(fake_runner):
+    """si_verbosity_high is a converged real run whose fixture keeps no data-file-schema.xml: nothing to check."""
+    result = fake_runner("replay:si_verbosity_high").run(bulk("Si"), uid="no-xml", raise_on_failure=False)
+    assert [a.error_type for a in result.attempts] == ["OK"] and result.energy is not None
+    assert not result.succeeded and result.pw_xml is None
+    assert result.problems == ["pw.x wrote no data-file-schema.xml: the label cannot be checked"]
 
 
 def test_scenario_fail_then_succeed(fake_runner, fast_config, tmp_path):
@@ -108,7 +120,7 @@ def test_garbage_output_is_incomplete(fake_runner):
 def test_result_kept_but_marked_when_the_nominal_settings_run_fails(fake_runner):
     from qe_factory.engine.recovery import MORE_SMEARING
 
-    runner = fake_runner("replay:si_unconverged,replay:si_scf,replay:si_unconverged")
+    runner = fake_runner("replay:si_unconverged,replay:si_smeared,replay:si_unconverged")
     runner.recovery = RecoveryHandler(ladders={DFTErrorType.SCF_NOT_CONVERGED: [MORE_SMEARING]})
     result = runner.run(bulk("Si"), uid="marked")
     assert [a.correction for a in result.attempts] == [None, "degauss=0.05", "nominal settings"]
@@ -150,8 +162,11 @@ def test_diagonalization_failure_between_close_atoms_is_blamed_on_the_geometry(f
 
 def test_the_geometry_blame_follows_the_configured_distance_factor(fake_runner):
     """min_distance_factor 0.3 refuses below 0.3 and blames the geometry below 0.45: 0.6 is the eigensolver's."""
-    result = fake_runner("cholesky,replay:si_scf", min_distance_factor=0.3).run(close_pair(0.6), uid="cg")
+    runner = fake_runner("cholesky,replay:si_scf", min_distance_factor=0.3)
+    result = runner.run(close_pair(0.6), uid="cg", raise_on_failure=False)
     assert [a.error_type for a in result.attempts] == ["DIAGONALIZATION", "OK"]
+    # the replayed si_scf is another structure's run: its XML's 4×4×4 mesh is not this box's, and the label is refused
+    assert result.problems == ["pw.x used k-points [4, 4, 4, 0, 0, 0] (its XML), not the [2, 2, 2, 0, 0, 0] asked for"]
     assert result.attempts[1].correction == "diagonalization=cg"
 
 
