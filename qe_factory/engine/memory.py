@@ -74,8 +74,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         nr1, nr2, nr3 = self.fft_grid
-        return (f"{self.gb:.1f} GB ({self.plane_waves} plane waves × {self.bands} bands × {self.kpoints} k-point(s) "
-                f"× spin, FFT grid {nr1}×{nr2}×{nr3})")
+        return (f"{self.gb:.1f} GB ({self.plane_waves} plane waves × {self.bands} bands × "
+                f"{self.kpoints} k-points×spins, FFT grid {nr1}×{nr2}×{nr3})")
 
 
 def estimate_memory(atoms: Atoms, pw_input: PwInput, pseudos: dict[str, ResolvedPseudo]) -> MemoryEstimate:
