@@ -129,7 +129,7 @@ def p5(workdir: Path, submitted: int, fireworks: int) -> None:
         atoms.info["uid"] = f"s-{seed}"
         frames.append(atoms)
     write(workdir / "structures.extxyz", frames)
-    (workdir / "config.yaml").write_text("kpoint_density: 0.3\necutwfc: 30\necutrho: 240\n")
+    (workdir / "config.yaml").write_text("kpoint_density: 0.3\necutwfc: 30\necutrho: 240\nallow_low_cutoffs: true\n")
     (workdir / "exec.yaml").write_text(f"command: {standin}\nmpi_ranks: 1\n")
     env = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
     qef = [str(BIN / "qe-factory"), "--home", str(workdir / "home")]

@@ -293,7 +293,8 @@ def attempt_cpu(result: DFTResult) -> list[float]:
 
 def config_for(case: Case, args: argparse.Namespace, work_dir: Path, **changes: Any) -> DFTConfig:
     values: dict[str, Any] = dict(
-        kpoint_density=case.kpoint_density, ecutwfc=case.ecutwfc, ecutrho=case.ecutrho, mpi_ranks=args.ranks,
+        kpoint_density=case.kpoint_density, ecutwfc=case.ecutwfc, ecutrho=case.ecutrho, allow_low_cutoffs=True,
+        mpi_ranks=args.ranks,
         max_retries=args.max_retries, timeout=args.timeout, work_dir=work_dir,
         pw_parameters={"electrons": {"electron_maxstep": args.maxstep}},
     )

@@ -97,6 +97,13 @@ class DFTConfig(MSONProtocol, BaseSettings):
     conv_thr_per_atom: PositiveFloat = Field(2e-10, description="Ry per atom")
     ecutwfc: PositiveFloat | None = Field(None, description="Ry; None = max over the elements' advice")
     ecutrho: PositiveFloat | None = Field(None, description="Ry; None = max over the elements' advice")
+    allow_low_cutoffs: bool = Field(
+        False, description="accept ecutwfc/ecutrho below the family's values (quick tests); refused by default"
+    )
+    memory_budget_gb: PositiveFloat = Field(
+        16.0, description="GB one structure's pw.x run may need (all its ranks); a structure whose estimate "
+        "exceeds it is refused before pw.x runs"
+    )
     min_distance_factor: float = Field(
         0.5, ge=0, description="refuse atoms closer than this fraction of their covalent radii sum; a "
         "diagonalization failure below 1.5 times it is blamed on the geometry (not retried)"

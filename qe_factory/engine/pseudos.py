@@ -44,6 +44,13 @@ class UpfHeader:
     z_valence: float
     suggested_wfc: float | None
     suggested_rho: float | None
+    ultrasoft: bool = False  # US or PAW: augmentation charges (pw.x's okvan)
+    beta_l: tuple[int, ...] = ()  # angular momentum of each projector (beta function)
+
+    @property
+    def projectors(self) -> int:
+        """Projector functions with their m components per atom (pw.x's nh): the sum of 2l+1 over the betas."""
+        return sum(2 * momentum + 1 for momentum in self.beta_l)
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,12 @@ def parse_upf_header(text: str) -> UpfHeader:
     if not (element and functional and z_valence):
         raise PseudopotentialError("UPF header lacks element, functional or z_valence")
     info = text[:start]
+    v1_type = re.search(r"^\s*(US|NC|PAW)\s", header, re.MULTILINE)
+    pseudo_type = (_attr(header, "pseudo_type") or (v1_type.group(1) if v1_type else "")).upper()
+    # v2: <PP_BETA.n ... angular_momentum="l">; v1: a "  n  l   Beta    L" line opens each beta
+    beta_l = re.findall(r'<PP_BETA\.\d+\b[^>]*?\bangular_momentum\s*=\s*"\s*(\d+)', text) or re.findall(
+        r"^\s*\d+\s+(\d+)\s+Beta\s+L\s*$", text, re.MULTILINE
+    )
     wfc = re.search(r"Suggested minimum cutoff for wavefunctions:\s*([\d.]+)", info)
     rho = re.search(r"Suggested minimum cutoff for charge density:\s*([\d.]+)", info)
     return UpfHeader(
@@ -137,6 +150,8 @@ def parse_upf_header(text: str) -> UpfHeader:
         z_valence=float(z_valence.lower().replace("d", "e")),
         suggested_wfc=float(wfc.group(1)) or None if wfc else None,
         suggested_rho=float(rho.group(1)) or None if rho else None,
+        ultrasoft=pseudo_type in ("US", "USPP", "PAW"),
+        beta_l=tuple(int(momentum) for momentum in beta_l),
     )
 
 

@@ -84,6 +84,27 @@ LADDERS: dict[DFTErrorType, list[Correction]] = {
     DFTErrorType.OUTPUT_INCOMPLETE: [RERUN],
 }
 
+# Settings that act only while another has a given value (smearing keys need smeared occupations).
+ACTS_ONLY_WITH: dict[tuple[str, str], tuple[str, str, Any]] = {
+    ("system", "degauss"): ("system", "occupations", "smearing"),
+    ("system", "smearing"): ("system", "occupations", "smearing"),
+}
+
+
+def changes_anything(correction: Correction, parameters: dict[str, dict[str, Any]]) -> bool:
+    """Whether the correction changes a setting that acts under `parameters`: not one already in effect, nor one
+    that acts only with another value set (e.g. degauss while occupations are fixed) — never spend an attempt on it."""
+    for namelist, values in correction.changes.items():
+        for key, value in values.items():
+            if parameters.get(namelist, {}).get(key) == value:
+                continue
+            needs = ACTS_ONLY_WITH.get((namelist, key))
+            if needs and parameters.get(needs[0], {}).get(needs[1], needs[2]) != needs[2]:
+                continue
+            return True
+    return False
+
+
 # Settings that change energies and forces (a label made with other values is not comparable).
 LABEL_KEYS = (("system", "degauss"), ("system", "smearing"), ("system", "ecutwfc"), ("system", "ecutrho"))
 
@@ -132,8 +153,9 @@ class RecoveryHandler(Document):
         tried: Sequence[str] = (),
         output: PwOutput | None = None,
     ) -> Correction | None:
-        """First untried correction for `error_type` that changes the effective `parameters` (namelists, and
-        "run" for the command line, e.g. {"run": {"pools": 1}}); None = give up."""
+        """First untried correction for `error_type` that changes something in the effective `parameters`
+        (namelists, and "run" for the command line, e.g. {"run": {"pools": 1}}; see changes_anything); None = give
+        up."""
         electrons = parameters.get("electrons", {})
         if (
             self.read_trend
@@ -152,12 +174,7 @@ class RecoveryHandler(Document):
         for correction in self.ladders.get(error_type.name, []):
             if correction.name in tried and not correction.repeatable:
                 continue
-            in_effect = all(
-                parameters.get(namelist, {}).get(key) == value
-                for namelist, values in correction.changes.items()
-                for key, value in values.items()
-            )
-            if correction.changes and in_effect and not correction.repeatable:
+            if correction.changes and not changes_anything(correction, parameters) and not correction.repeatable:
                 continue
             return correction
         return None

@@ -23,6 +23,7 @@ from qe_factory.engine.parallel import (
     seconds_left_in_allocation,
 )
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_run_texts
+from qe_factory.engine.preflight import nominal_input
 from qe_factory.engine.process import execute
 from qe_factory.engine.pseudos import PseudopotentialError
 from qe_factory.engine.pwxml import XML_NAME, XmlError, read_pw_xml, xml_path
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 SCRATCH_DIR = "out"  # pw.x outdir, shared by a structure's attempts (restarts read it), removed at the end
 SCRATCH_PATTERNS = ("*.wfc*", "*.mix*", "*.save", "*.restart*", "*.hub*", "*.igk*", "*.xml")
 KEPT_FILES = ("pw.in", "pw.out", "pw.err", "CRASH", XML_NAME)  # what clean_scratch leaves of a run (XML: its copy)
-# What `prepare` raises for input the factory refuses before pw.x runs (one structure, never the batch).
+# What `prepare` raises for input the factory refuses before pw.x runs (one structure, never the batch); InputError
+# includes the known traps and the memory budget (preflight.py).
 REFUSALS = (StructureError, PseudopotentialError, InputError)
 
 
@@ -265,7 +267,7 @@ class QERunner:
         crash takes its runs in)."""
         check_uid(uid)
         check_structure(atoms, self.config.min_distance_factor)
-        nominal = self.generator.generate(atoms)  # raises on missing pseudopotentials or a relax request
+        nominal = nominal_input(atoms, self.generator)  # missing pseudopotentials, a relax, known traps, memory
         run_dir = self.run_dir(uid)
         first, _ = self.attempt_input(atoms, {})
         if run_dir.exists() and finished_run(run_dir / "attempt_1", render(atoms, first)) is None:

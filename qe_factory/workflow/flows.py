@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.inputs import InputGenerator
+from qe_factory.engine.preflight import nominal_input
 from qe_factory.engine.recovery import RecoveryHandler
 from qe_factory.engine.runner import REFUSALS
 from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, read_structures
@@ -20,8 +21,9 @@ from qe_factory.workflow.jobs import LabelMaker
 
 
 def structure_key(atoms: Atoms, generator: InputGenerator) -> str:
-    """Identity of a calculation: the structure (to 1e-6 Å) and the pw.x settings it would run with."""
-    nominal = generator.generate(atoms)
+    """Identity of a calculation: the structure (to 1e-6 Å) and the pw.x settings it would run with (raises one of
+    REFUSALS for input refused before pw.x runs)."""
+    nominal = nominal_input(atoms, generator)
     data = StructureDoc.from_atoms(atoms).model_dump()
     data["positions"] = [[round(x, 6) for x in row] for row in data["positions"]]
     data["cell"] = [[round(x, 6) for x in row] for row in data["cell"]]

@@ -16,6 +16,7 @@ an info message in pw.x 6.7, exit 0), `si_out_of_memory` (a real failed allocati
 codes 137 / 139). Some outcomes depend on timing (where max_seconds or the signal stops the SCF, which allocation
 fails first); the tests only rely on what does not. `si_verbosity_high` is si_scf with verbosity='high', whose
 forces block is followed by the per-contribution force blocks (same line shape) before "Total force".
+`mem_*` are pw.x runs stopped right after pw.x printed its memory estimate (tests/unit/test_memory.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from ase.build import bulk
+from ase.build import bulk, molecule
 
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.inputs import InputGenerator
@@ -275,6 +276,64 @@ def si_truncated() -> dict:
     return meta
 
 
+def estimate_only(name: str, atoms: Atoms, purpose: str, params: dict | None = None, **settings) -> dict:
+    """pw.x (serial) on the factory's input for `atoms`, stopped (SIGKILL) as soon as it has printed its memory
+    estimate, which comes before its large allocations: pw.out ends there. For the memory estimate's calibration."""
+    directory = HERE / name
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir()
+    (directory / "pw.in").write_text(InputGenerator(DFTConfig(**settings)).create_input_string(atoms, params))
+    argv = pw_command(PW_COMMAND, LAUNCHER, 1, 1)
+    started = time.monotonic()
+    with open(directory / "pw.out", "w") as out:
+        process = subprocess.Popen(argv, cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   env=pw_environment(1))
+        for line in process.stdout:
+            out.write(line)
+            if "Estimated max dynamical RAM" in line:
+                break
+        process.kill()
+        process.wait()
+    elapsed = time.monotonic() - started
+    clean_scratch(directory)
+    for path in directory.iterdir():
+        if path.name not in KEEP:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    meta = {"name": name, "purpose": purpose, "generated_by": "tests/data/make_fixtures.py (real pw.x run, stopped "
+            "after its memory estimate)", "argv": argv, "settings": settings, "omp_threads": 1,
+            "returncode": process.returncode, "timed_out": False, "wall_time_s": round(elapsed, 2),
+            "crash_file": False, "observed": observed((directory / "pw.out").read_text())}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def mem_si512() -> dict:
+    atoms = bulk("Si", cubic=True) * (4, 4, 4)
+    return estimate_only("mem_si512", atoms, "512-atom Si at the default settings: pw.x estimates 271 GB")
+
+
+def mem_box60() -> dict:
+    atoms = Atoms("Si", positions=[[30.0, 30.0, 30.0]], cell=[60.0, 60.0, 60.0], pbc=True)
+    return estimate_only("mem_box60", atoms, "one Si atom in a 60 A box (Gamma) at the default settings, "
+                         "verbosity='high': pw.x's terms overflow 32-bit integers", {"control": {"verbosity": "high"}})
+
+
+def mem_fe16() -> dict:
+    atoms = bulk("Fe", "bcc", a=2.87, cubic=True) * (2, 2, 2)
+    return estimate_only("mem_fe16", atoms, "16-atom bcc Fe, spin-polarised, default cutoffs", kpoint_density=0.3)
+
+
+def mem_cu4() -> dict:
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    return estimate_only("mem_cu4", atoms, "4-atom fcc Cu (PAW), many k-points", kpoint_density=0.3)
+
+
+def mem_h2o() -> dict:
+    atoms = molecule("H2O", vacuum=5.0, pbc=True)
+    return estimate_only("mem_h2o", atoms, "a water molecule in a box (Gamma, PAW)")
+
+
 FIXTURES: dict[str, Callable[[], dict]] = {
     "si_scf": si_scf,
     "fe_magnetic": fe_magnetic,
@@ -292,6 +351,11 @@ FIXTURES: dict[str, Callable[[], dict]] = {
     "h2_overlap": h2_overlap,
     "si_verbosity_high": si_verbosity_high,
     "si_disk_full": si_disk_full,
+    "mem_si512": mem_si512,
+    "mem_box60": mem_box60,
+    "mem_fe16": mem_fe16,
+    "mem_cu4": mem_cu4,
+    "mem_h2o": mem_h2o,
 }
 
 

@@ -132,7 +132,7 @@ def test_killed_worker_is_detected_and_rerun_without_duplicates(home, fast_confi
 
 def test_qe_factory_run_on_the_bundled_example(tmp_path):
     config = tmp_path / "fast.yaml"
-    config.write_text("kpoint_density: 0.8\necutwfc: 25\necutrho: 200\n")
+    config.write_text("kpoint_density: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n")
     env = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
     run = subprocess.run(
         [str(BIN / "qe-factory"), "run", str(REPO / "examples" / "structures.extxyz"), "-c", str(config),
