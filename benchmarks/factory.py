@@ -1,7 +1,10 @@
 """Throughput of the FireWorks driver (prints ratios; not a timed test).
 
-P1: wall time of `qe-factory run` on 8 small structures ÷ wall time of a bare loop running pw.x on the very same
-    pw.in files with the same command line (goal ≤ 1.03).
+P1: wall time of `qe-factory run` on 16 small structures ÷ wall time of bare pw.x runs on the very same pw.in files
+    in the same layout (as many at once as the factory ran, 1 rank each) (goal ≤ 1.03).
+P2: throughput of `qe-factory run`'s default on those 16 cells ÷ a bare loop of 1-rank pw.x runs one after another
+    (goal ≥ 1.8); and on four 32-atom cells, the default ÷ one structure at a time with every core (the old default,
+    `--parallel 1`) (goal ≥ 1.0). A/B runs interleaved, medians.
 P4: seconds to `submit` 10,000 structures to a fresh LaunchPad (goal < 60 s). Here the LaunchPad is the embedded
     file-backed one (no MongoDB server can run on these machines).
 P5: the coordinator's overhead per Firework (goal ≤ 20 ms) with 10 and with 10,000 structures submitted: a worker
@@ -10,7 +13,7 @@ P5: the coordinator's overhead per Firework (goal ≤ 20 ms) with 10 and with 10
 P6: peak RSS of `qe-factory submit`, `worker` and `export` at 10,000 structures (goal < 300 MB each), from the
     P5 home (the worker: the coordinator process; its worker processes are separate).
 
-    .venv/bin/python benchmarks/factory.py [--only p1,p4,p5] [--structures 10000] [--fireworks 300]
+    .venv/bin/python benchmarks/factory.py [--only p1,p4,p5] [--repeats 2] [--structures 10000] [--fireworks 300]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import os
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,50 +36,86 @@ from qe_factory.engine.inputs import irreducible_kpoint_count
 from qe_factory.engine.parallel import available_ranks, choose_pools, pw_command, pw_environment
 
 BIN = Path(sys.executable).parent
-CONFIG = "kpoint_density: 0.25\n"  # Debian PBE Si 45/360 Ry, 8×8×8 mesh: a few seconds of pw.x per structure
+ENV = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
+# Debian PBE Si at its table cutoffs (45/360 Ry): a 2-atom cell takes ~5-10 s of 1-rank pw.x at this spacing
+SMALL = "kpoint_density: 0.2\n"
+LARGE = "kpoint_density: 0.5\n"  # 32-atom cells: 2x2x2 k-points
 
 
-def p1(workdir: Path) -> None:
+def cells(count: int, repeat: int, seed0: int = 0) -> list:
     frames = []
-    for seed in range(8):
-        atoms = bulk("Si", a=5.43 * (0.97 + 0.01 * seed))
+    for seed in range(seed0, seed0 + count):
+        atoms = bulk("Si", a=5.43 * (0.98 + 0.005 * (seed % 8)), cubic=repeat > 1) * (repeat, repeat, repeat)
         atoms.rattle(0.05, seed=seed)
-        atoms.info["uid"] = f"si-{seed}"
+        atoms.info["uid"] = f"si{len(atoms)}-{seed}"
         frames.append(atoms)
+    return frames
+
+
+def factory_run(workdir: Path, frames: list, config: str, *extra: str) -> float:
+    """Wall seconds of `qe-factory run` on `frames` in a fresh directory."""
+    workdir.mkdir(parents=True)
     write(workdir / "structures.extxyz", frames)
-    (workdir / "config.yaml").write_text(CONFIG)
-    env = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
+    (workdir / "config.yaml").write_text(config)
     start = time.perf_counter()
-    subprocess.run(
-        [str(BIN / "qe-factory"), "run", "structures.extxyz", "-c", "config.yaml", "-o", "labels.extxyz"],
-        cwd=workdir, env=env, check=True, capture_output=True,
-    )
-    factory = time.perf_counter() - start
+    subprocess.run([str(BIN / "qe-factory"), "run", "structures.extxyz", "-c", "config.yaml", "-o", "labels.extxyz",
+                    *extra], cwd=workdir, env=ENV, check=True, capture_output=True)
+    return time.perf_counter() - start
 
-    inputs = sorted((workdir / "factory" / "runs").glob("run_*/attempt_1/pw.in"))
-    assert len(inputs) == 8, inputs
-    argv = _argv_of_first_run(workdir)
-    bare_dir = workdir / "bare"
+
+def bare_runs(inputs: list[Path], workdir: Path, width: int, ranks: int) -> float:
+    """Wall seconds of running pw.x on the same pw.in files, `width` at a time, each with `ranks` ranks (pools as
+    the factory chooses them): the bare layout a factory run is compared with."""
+    def argv(pw_in: Path) -> list[str]:
+        mesh = pw_in.read_text().split("K_POINTS")[1].split("\n")[1].split()[:3]
+        kpoints = irreducible_kpoint_count(tuple(int(x) for x in mesh)) if mesh else 1
+        return pw_command("pw.x", "mpirun", ranks, choose_pools(ranks, kpoints))
+
+    environment = pw_environment(1, {**os.environ, "OMPI_MCA_hwloc_base_binding_policy": "none"})
     start = time.perf_counter()
-    for pw_in in inputs:
-        run_dir = bare_dir / pw_in.parent.parent.name
-        run_dir.mkdir(parents=True)
-        (run_dir / "pw.in").write_text(pw_in.read_text())
-        with open(run_dir / "pw.out", "w") as out:
-            subprocess.run(argv, cwd=run_dir, stdout=out, stderr=subprocess.DEVNULL, env=pw_environment(1), check=True)
-    bare = time.perf_counter() - start
-    print(f"P1  qe-factory run {factory:.1f} s, bare pw.x loop {bare:.1f} s: ratio {factory / bare:.3f} (goal ≤ 1.03)")
-    print(f"    overhead per structure {(factory - bare) / 8:.2f} s (Python start-up, 3 Fireworks, parsing, store)")
+    waiting, running = list(inputs), []
+    while waiting or running:
+        while waiting and len(running) < width:
+            pw_in = waiting.pop(0)
+            run_dir = workdir / pw_in.parent.parent.name
+            run_dir.mkdir(parents=True)
+            (run_dir / "pw.in").write_text(pw_in.read_text())
+            out = open(run_dir / "pw.out", "w")  # noqa: SIM115 - closed when the run ends
+            running.append((subprocess.Popen(argv(pw_in), cwd=run_dir, stdout=out, stderr=subprocess.DEVNULL,
+                                             env=environment), out))
+        proc, out = running.pop(0)
+        proc.wait()
+        out.close()
+    return time.perf_counter() - start
 
 
-def _argv_of_first_run(workdir: Path) -> list[str]:
-    """The command line the factory used (ranks and pools), rebuilt the same way."""
+def throughput(workdir: Path, repeats: int) -> None:
+    """P1 and P2, A/B runs interleaved `repeats` times; medians."""
     ranks = available_ranks()
-    text = next((workdir / "factory" / "runs").glob("run_*/attempt_1/pw.in")).read_text()
-    mesh = [int(x) for x in text.split("K_POINTS automatic")[1].split()[:3]]
-    argv = pw_command("pw.x", "mpirun", ranks, choose_pools(ranks, irreducible_kpoint_count(tuple(mesh))))
-    print(f"    pw.x command line: {shlex.join(argv)}")
-    return argv
+    small = cells(16, 1)
+    timings: dict[str, list[float]] = {}
+    for r in range(repeats):
+        timings.setdefault("run", []).append(factory_run(workdir / f"small-{r}", small, SMALL))
+        inputs = sorted((workdir / f"small-{r}" / "factory" / "runs").glob("run_*/attempt_1/pw.in"))
+        assert len(inputs) == len(small), inputs
+        timings.setdefault("bare same layout", []).append(bare_runs(inputs, workdir / f"bare-{r}", ranks, 1))
+        timings.setdefault("bare 1-rank loop", []).append(bare_runs(inputs, workdir / f"loop-{r}", 1, 1))
+    med = {name: statistics.median(values) for name, values in timings.items()}
+    print(f"16 two-atom Si cells, {ranks} cores, {repeats} interleaved repeats (medians; all: {timings})")
+    print(f"P1  qe-factory run {med['run']:.1f} s ÷ bare pw.x, {ranks} at a time x 1 rank, same pw.in "
+          f"{med['bare same layout']:.1f} s = {med['run'] / med['bare same layout']:.3f} (goal ≤ 1.03)")
+    print(f"P2  structures per hour, qe-factory run ÷ a bare 1-rank loop one after another: "
+          f"{med['bare 1-rank loop'] / med['run']:.2f} (goal ≥ 1.8)")
+    large = cells(4, 2, seed0=100)
+    timings = {}
+    for r in range(repeats):
+        timings.setdefault("default", []).append(factory_run(workdir / f"large-{r}", large, LARGE))
+        timings.setdefault("one at a time", []).append(
+            factory_run(workdir / f"large1-{r}", large, LARGE, "--parallel", "1"))
+    med = {name: statistics.median(values) for name, values in timings.items()}
+    print(f"P2' four 32-atom Si cells: default {med['default']:.1f} s, one at a time with {ranks} ranks (the old "
+          f"default) {med['one at a time']:.1f} s: throughput ratio {med['one at a time'] / med['default']:.2f} "
+          f"(goal ≥ 1.0; all: {timings})")
 
 
 def p4(workdir: Path, count: int) -> None:
@@ -154,15 +194,15 @@ def p5(workdir: Path, submitted: int, fireworks: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="p1,p4,p5", help="which of p1,p4,p5 to run")
+    parser.add_argument("--only", default="p1,p4,p5", help="which of p1 (with p2),p4,p5 to run")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of P1/P2")
     parser.add_argument("--structures", type=int, default=10_000, help="structures for P4 and P5")
     parser.add_argument("--fireworks", type=int, default=300, help="Fireworks the P5 worker runs")
     args = parser.parse_args()
     only = args.only.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         if "p1" in only:
-            (Path(tmp) / "p1").mkdir()
-            p1(Path(tmp) / "p1")
+            throughput(Path(tmp) / "p1", args.repeats)
         if "p4" in only:
             (Path(tmp) / "p4").mkdir()
             p4(Path(tmp) / "p4", args.structures)

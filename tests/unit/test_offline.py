@@ -1,0 +1,89 @@
+"""Offline runs without pw.x: a Firework reserved into a launch directory, run there with no LaunchPad (FireWorks'
+offline Rocket, an in-memory JobStore), taken back in; lost workers; the SLURM coordinator's options and the
+MongoDB passthrough."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fireworks import Firework, FWorker, ScriptTask
+
+from qe_factory.workflow.launchpad import failure_reason, get_jobstore, get_launchpad
+from qe_factory.workflow.offline import MAX_LOST_RUNS, OUTPUTS, pending_runs, reserve, run_offline, take_back
+from qe_factory.workflow.worker import settle_offline_runs
+
+
+def add_scf(launchpad, command: str = "true") -> int:
+    (fw_id,) = launchpad.add_wf(Firework(ScriptTask.from_str(command), spec={"stage": "scf"}, name="scf x")).values()
+    return fw_id
+
+
+def test_a_reserved_firework_runs_offline_and_is_taken_back(home, tmp_path):
+    launchpad, store = get_launchpad(), get_jobstore()
+    fw_id = add_scf(launchpad, "echo offline > proof.txt")
+    run = reserve(launchpad, FWorker(), tmp_path / "launch", store, fw_id)
+    assert launchpad.get_fw_by_id(fw_id).state == "RESERVED" and [r.fw_id for r in pending_runs(launchpad)] == [fw_id]
+    assert not run.finished()
+    assert run_offline(run.launch_dir) == "COMPLETED"  # no LaunchPad in there: only the directory
+    assert run.finished() and json.loads((run.launch_dir / OUTPUTS).read_text())["docs"] == []
+    assert (run.launch_dir / "proof.txt").read_text() == "offline\n"
+    assert launchpad.get_fw_by_id(fw_id).state == "RESERVED"  # until the coordinator takes it back
+    assert take_back(launchpad, run, store) == "COMPLETED"
+    assert launchpad.get_fw_by_id(fw_id).state == "COMPLETED" and pending_runs(launchpad) == []
+
+
+def test_a_lost_worker_puts_its_firework_back_and_the_last_time_fizzles_it(home, tmp_path):
+    launchpad, store = get_launchpad(), get_jobstore()
+    fw_id = add_scf(launchpad)
+    for n in range(1, MAX_LOST_RUNS + 1):
+        run = reserve(launchpad, FWorker(), tmp_path / f"launch-{n}", store, fw_id)
+        state = take_back(launchpad, run, store)  # no worker ever finished it
+        assert state == ("READY" if n < MAX_LOST_RUNS else "FIZZLED") == launchpad.get_fw_by_id(fw_id).state
+    launch = launchpad.launches.find_one({"fw_id": fw_id, "state": "FIZZLED"})
+    error_type, message = failure_reason(launch)
+    assert error_type == "WORKER_LOST" and f"{MAX_LOST_RUNS} times" in message
+
+
+def test_a_new_coordinator_leaves_live_slurm_jobs_alone_and_takes_the_rest_back(home, tmp_path):
+    launchpad, store = get_launchpad(), get_jobstore()
+    alive, gone, local = (add_scf(launchpad) for _ in range(3))
+    runs = {fw_id: reserve(launchpad, FWorker(), tmp_path / f"l{fw_id}", store, fw_id)
+            for fw_id in (alive, gone, local)}
+    launchpad.set_reservation_id(runs[alive].launch_id, "101")
+    launchpad.set_reservation_id(runs[gone].launch_id, "102")
+    taken_in, lost = settle_offline_runs(launchpad, store, queue_alive=lambda job_id: job_id == "101")
+    assert taken_in == [] and sorted(lost) == sorted([gone, local])  # the local one died with its coordinator
+    assert {fw_id: launchpad.get_fw_by_id(fw_id).state for fw_id in runs} == {
+        alive: "RESERVED", gone: "READY", local: "READY"}
+    assert [(r.fw_id, r.job_id) for r in pending_runs(launchpad)] == [(alive, "101")]
+
+
+def test_qlaunch_options_are_stock_qlaunchs():
+    from qe_factory.cli import qlaunch_options
+
+    options = qlaunch_options(["rapidfire", "-m", "8", "--nlaunches", "20", "--timeout", "600"])
+    assert (options.maxjobs_queue, options.nlaunches, options.timeout, options.offline) == (8, 20, 600, False)
+    assert qlaunch_options(["--offline", "singleshot"]).nlaunches == 1
+    with pytest.raises(SystemExit):
+        qlaunch_options(["rapidfire", "--no-such-option"])
+
+
+def test_qlaunch_on_a_mongodb_home_is_stock_qlaunch(home, tmp_path, monkeypatch):  # home: the environment restored
+    """Without MONGOMOCK_SERVERSTORE_FILE the home is a MongoDB one: stock qlaunch, online (no server needed to see
+    the command it would run)."""
+    from qe_factory import cli
+    from qe_factory.workflow.home import init_home
+
+    home = init_home(tmp_path / "mongo")
+    settings = home / "fw_config" / "FW_config.yaml"
+    settings.write_text("\n".join(line for line in settings.read_text().splitlines()
+                                  if not line.startswith("MONGOMOCK_SERVERSTORE_FILE")))
+    monkeypatch.delenv("MONGOMOCK_SERVERSTORE_FILE", raising=False)  # FireWorks exports it for the embedded `home`
+    seen = []
+    monkeypatch.setattr(cli.subprocess, "run", lambda argv, env: seen.append((argv, env)) or type("P", (), {
+        "returncode": 0})())
+    assert cli.main(["--home", str(home), "qlaunch", "rapidfire", "-m", "3"]) == 0
+    (argv, env), = seen
+    assert argv[0].endswith("qlaunch") and argv[1:] == ["-c", str(home / "fw_config"), "rapidfire", "-m", "3"]
+    assert "MONGOMOCK_SERVERSTORE_FILE" not in env
