@@ -286,8 +286,8 @@ def estimate_only(name: str, atoms: Atoms, purpose: str, params: dict | None = N
     (directory / "pw.in").write_text(InputGenerator(DFTConfig(**settings)).create_input_string(atoms, params))
     argv = pw_command(PW_COMMAND, LAUNCHER, 1, 1)
     started = time.monotonic()
-    with open(directory / "pw.out", "w") as out:
-        process = subprocess.Popen(argv, cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    with open(directory / "pw.out", "w") as out, open(directory / "pw.err", "w") as err:
+        process = subprocess.Popen(argv, cwd=directory, stdout=subprocess.PIPE, stderr=err, text=True,
                                    env=pw_environment(1))
         for line in process.stdout:
             out.write(line)
