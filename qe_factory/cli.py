@@ -149,10 +149,13 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     from qe_factory.workflow.flows import submit
     from qe_factory.workflow.home import embedded_file
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, load_results, status_report
-    from qe_factory.workflow.worker import run_worker
+    from qe_factory.workflow.worker import local_slots, run_worker
 
-    config, launchpad, store = _config(args), get_launchpad(), get_jobstore()
+    config = _config(args)
     structures = read_structures(args.structures)
+    log = None if args.verbose else home / "logs" / "worker.log"
+    slots = local_slots(config.execution, args.parallel, len(structures), log)  # they start up while we submit
+    launchpad, store = get_launchpad(), get_jobstore()
     uids = [uid for uid, _ in structures]
     print(f"factory home {home}; LaunchPad {embedded_file(home) or 'MongoDB'}; {len(structures)} structures")
     progress = tqdm(total=len(structures), desc="structures", unit="structure", file=sys.stderr)
@@ -171,8 +174,8 @@ def _run(args: argparse.Namespace, home: Path) -> int:
         if state == "COMPLETED":
             tqdm.write(summary_line(load_results(store, [uid])[0]))
 
-    run_worker(launchpad, launch_root=home / "launches", on_finished=finished, execution=config.execution,
-               log=None if args.verbose else home / "logs" / "worker.log", parallel=args.parallel)
+    run_worker(launchpad, launch_root=home / "launches", on_finished=finished, execution=config.execution, log=log,
+               slots=slots)
     progress.close()
     results = load_results(store, [uid for uid in uids if uid not in report.refused])  # a refused uid's old label
     failures = [f for f in status_report(launchpad)["failures"] if f["uid"] in ours]

@@ -17,7 +17,7 @@ from qe_factory.engine.config import ExecutionSettings
 from qe_factory.engine.errors import DiskFullError
 from qe_factory.engine.parallel import available_ranks, seconds_left_in_allocation
 from qe_factory.engine.process import STOP
-from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, command_line, coordinate, take_in
+from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, UNFINISHED, command_line, coordinate, take_in
 from qe_factory.workflow.home import embedded_file, factory_home, use_execution, worker_execution
 from qe_factory.workflow.launchpad import (
     Saver,
@@ -141,12 +141,9 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
     fworker = FWorker.from_file(FWORKER_LOC) if FWORKER_LOC else FWorker()
     launch_root = Path(launch_root or Path.cwd()).resolve()
     execution = execution or worker_execution()
-    if slots is None:
-        ranks = execution.mpi_ranks or available_ranks()
-        waiting = launchpad.workflows.count_documents({"state": {"$nin": ["COMPLETED", "FIZZLED", "DEFUSED"]}})
-        count = parallel or choose_parallel(ranks, waiting)
-        slot_execution = execution.model_copy(update={"mpi_ranks": max(1, ranks // count)})
-        slots = LocalSlots(count, slot_execution, log)
+    if embedded:  # a first share of the backlog, so that the workers are chosen for what waits
+        take_in(home, launchpad, save_launchpad, store, LAUNCHPAD_WORKFLOWS)
+    slots = slots or local_slots(execution, parallel, launchpad.workflows.count_documents(UNFINISHED), log)
     capacity = max(LAUNCHPAD_WORKFLOWS, 2 * slots.max_running)
     finishing: list[int] = []  # SIGUSR1: finish the running Fireworks, take no new one
     signals: list[int] = []
@@ -202,22 +199,24 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
                 if embedded:  # the backlog waits in the inbox: the LaunchPad holds the work in progress
                     for intake in take_in(home, launchpad, save_launchpad, store, capacity):
                         log_line(log, f"qe-factory: {intake.line()}")
-                while accepting() and (ready := next_ready(launchpad, fworker)) is not None:
-                    fw_id, stage = ready
-                    if stage in WORKER_STAGES and not slots.free():
-                        break  # a new structure starts, and an SCF runs, only when a worker is free for it
-                    if stage == "scf":
-                        run = reserve(launchpad, fworker, launch_root / launch_name("scf", fw_id), store, fw_id)
-                        slots.start(run)
+                while accepting():
+                    if slots.free() and (ready := next_ready(launchpad, fworker, SCF)) is not None:
+                        run = reserve(launchpad, fworker, launch_root / launch_name("scf", ready[0]), store, ready[0])
+                        slots.start(run)  # a free worker first: it never waits for the quick stages
                         if run.job_id:
                             launchpad.set_reservation_id(run.launch_id, run.job_id)
                         saver.changed()
                         saver.flush()  # a reader sees what runs (and a killed coordinator leaves it reserved)
-                    else:
-                        _launch_here(launchpad, fworker, fw_id, launch_root / launch_name(stage, fw_id), log)
-                        ended(fw_id)
+                        continue
+                    if (ready := next_ready(launchpad, fworker, QUICK)) is None:
+                        break
+                    fw_id, stage = ready
+                    if stage == "inputs" and next_ready_count(launchpad, SCF) >= slots.max_running:
+                        break  # a new structure starts only while fewer SCF runs wait than there are workers
+                    _launch_here(launchpad, fworker, fw_id, launch_root / launch_name(stage, fw_id), log)
+                    ended(fw_id)
             if not slots.running():
-                if not (accepting() and next_ready(launchpad, fworker)):
+                if not (accepting() and launchpad.run_exists(fworker)):
                     break
                 continue
             if not accepting() and slots.outlive_coordinator:
@@ -232,7 +231,7 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
                                     "space in the work_dir, then run the worker again")
         completed = True
     finally:
-        if slots.running() and isinstance(slots, LocalSlots):  # an error or a stop: bring the workers' runs back
+        if slots.running() and not slots.outlive_coordinator:  # an error or a stop: bring the workers' runs back
             slots.signal(signal.SIGTERM)
             while slots.running():
                 take_back_ended(slots.wait())
@@ -252,15 +251,27 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
     return count["launched"]
 
 
-WORKER_STAGES = ("inputs", "scf")  # run when a worker is free: the SCF in it, the inputs as the start of one
+SCF, QUICK = {"spec.stage": "scf"}, {"spec.stage": {"$ne": "scf"}}  # run by workers / here (inputs, validate)
 
 
-def next_ready(launchpad: LaunchPad, fworker) -> tuple[int, str] | None:
-    """(fw_id, stage) of the READY Firework this FWorker would run next (FireWorks' order: highest _priority
-    first, so a structure is finished before the next is started)."""
-    doc = launchpad.fireworks.find_one({**(fworker.query or {}), "state": "READY"}, {"fw_id": 1, "spec.stage": 1},
-                                       sort=[("spec._priority", -1)])
+def next_ready(launchpad: LaunchPad, fworker, stages: dict) -> tuple[int, str] | None:
+    """(fw_id, stage) of the READY Firework of these stages this FWorker would run next (FireWorks' order:
+    highest _priority first, so a structure is finished before the next is started)."""
+    query = {**(fworker.query or {}), **stages, "state": "READY"}
+    doc = launchpad.fireworks.find_one(query, {"fw_id": 1, "spec.stage": 1}, sort=[("spec._priority", -1)])
     return (doc["fw_id"], doc.get("spec", {}).get("stage")) if doc else None
+
+
+def next_ready_count(launchpad: LaunchPad, stages: dict) -> int:
+    return launchpad.fireworks.count_documents({**stages, "state": "READY"})
+
+
+def local_slots(execution: ExecutionSettings, parallel: int | None, waiting: int, log: Path | None) -> LocalSlots:
+    """`parallel` local workers (default: choose_parallel for the cores and the structures `waiting`), each pw.x
+    with its share of the cores."""
+    ranks = execution.mpi_ranks or available_ranks()
+    count = parallel or choose_parallel(ranks, waiting)
+    return LocalSlots(count, execution.model_copy(update={"mpi_ranks": max(1, ranks // count)}), log)
 
 
 def structure_finished(launchpad: LaunchPad, fw_id: int) -> tuple[str, str] | None:
