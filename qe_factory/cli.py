@@ -115,7 +115,8 @@ def submit_cmd(args: argparse.Namespace) -> int:
         print(f"{uid:<24} DUPLICATE of {other} (same structure and settings)")
     print(report.summary())
     if report.queued:
-        print("the running coordinator takes them in before its next Firework; `qe-factory status` shows the inbox")
+        print("queued structures wait in the home's inbox; the coordinator (qe-factory run/worker/qlaunch) takes them "
+              "in as workflows finish; `qe-factory status` shows the inbox")
     return 0
 
 

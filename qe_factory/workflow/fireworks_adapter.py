@@ -80,7 +80,7 @@ def write_store(store: Any, path: Path | None = None) -> None:
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(store.to_dict(), handle, default=extended_json)
+            handle.write(json.dumps(store.to_dict(), default=extended_json))  # dumps: the C encoder (dump: Python)
             handle.flush()
             os.fsync(handle.fileno())
         replace_keeping_previous(tmp, target)
@@ -176,3 +176,18 @@ def mend_offline_rocket() -> None:
 
     zopen_text.mended = True  # type: ignore[attr-defined]
     rocket.zopen = zopen_text
+
+
+def wait_for_pings(timeout: float = 10) -> None:
+    """Wait for the ping threads of finished rockets in this process.
+
+    Relies on: `Rocket.run` pings from a thread whose target is `fireworks.core.rocket.ping_launch` (so Python names
+    it "Thread-N (ping_launch)"); when the rocket ends it sets the thread's stop event and the thread pings once
+    more. A launch deleted meanwhile (a finished workflow leaving the LaunchPad) makes that ping raise
+    "No Launch exists" in the thread.
+    """
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name.endswith("(ping_launch)") and thread is not threading.current_thread():
+            thread.join(timeout)
