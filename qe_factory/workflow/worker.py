@@ -143,7 +143,8 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
     launch_root = Path(launch_root or Path.cwd()).resolve()
     execution = execution or worker_execution()
     if embedded:  # a first share of the backlog, so that the workers are chosen for what waits
-        take_in(home, launchpad, save_launchpad, store, LAUNCHPAD_WORKFLOWS)
+        for intake in take_in(home, launchpad, save_launchpad, store, LAUNCHPAD_WORKFLOWS):
+            log_line(log, f"qe-factory: {intake.line()}")
     slots = slots or local_slots(execution, parallel, launchpad.workflows.count_documents(UNFINISHED), log)
     capacity = max(LAUNCHPAD_WORKFLOWS, 2 * slots.max_running)
     finishing: list[int] = []  # SIGUSR1: finish the running Fireworks, take no new one
