@@ -210,20 +210,10 @@ def result_counts(store: JobStore) -> dict[str, int]:
 
 
 def qlaunch_command(args: list[str], home: Path) -> tuple[list[str], dict[str, str]]:
-    """argv and environment for stock `qlaunch` on this home.
-
-    With the embedded LaunchPad, qlaunch gets a snapshot copy of the file: it only reads which Fireworks are READY,
-    and its exit-time write must not overwrite what the worker jobs saved meanwhile. Workers read the real file
-    (the queue adapter's pre_rocket points them at the configuration). Keep one worker job at a time (-m 1).
-    """
-    env = {**os.environ, **config_environment(home)}
-    launchpad_file = embedded_file(home)
-    if launchpad_file is not None:
-        snapshot = launchpad_file.with_name("qlaunch-snapshot.json")
-        snapshot.write_bytes(launchpad_file.read_bytes())
-        env["MONGOMOCK_SERVERSTORE_FILE"] = str(snapshot)
+    """argv and environment for stock `qlaunch` on a MongoDB home (an embedded home's qlaunch is the offline
+    coordinator: `qe-factory qlaunch`)."""
     qlaunch = Path(sys.executable).with_name("qlaunch")
-    return [str(qlaunch), "-c", str(home / "fw_config"), *args], env
+    return [str(qlaunch), "-c", str(home / "fw_config"), *args], {**os.environ, **config_environment(home)}
 
 
 # lpad subcommands that only read (everything else may write)

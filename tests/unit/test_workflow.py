@@ -24,7 +24,6 @@ BIN = Path(sys.executable).parent
 
 def test_home_is_rendered_and_stock_lpad_sees_the_same_launchpad(home, fast_config):
     from qe_factory.workflow.flows import submit
-    from qe_factory.workflow.launchpad import qlaunch_command
 
     for path in [*(home / "fw_config").iterdir(), *(home / "templates").iterdir()]:
         assert "${QE_FACTORY" not in path.read_text(), path
@@ -38,11 +37,6 @@ def test_home_is_rendered_and_stock_lpad_sees_the_same_launchpad(home, fast_conf
     lpad = subprocess.run([str(BIN / "lpad"), "-c", str(home / "fw_config"), "get_wflows", "-d", "count"],
                           env=env, capture_output=True, text=True, check=True)
     assert lpad.stdout.strip() == "1"
-    argv, qlaunch_env = qlaunch_command(["rapidfire", "-m", "1"], home)
-    assert argv[1:4] == ["-c", str(home / "fw_config"), "rapidfire"]
-    snapshot = Path(qlaunch_env["MONGOMOCK_SERVERSTORE_FILE"])
-    assert snapshot != home / "state" / "launchpad.json"  # qlaunch's exit-time write lands on a copy
-    assert snapshot.read_bytes() == (home / "state" / "launchpad.json").read_bytes()
 
 
 def test_flow_compiles_to_three_linked_fireworks(fast_config):
