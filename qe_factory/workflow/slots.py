@@ -159,7 +159,7 @@ class QueueSlots:
     def wait(self, timeout: float | None = None) -> list[OfflineRun]:
         """Runs whose job finished the launch, or left the queue without finishing it; polls every poll_seconds
         until one ended or `timeout` (at most poll_seconds) passed."""
-        deadline = time.monotonic() + min(self.poll_seconds, self.poll_seconds if timeout is None else timeout)
+        deadline = time.monotonic() + (self.poll_seconds if timeout is None else min(self.poll_seconds, timeout))
         while True:
             ended = [run for run in self.runs if run.finished() or not queue_job_alive(run.job_id or "")]
             if ended or time.monotonic() >= deadline:

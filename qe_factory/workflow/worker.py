@@ -295,8 +295,8 @@ def log_line(log: Path | None, line: str) -> None:
             handle.write(line + "\n")
 
 
-def launch_name(kind: str, fw_id: int | None) -> str:
-    return f"launcher_{time.strftime('%Y-%m-%d-%H-%M-%S')}_{os.getpid()}_{kind}_{fw_id or time.monotonic_ns()}"
+def launch_name(kind: str, fw_id: int) -> str:
+    return f"launcher_{time.strftime('%Y-%m-%d-%H-%M-%S')}_{os.getpid()}_{kind}_{fw_id}"
 
 
 def _launch_here(launchpad: LaunchPad, fworker, fw_id: int, launch_dir: Path, log: Path | None) -> None:
