@@ -3,5 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# tests only: headless Chromium looks at the generated pages (tests/browser.py)
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "test: installing chromium with apt (for the browser tests)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"
