@@ -341,6 +341,41 @@ def launch_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def pseudos(args: argparse.Namespace) -> int:
+    """Install a pseudopotential family from a downloaded archive (md5-checked), or list the families, the elements
+    each covers and, for a structure file, what is missing."""
+    import textwrap
+
+    from ase.data import atomic_numbers
+
+    from qe_factory.engine import pseudos as pp
+
+    try:
+        if args.action == "install":
+            path = pp.install_family(args.family, args.source)
+            family = pp.load_family(path.name)
+            print(f"{family.name}: {len(family.entries)} pseudopotentials checked and installed in {path}; "
+                  f"use it with  pseudo_family: {family.name}")
+            return 0
+        needed = {s for _, atoms in read_structures(args.structures) for s in atoms.get_chemical_symbols()} \
+            if args.structures else set()
+        for name in pp.known_families():
+            family = pp.load_family(name)
+            absent = pp.missing_pseudos(family, family.entries)
+            print(f"{name:<24} {family.functional or '?':<6} {len(family.entries):>3} elements, "
+                  f"{len(family.entries) - len(absent)} installed in {family.directory}")
+            print(textwrap.fill(" ".join(sorted(family.entries, key=atomic_numbers.get)), 116,
+                                initial_indent="    ", subsequent_indent="    "))
+            if args.structures:
+                missing = pp.missing_pseudos(family, needed)
+                print(f"    {args.structures}: " + (", ".join(f"{el} ({why})" for el, why in missing.items())
+                                                    + " missing" if missing else f"all {len(needed)} elements ready"))
+        return 0
+    except pp.PseudopotentialError as exc:
+        print(f"qe-factory: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qe-factory", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -389,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("repair", repair, "rebuild a missing or damaged LaunchPad file or JobStore")
     p = command("lpad", lpad, "stock lpad on this home, e.g. qe-factory lpad get_wflows -d count")
     p.add_argument("lpad_args", nargs=argparse.REMAINDER, help="arguments for lpad")
+    p = command("pseudos", pseudos, "pseudopotential families: install one from an archive, list what they cover")
+    actions = p.add_subparsers(dest="action", required=True)
+    install = actions.add_parser("install", help="unpack and md5-check a family's archive (path or URL)")
+    install.add_argument("family", help="family name (e.g. sssp-efficiency-1.3) or the path of its JSON table")
+    install.add_argument("--from", dest="source", required=True, help="the downloaded archive (tar/zip) or its URL")
+    actions.add_parser("list", help="families, their elements, and what --structures needs").add_argument(
+        "--structures", help="a structure file: show which of its elements each family lacks")
     return parser
 
 

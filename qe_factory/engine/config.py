@@ -84,7 +84,9 @@ class DFTConfig(MSONProtocol, BaseSettings):
     max_retries: PositiveInt = 5
 
     # physics
-    pseudo_family: str = Field("debian-pbe", description="bundled family name or path to an SSSP-style JSON")
+    pseudo_family: str = Field(
+        "debian-pbe", description="family name (bundled, or installed by `qe-factory pseudos install`) or SSSP JSON"
+    )
     pseudo_dir: Path | None = Field(None, description="directory of the UPF files; None = the family's default")
     kpoint_density: PositiveFloat = Field(0.15, description="max reciprocal-space spacing, 1/Å, 2π included")
     vacuum_threshold: PositiveFloat = Field(

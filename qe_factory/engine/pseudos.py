@@ -1,10 +1,19 @@
-"""Pseudopotential families: tables as data files, resolution with existence, md5 and UPF-header checks."""
+"""Pseudopotential families: tables as data files, resolution with existence, md5 and UPF-header checks, and the
+installation of a family's files from a downloaded archive (md5-checked, all or nothing)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -65,32 +74,140 @@ class ResolvedPseudo:
     header: UpfHeader
 
 
+FAMILY_FILE = "family.json"  # an installed family's table, beside its files
+
+
 def bundled_families() -> list[str]:
     """Names of the families shipped with the package."""
     return sorted(p.name[:-5] for p in resources.files("qe_factory.engine.data").iterdir() if p.name.endswith(".json"))
 
 
-def load_family(name_or_path: str, pseudo_dir: Path | None = None) -> PseudoFamily:
-    """Load a bundled family by name, or an SSSP-style JSON file ({El: {filename, md5, cutoff_wfc, cutoff_rho}})."""
+def pseudo_root() -> Path:
+    """Where `install_family` puts each family, in a folder of its name: $XDG_DATA_HOME/qe_factory/pseudos
+    (default ~/.local/share/qe_factory/pseudos), outside any factory home so that every home and QERunner finds it."""
+    return Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser() / "qe_factory" / "pseudos"
+
+
+def known_families() -> list[str]:
+    """Families usable by name: the bundled ones and those installed in `pseudo_root()`."""
+    installed = [p.parent.name for p in pseudo_root().glob(f"*/{FAMILY_FILE}")]
+    return sorted({*bundled_families(), *installed})
+
+
+def _read_table(name_or_path: str) -> tuple[dict, Path]:
+    """A family's table as {name, functional, source, pseudopotentials} and its default directory."""
     path = Path(name_or_path).expanduser()
+    installed = pseudo_root() / name_or_path
     if path.suffix == ".json" and path.is_file():
-        raw = json.loads(path.read_text())
-        default_dir = path.parent
+        raw, directory = json.loads(path.read_text()), path.parent
+        raw = raw if "pseudopotentials" in raw else {"pseudopotentials": raw}  # a bare SSSP JSON
+        raw.setdefault("name", path.stem)
     elif name_or_path in bundled_families():
         raw = json.loads(resources.files("qe_factory.engine.data").joinpath(f"{name_or_path}.json").read_text())
-        default_dir = Path(raw["default_dir"]).expanduser()
+        directory = Path(raw.get("default_dir") or installed).expanduser()
+    elif name_or_path in known_families():
+        raw, directory = json.loads((installed / FAMILY_FILE).read_text()), installed
     else:
         raise PseudopotentialError(
-            f"unknown pseudopotential family {name_or_path!r}: give one of {bundled_families()} "
+            f"unknown pseudopotential family {name_or_path!r}: give one of {known_families()} "
             "or the path of an SSSP-style JSON file"
         )
-    table = raw.get("pseudopotentials", raw)
+    return raw, directory
+
+
+def load_family(name_or_path: str, pseudo_dir: Path | None = None) -> PseudoFamily:
+    """Load a family by name (bundled, or installed with `install_family`), or an SSSP-style JSON file
+    ({El: {filename, md5, cutoff_wfc, cutoff_rho}}, optionally under "pseudopotentials" beside name/functional)."""
+    raw, directory = _read_table(name_or_path)
     entries = {
         el: PseudoEntry(row["filename"], float(row["cutoff_wfc"]), float(row["cutoff_rho"]), row.get("md5"))
-        for el, row in table.items()
+        for el, row in raw["pseudopotentials"].items()
     }
-    name = raw.get("name", path.stem) if isinstance(raw.get("name"), str) else path.stem
-    return PseudoFamily(name, raw.get("functional"), Path(pseudo_dir or default_dir), entries)
+    return PseudoFamily(raw["name"], raw.get("functional"), Path(pseudo_dir or directory), entries)
+
+
+def missing_pseudos(family: PseudoFamily, elements: Iterable[str]) -> dict[str, str]:
+    """The elements this family cannot serve yet, each with the reason (not in its table, or its file absent)."""
+    missing = {}
+    for el in sorted(set(elements)):
+        entry = family.entries.get(el)
+        if entry is None:
+            missing[el] = "not in the table"
+        elif not (family.directory / entry.filename).is_file():
+            missing[el] = f"{entry.filename} not installed"
+    return missing
+
+
+def install_family(name_or_path: str, source: str) -> Path:
+    """Install a family's files from an archive (tar or zip; a path or an http(s)/file URL) into
+    `pseudo_root()/<name>/`, with the table as `family.json`. Every file the table names must be in the archive with
+    the table's md5: otherwise nothing is installed and the error names each file (and both md5s)."""
+    raw, _ = _read_table(name_or_path)
+    name, table = raw["name"], raw["pseudopotentials"]
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+        raise PseudopotentialError(f"family name {name!r}: use letters, digits, '.', '_' and '-' only")
+    if name in bundled_families() and (Path(name_or_path).suffix == ".json" or "default_dir" in raw):
+        raise PseudopotentialError(f"{name!r} is a bundled family read from its own directory: nothing to install "
+                                   "(a table of your own needs another name)")
+    root = pseudo_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
+        staging = Path(tmp) / name
+        _unpack(_download(source, Path(tmp)), {row["filename"] for row in table.values()}, staging)
+        problems = []
+        for el, row in sorted(table.items()):
+            path = staging / row["filename"]
+            if not path.is_file():
+                problems.append(f"{row['filename']} ({el}) is not in the archive")
+            elif not row.get("md5"):
+                problems.append(f"{row['filename']} ({el}) has no md5 in the table to check it against")
+            elif (md5 := hashlib.md5(path.read_bytes()).hexdigest()) != row["md5"]:
+                problems.append(f"{row['filename']} ({el}) has md5 {md5}, the table says {row['md5']}")
+        if problems:
+            raise PseudopotentialError(f"{name} not installed from {source}: {'; '.join(problems)}")
+        normalised = {"name": name, "functional": raw.get("functional"), "source": raw.get("source"),
+                      "pseudopotentials": table}
+        (staging / FAMILY_FILE).write_text(json.dumps(normalised, indent=1) + "\n")
+        target = root / name
+        if target.exists():
+            target.rename(Path(tmp) / "previous")  # removed with the temporary directory
+        staging.rename(target)
+    return target
+
+
+def _download(source: str, folder: Path) -> Path:
+    """The archive as a local file: `source` itself, or what its URL serves, saved in `folder`."""
+    if urllib.parse.urlparse(source).scheme not in ("http", "https", "file"):
+        if not Path(source).expanduser().is_file():
+            raise PseudopotentialError(f"{source}: no such archive (give a file or an http(s) URL)")
+        return Path(source).expanduser()
+    path = folder / "download"
+    try:
+        with urllib.request.urlopen(source, timeout=60) as response, path.open("wb") as out:
+            shutil.copyfileobj(response, out)
+    except (OSError, ValueError) as exc:
+        raise PseudopotentialError(f"cannot download {source}: {exc}") from None
+    return path
+
+
+def _unpack(archive: Path, wanted: set[str], folder: Path) -> None:
+    """Copy the archive's regular files whose base name is in `wanted` into `folder` (nothing else, whatever its
+    member paths say)."""
+    folder.mkdir()
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                if member.isfile() and Path(member.name).name in wanted:
+                    with tar.extractfile(member) as data, (folder / Path(member.name).name).open("wb") as out:
+                        shutil.copyfileobj(data, out)
+    elif zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zipped:
+            for info in zipped.infolist():
+                if not info.is_dir() and Path(info.filename).name in wanted:
+                    with zipped.open(info) as data, (folder / Path(info.filename).name).open("wb") as out:
+                        shutil.copyfileobj(data, out)
+    else:
+        raise PseudopotentialError(f"{archive} is neither a tar nor a zip archive")
 
 
 _FUNCTIONAL_ALIASES = {

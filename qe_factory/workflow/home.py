@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -17,8 +18,7 @@ from qe_factory.engine.config import ExecutionSettings
 from qe_factory.workflow.fireworks_adapter import reload_configuration
 
 HOME_ENV = "QE_FACTORY_HOME"
-REPO = Path(__file__).resolve().parents[2]
-CONFIG_TEMPLATES = {"fw_config": REPO / "fw_config", "templates": REPO / "templates"}
+CONFIG_TEMPLATES = ("fw_config", "templates")  # package data under qe_factory/workflow/data/, one folder each
 
 
 def factory_home(home: str | Path | None = None) -> Path:
@@ -43,10 +43,9 @@ def init_home(home: Path) -> Path:
     """
     new_state = not (home / "state").exists()
     values = {"QE_FACTORY_HOME": str(home), "QE_FACTORY_BIN": str(Path(sys.executable).parent)}
-    for folder, source in CONFIG_TEMPLATES.items():
-        if not source.is_dir():
-            raise FileNotFoundError(f"{source} is missing: install qe_factory from its repository (pip install -e .)")
-        for template in sorted(source.iterdir()):
+    for folder in CONFIG_TEMPLATES:
+        source = resources.files("qe_factory.workflow") / "data" / folder
+        for template in sorted(source.iterdir(), key=lambda t: t.name):
             target = home / folder / template.name
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 launch-offline` → real pw.x, with the embedded (file-backed) LaunchPad and no MongoDB.
 
 The cluster comes from scripts/slurm_cluster.sh (root only; the test is skipped with the reason otherwise). The test
-has its own factory home with the repository's fw_config and SLURM template. `qe-factory qlaunch` is the home's
+has its own factory home with the package's fw_config and SLURM template. `qe-factory qlaunch` is the home's
 coordinator: it reserves SCF Fireworks into launch directories, keeps up to -m jobs in the queue (each runs one
 Firework offline: no LaunchPad or JobStore access from the job), takes the jobs' results in, runs the quick stages
 itself, and ends when every workflow is finished. Stock `lpad` writes its file back when it exits, so it runs only
@@ -86,7 +86,7 @@ def lpad(home: Path, *args: str) -> list[dict]:
 
 
 def make_home(tmp_path: Path, **qadapter) -> Path:
-    """A factory home from the repository's fw_config and template, with test settings in its my_qadapter.yaml."""
+    """A factory home from the package's fw_config and template, with test settings in its my_qadapter.yaml."""
     home = tmp_path / "home"
     factory(home, "init")
     path = home / "fw_config" / "my_qadapter.yaml"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+from ase.data import chemical_symbols
 
 from qe_factory.engine.pseudos import (
     PseudopotentialError,
@@ -22,11 +24,28 @@ needs_debian = pytest.mark.skipif(not DEBIAN.is_dir(), reason="Debian's quantum-
 
 
 def test_bundled_families():
-    assert {"debian-pbe", "sssp-efficiency-1.3-pbe"} <= set(bundled_families())
-    sssp = load_family("sssp-efficiency-1.3-pbe")
+    assert {"debian-pbe", "sssp-efficiency-1.3"} <= set(bundled_families())
+    sssp = load_family("sssp-efficiency-1.3")
     assert sssp.entries["Fe"].filename == "Fe.pbe-spn-kjpaw_psl.0.2.1.UPF"
     assert (sssp.entries["Fe"].cutoff_wfc, sssp.entries["Fe"].cutoff_rho) == (90, 1080)
     assert sssp.entries["Si"].md5 == "0b0bb1205258b0d07b9f9672cf965d36"
+
+
+def test_bundled_sssp_table_is_the_complete_published_one():
+    """SSSP efficiency 1.3 covers H to Rn and La to Lr (Z 1-103): one file per element, each with its own md5, both
+    cutoffs, and a charge-density cutoff 4, 8 or 12 times the wavefunction one (the duals the table uses)."""
+    sssp = load_family("sssp-efficiency-1.3")
+    assert sssp.name == "sssp-efficiency-1.3" and sssp.functional == "PBE"
+    assert set(sssp.entries) == set(chemical_symbols[1:104])
+    for el, entry in sssp.entries.items():
+        assert re.fullmatch(r"[0-9a-f]{32}", entry.md5), el
+        assert entry.cutoff_wfc > 0 and entry.cutoff_rho / entry.cutoff_wfc in (4, 8, 12), el
+        assert re.match(rf"{el}[._-]", entry.filename, re.IGNORECASE), el  # every file name starts with its element
+    assert len({e.md5 for e in sssp.entries.values()}) == len({e.filename for e in sssp.entries.values()}) == 103
+    cu, no = sssp.entries["Cu"], sssp.entries["No"]  # Cu changed in 1.3; "No" is the one a YAML reader turns False
+    assert (cu.filename, cu.cutoff_wfc) == ("Cu.paw.z_11.ld1.psl.v1.0.0-low.upf", 90)
+    assert cu.md5 == "619f40885d92a09a85a8b37550532d0c"
+    assert no.filename == "No.paw.z_24.ld1.uni-marburg.v0.upf"
 
 
 def test_unknown_family_lists_the_choices():
