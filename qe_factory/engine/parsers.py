@@ -123,7 +123,7 @@ def _forces(lines: list[str], natoms: int | None) -> list[list[float]] | None:
 
 
 _ITERATION = re.compile(r"^\s*iteration #\s*\d+")
-# pw.x's non-fatal messages (sanitize.WARNING_RULES judges them): WARNING/Warning lines, infomsg's "Message from
+# pw.x's non-fatal messages (sanitize.TROUBLE says which refuse a label): WARNING/Warning lines, infomsg's "Message from
 # routine X:" with its text on the next line, Davidson's "c_bands: N eigenvalues not converged", atomic_rho's and
 # set_rhoc's "Check: negative starting/core charge", forces.f90's "SCF correction compared to forces is large".
 # The per-iteration "negative rho (up, down)" lines are not among them: their last value is `negative_rho`.

@@ -133,12 +133,13 @@ def cohesive_check(
     (eV) computed with the label's settings.
 
     Lower bound −10 eV/atom: the largest cohesive energy of any element is tungsten's, 8.90 eV/atom (Kittel,
-    Introduction to Solid State Physics, 8th ed., Table 3.1; then Os 8.17, Ta 8.10, diamond 7.37), compounds per atom
-    do not exceed it, and PBE overbinds by a few tenths of an eV. Upper bound +2 eV/atom: ground states are bound
-    (< 0), a free atom or a dilute gas sits at 0, and a hot, rattled or compressed structure lies within a few eV/atom
-    of its ground state. Measured with pw.x (tests/data fixtures and a scan at their settings): Si crystal −4.41,
-    the 2-atom Si cell with its pair compressed to 0.7 / 0.6 of the covalent radii sum +0.32 / +6.0, H2 at 0.7 / 0.6
-    −0.24 / +1.31 eV/atom; overlapping cores land outside: H2 0.3 Å apart +4.47, the Si pair 0.6 Å apart in the
+    Introduction to Solid State Physics, 8th ed., Table 3.1; then Os 8.17, Ta 8.10, diamond 7.37), strongly bound
+    compounds lie in the same range per atom (Al2O3 6.4 eV/atom from its heat of formation and the elements' cohesive
+    and O2 binding energies), and PBE overbinds by a few tenths of an eV. Upper bound +2 eV/atom: ground states are
+    bound (< 0), a free atom or a dilute gas sits at 0, and a hot, rattled or compressed structure lies within a few
+    eV/atom of its ground state. Measured with pw.x (tests/data fixtures and a scan at their settings): Si crystal
+    −4.41, the 2-atom Si cell with its pair compressed to 0.7 / 0.6 of the covalent radii sum +0.32 / +6.0, H2 at 0.7
+    / 0.6 −0.24 / +1.31 eV/atom; overlapping cores land outside: H2 0.3 Å apart +4.47, the Si pair 0.6 Å apart in the
     diamond cell +88.3; a carbon pseudopotential read for Si −15.4 eV/atom. Data sets that want short dimers raise it.
     """
     limits = limits or SanitizerThresholds()
