@@ -17,6 +17,9 @@ codes 137 / 139). Some outcomes depend on timing (where max_seconds or the signa
 fails first); the tests only rely on what does not. `si_verbosity_high` is si_scf with verbosity='high', whose
 forces block is followed by the per-contribution force blocks (same line shape) before "Total force".
 `mem_*` are pw.x runs stopped right after pw.x printed its memory estimate (tests/unit/test_memory.py).
+For the sanitizer (tests/unit/test_sanitize.py): `si_pair_overlap` (two Si atoms 0.6 A apart, the distance pre-check
+off), `si_wrong_pseudo` (carbon's UPF under the Si file name, in a temporary pseudo_dir named in its pw.in), and the
+isolated-atom energies (E0) at the neighbouring fixtures' settings, `si_atom` and `h_atom`.
 """
 
 from __future__ import annotations
