@@ -46,6 +46,17 @@ class SanitizerThresholds(BaseModel):
     min_energy_per_atom: float = Field(-1.0e5, description="eV per atom")
     max_energy_per_atom: float = Field(0.0, description="eV per atom; bound pseudo-atoms have negative energies")
     max_negative_rho: PositiveFloat = Field(0.1, description="electrons of negative charge in the final density")
+    # cohesive energy (E - sum of the isolated-atom energies E0) / N: why these bounds, in sanitize.cohesive_check
+    min_cohesive_energy: float = Field(-10.0, description="eV/atom; no known solid is bound more strongly")
+    max_cohesive_energy: float = Field(2.0, description="eV/atom above the free atoms")
+    # chemistry-based force bound of an atom, from its closest contact (sanitize.contact_force_bound)
+    contact_force: PositiveFloat = Field(15.0, description="eV/Å allowed at (or beyond) the covalent radii sum")
+    contact_force_growth: float = Field(
+        5.0, ge=0, description="the bound grows as exp(growth × (1 − d / covalent radii sum)) as the contact shortens"
+    )
+    min_contact_ratio: float = Field(
+        0.7, ge=0, le=1, description="fraction of the covalent radii sum below which the bound grows no further"
+    )
 
 
 class ExecutionSettings(BaseSettings):

@@ -41,12 +41,14 @@ class PwOutput(BaseModel):
     converged: bool = False
     convergence_failed: bool = False
     job_done: bool = False
-    warnings: list[str] = []
+    warnings: list[str] = []  # pw.x's non-fatal messages, each once
+    final_warnings: list[str] = []  # those printed in or after the last SCF iteration (judged by the sanitizer)
     errors: list[str] = []
     crash: str | None = None
     wall_time: float | None = None
     cpu_time: float | None = None
-    pseudos_read: dict[str, dict[str, str]] = {}  # element → {"path", "md5"} of the file pw.x says it read
+    # element (as the file's own header says: pw.x prints it) → {"path", "md5"} of the file pw.x says it read
+    pseudos_read: dict[str, dict[str, str]] = {}
     # pw.x's XML record of a converged run, read back by the runner: its summary (pwxml.PwXml.summary) and where it
     # disagrees with this stdout or with the input asked for (sanitize.xml_problems)
     xml: dict[str, Any] | None = None
@@ -120,6 +122,26 @@ def _forces(lines: list[str], natoms: int | None) -> list[list[float]] | None:
     return forces if any("Total force" in line for line in after) else None  # the block is complete only then
 
 
+_ITERATION = re.compile(r"^\s*iteration #\s*\d+")
+# pw.x's non-fatal messages (sanitize.TROUBLE says which refuse a label): WARNING/Warning lines, infomsg's "Message from
+# routine X:" with its text on the next line, Davidson's "c_bands: N eigenvalues not converged", atomic_rho's and
+# set_rhoc's "Check: negative starting/core charge", forces.f90's "SCF correction compared to forces is large".
+# The per-iteration "negative rho (up, down)" lines are not among them: their last value is `negative_rho`.
+_WARNING = re.compile(
+    r"warning|Message from routine|eigenvalues not converged|Check: negative|SCF correction compared|BEWARE",
+    re.IGNORECASE,
+)
+
+
+def _warnings(lines: list[str]) -> list[tuple[int, str]]:
+    """(line number, text) of every non-fatal message pw.x printed."""
+    return [
+        (i, " ".join(part.strip() for part in lines[i : i + 2 if "Message from routine" in line else i + 1]))
+        for i, line in enumerate(lines)
+        if _WARNING.search(line)
+    ]
+
+
 def parse_pw_output(text: str, crash: str | None = None) -> PwOutput:
     """Read a pw.x stdout text (and its CRASH file text, if any) into a PwOutput."""
     lines = text.splitlines()
@@ -150,20 +172,17 @@ def parse_pw_output(text: str, crash: str | None = None) -> PwOutput:
     out["converged"] = "convergence has been achieved" in text
     out["convergence_failed"] = "convergence NOT achieved" in text
     out["job_done"] = "JOB DONE" in text
-    out["warnings"] = sorted(
-        {
-            " ".join(lines[i : i + 2 if "Message from routine" in line else i + 1]).strip()
-            for i, line in enumerate(lines)
-            if re.search(r"warning|negative rho|Message from routine", line, re.IGNORECASE)
-        }
-    )
+    warnings = _warnings(lines)
+    last_iteration = max((i for i, line in enumerate(lines) if _ITERATION.match(line)), default=-1)
+    out["warnings"] = sorted({text for _, text in warnings})
+    out["final_warnings"] = sorted({text for at, text in warnings if at > last_iteration})
     out["errors"] = _error_blocks(text) + (_error_blocks(crash) if crash else [])
     if m := re.search(r"PWSCF\s*:\s*(.*?)CPU\s*(.*?)WALL", text):
         out["cpu_time"], out["wall_time"] = _seconds(m.group(1)), _seconds(m.group(2))
     out["pseudos_read"] = {
         element: {"path": path, "md5": md5}
         for element, path, md5 in re.findall(
-            r"PseudoPot\. #\s*\d+ for (\S+) read from file:\s*\n\s*(\S+)\s*\n\s*MD5 check sum:\s*(\S+)", text
+            r"PseudoPot\. #\s*\d+ for (\S+)\s+read from file:\s*\n\s*(\S+)\s*\n\s*MD5 check sum:\s*(\S+)", text
         )
     }
     return PwOutput(**out)

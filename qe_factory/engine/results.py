@@ -57,6 +57,9 @@ class DFTResult(Document):
     total_magnetization: float | None = None
     pw_xml: dict[str, Any] | None = None  # pw.x's own record (data-file-schema.xml, pwxml.PwXml.summary), checked
     problems: list[str] = []
+    cohesive_energy: float | None = None  # eV/atom: (energy − Σ isolated-atom energies E0) / N; None: not judged
+    not_judged: list[str] = []  # checks the sanitizer could not make, and why (e.g. no E0 for an element)
+    warnings: list[str] = []  # pw.x's non-fatal messages (those that mean trouble are in problems)
     label_deviations: dict[str, tuple[Any, Any]] = {}
     attempts: list[Attempt] = []
 

@@ -37,7 +37,7 @@ from qe_factory.engine.recovery import (
     merge_parameters,
 )
 from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult
-from qe_factory.engine.sanitize import provenance_problems, sanitize, xml_problems
+from qe_factory.engine.sanitize import cohesive_check, provenance_problems, sanitize, xml_problems
 from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, closest_contact
 
 log = logging.getLogger(__name__)
@@ -334,8 +334,12 @@ class QERunner:
             attempts=attempts, correction=correction, converged_output=converged[0], converged_input=converged[1],
         )
 
-    def build_result(self, uid: str, atoms: Atoms, outcome: ScfOutcome, nominal: PwInput) -> DFTResult:
-        """Validation: the DFTResult of an SCF outcome, sanitized, with its provenance."""
+    def build_result(
+        self, uid: str, atoms: Atoms, outcome: ScfOutcome, nominal: PwInput, e0s: dict[str, float] | None = None,
+    ) -> DFTResult:
+        """Validation: the DFTResult of an SCF outcome, sanitized, with its provenance. `e0s`: isolated-atom energies
+        (eV per element, computed with the data set's settings) for the cohesive-energy window; without an element's
+        E0 that check is listed in `not_judged`."""
         attempts = outcome.attempts
         base = dict(
             uid=uid, formula=atoms.get_chemical_formula(), structure=StructureDoc.from_atoms(atoms),
@@ -348,7 +352,8 @@ class QERunner:
                 parameters=last.parameters, final_mixing_beta=last.parameters.get("electrons", {}).get("mixing_beta"),
             )
         output, pw_input = outcome.output, outcome.pw_input
-        problems = sanitize(output, len(atoms), self.config.sanitizer)
+        cohesive = cohesive_check(output.energy, atoms.get_chemical_symbols(), e0s, self.config.sanitizer)
+        problems = sanitize(output, atoms, self.config.sanitizer) + cohesive.problems
         problems += provenance_problems(output, pw_input.pseudo_md5, pw_input.pseudopotentials)
         problems += output.xml_problems
         return DFTResult(
@@ -368,6 +373,7 @@ class QERunner:
             },
             pw_version=output.pw_version, scf_iterations=output.scf_iterations,
             total_magnetization=output.total_magnetization, pw_xml=output.xml, problems=problems,
+            cohesive_energy=cohesive.cohesive_energy, not_judged=cohesive.not_judged, warnings=output.warnings,
             label_deviations=label_deviations(pw_input.parameters, nominal.parameters),
         )
 

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import numpy as np
+from ase import Atoms
 from ase.units import GPa
 
 from qe_factory.engine.config import SanitizerThresholds
 from qe_factory.engine.inputs import PwInput
 from qe_factory.engine.parsers import PwOutput
 from qe_factory.engine.pwxml import SMEARING_NAMES, PwXml, XmlInput, species_element
+from qe_factory.engine.structure import atom_contacts
 
 
-def sanitize(output: PwOutput, natoms: int, limits: SanitizerThresholds | None = None) -> list[str]:
-    """Every reason this output must not become a training label; empty when it may."""
+def sanitize(output: PwOutput, atoms: Atoms, limits: SanitizerThresholds | None = None) -> list[str]:
+    """Every reason this output of `atoms` must not become a training label; empty when it may."""
     limits = limits or SanitizerThresholds()
+    natoms = len(atoms)
     problems = [f"no {name} in the output" for name in output.missing_results()]
     if not output.converged or output.convergence_failed:
         problems.append("SCF not converged")
@@ -27,6 +31,8 @@ def sanitize(output: PwOutput, natoms: int, limits: SanitizerThresholds | None =
             problems.append("forces contain NaN/inf")
         elif (fmax := float(np.linalg.norm(forces, axis=1).max())) > limits.max_force:
             problems.append(f"max |force| {fmax:.1f} eV/Å exceeds {limits.max_force} eV/Å")
+        else:
+            problems += contact_force_problems(forces, atoms, limits)
     if output.energy is not None:
         if not np.isfinite(output.energy):
             problems.append("energy is NaN/inf")
@@ -49,13 +55,117 @@ def sanitize(output: PwOutput, natoms: int, limits: SanitizerThresholds | None =
             f"{output.negative_rho:.3g} electrons of negative density (limit {limits.max_negative_rho}): "
             "overlapping cores or too low a cutoff"
         )
+    return problems + warning_problems(output.final_warnings)
+
+
+def contact_force_bound(ratio: float | None, limits: SanitizerThresholds) -> float:
+    """Largest |F| (eV/Å) an atom may carry when its closest contact is `ratio` × the sum of the covalent radii (None:
+    no neighbour within that sum).
+
+    `contact_force` at (or beyond) the covalent radii sum, growing as exp(contact_force_growth × (1 − ratio)) as the
+    contact shortens, and no further below `min_contact_ratio`: 15, 25, 41, 67 eV/Å at 1, 0.9, 0.8, ≤ 0.7 by default.
+    Measured with pw.x (Si pair compressed along its bond in the diamond cell, 25/200 Ry; H2 in a 6 Å box, 30/240 Ry),
+    a compressed bond gives Si 7.6, 16.8, 36.7 eV/Å at 0.9, 0.8, 0.7 of the sum: what a rattled or hot structure
+    reaches passes with a factor ≥ 1.8. Shorter contacts are not physics an MLIP data set needs: their forces grow
+    without bound (Si 68.8, 126, 229 eV/Å at 0.6, 0.5, 0.4; H2 0.3 Å apart, 0.48 of the sum: 118 eV/Å) and the
+    pseudopotential cores overlap, so they are held to the bound at `min_contact_ratio`.
+    """
+    shortest = min(1.0, max(limits.min_contact_ratio, 1.0 if ratio is None else ratio))
+    return limits.contact_force * math.exp(limits.contact_force_growth * (1.0 - shortest))
+
+
+def contact_force_problems(forces: np.ndarray, atoms: Atoms, limits: SanitizerThresholds) -> list[str]:
+    """Atoms whose force exceeds the bound for their closest contact (contact_force_bound), each named with that
+    contact."""
+    contacts = atom_contacts(atoms)
+    symbols = atoms.get_chemical_symbols()
+    problems = []
+    for i, force in enumerate(np.linalg.norm(forces, axis=1)):
+        j, distance, ratio = contacts.get(i, (None, None, None))
+        if force <= (bound := contact_force_bound(ratio, limits)):
+            continue
+        where = (
+            f"its closest contact, atom {j} ({symbols[j]}), is {distance:.3f} Å away: {ratio:.2f} of their covalent "
+            "radii sum" if j is not None else "it has no neighbour within the sum of covalent radii"
+        )
+        problems.append(f"atom {i} ({symbols[i]}): |F| {force:.1f} eV/Å exceeds {bound:.1f} eV/Å, its bound: {where}")
     return problems
 
 
+# pw.x 6.7 messages that mean trouble when printed in (or after) the final SCF iteration, whose density gives the
+# label; printed only in earlier iterations they are notes. Any other message (infomsg's "Message from routine",
+# "Check: negative starting/core charge", "SCF correction compared to forces is large", which with the factory's
+# conv_thr only appears when all forces are below ~3e-3 eV/Å) is kept as a note. Fatal errors (errore: "S matrix not
+# positive definite", "too many bands are not converged", "charge is wrong", "problems computing cholesky") stop
+# pw.x: those runs fail (errors.PATTERNS) and never reach the sanitizer.
+TROUBLE = {
+    "eigenvalues not converged": "Davidson left eigenvectors unconverged (c_bands.f90; pw.x's user guide: harmless "
+    "only when absent from the last steps of self-consistency)",
+    "integrated charge": "the density does not hold the expected number of electrons (electrons.f90; pw.x stops "
+    "only beyond 1e-3 relative)",
+    "too many iterations in bisection": "the Fermi energy was not found: the occupations are wrong (efermig/efermit)",
+    "above the highest band": "the Fermi energy lies above the highest band: too few bands (efermit)",
+}
+
+
+def warning_problems(final_warnings: list[str]) -> list[str]:
+    """The pw.x messages printed in or after the final SCF iteration that refuse the label (TROUBLE), each with why."""
+    return [
+        f"pw.x printed '{warning}' in the final SCF iteration: {why}"
+        for warning in final_warnings
+        for text, why in TROUBLE.items()
+        if text in warning.lower()
+    ]
+
+
+class CohesiveCheck(NamedTuple):
+    """The cohesive energy (eV/atom, None when not judged), why it is refused, and why it could not be judged."""
+
+    cohesive_energy: float | None
+    problems: list[str]
+    not_judged: list[str]
+
+
+def cohesive_check(
+    energy: float | None, symbols: list[str], e0s: dict[str, float] | None, limits: SanitizerThresholds | None = None,
+) -> CohesiveCheck:
+    """(E − Σ E0) / N against [min_cohesive_energy, max_cohesive_energy], E0 the isolated-atom energy of each element
+    (eV) computed with the label's settings.
+
+    Lower bound −10 eV/atom: the largest cohesive energy of any element is tungsten's, 8.90 eV/atom (Kittel,
+    Introduction to Solid State Physics, 8th ed., Table 3.1; then Os 8.17, Ta 8.10, diamond 7.37), strongly bound
+    compounds lie in the same range per atom (Al2O3 6.4 eV/atom from its heat of formation and the elements' cohesive
+    and O2 binding energies), and PBE overbinds by a few tenths of an eV. Upper bound +2 eV/atom: ground states are
+    bound (< 0), a free atom or a dilute gas sits at 0, and a hot, rattled or compressed structure lies within a few
+    eV/atom of its ground state. Measured with pw.x (tests/data fixtures and a scan at their settings): Si crystal
+    −4.41, the 2-atom Si cell with its pair compressed to 0.7 / 0.6 of the covalent radii sum +0.32 / +6.0, H2 at 0.7
+    / 0.6 −0.24 / +1.31 eV/atom; overlapping cores land outside: H2 0.3 Å apart +4.47, the Si pair 0.6 Å apart in the
+    diamond cell +88.3; a carbon pseudopotential read for Si −15.4 eV/atom. Data sets that want short dimers raise it.
+    """
+    limits = limits or SanitizerThresholds()
+    if energy is None or not np.isfinite(energy):
+        return CohesiveCheck(None, [], ["cohesive energy: no finite energy"])
+    missing = sorted({s for s in symbols if s not in (e0s or {})})
+    if missing:
+        return CohesiveCheck(None, [], [f"cohesive energy: no isolated-atom energy (E0) for {', '.join(missing)}"])
+    cohesive = (energy - sum(e0s[s] for s in symbols)) / len(symbols)
+    low, high = limits.min_cohesive_energy, limits.max_cohesive_energy
+    problems = [] if low <= cohesive <= high else [
+        f"cohesive energy {cohesive:+.3f} eV/atom (E − ΣE0 per atom) outside [{low:g}, {high:g}]: "
+        + ("more bound than any known solid" if cohesive < low else "far above the free atoms (overlapping cores?)")
+    ]
+    return CohesiveCheck(cohesive, problems, [])
+
+
 def provenance_problems(output: PwOutput, expected_md5: dict[str, str], expected_names: dict[str, str]) -> list[str]:
-    """Where the pseudopotential files pw.x says it read are not the data set's (another file, another md5, or pw.x's
-    own fallback directory): the label would be recorded with provenance it does not have."""
-    problems = []
+    """Where the pseudopotential files pw.x says it read are not the data set's (another file, another md5, pw.x's
+    own fallback directory, or a file for another element under the data set's name: pw.x names each file's element as
+    its header says): the label would be recorded with provenance it does not have."""
+    problems = [
+        f"pw.x read {read['path']} (md5 {read['md5']}) as a pseudopotential for {element}, an element the structure "
+        "does not hold: a file of another element under the data set's name"
+        for element, read in output.pseudos_read.items() if element not in expected_md5
+    ]
     for element, md5 in expected_md5.items():
         read = output.pseudos_read.get(element)
         if read is None:

@@ -33,18 +33,36 @@ def check_uid(uid: str) -> str:
     return uid
 
 
+def _contacts(atoms: Atoms) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, distance Å, distance / sum of covalent radii) of every pair within the sum of their covalent radii (at
+    least 2 Å), periodic images included."""
+    radii = covalent_radii[atoms.numbers]
+    cutoff = [max(1.0, r) for r in radii]
+    i, j, d = neighbor_list("ijd", atoms, cutoff, self_interaction=False)
+    return i, j, d, d / (radii[i] + radii[j])
+
+
 def closest_contact(atoms: Atoms) -> tuple[int, int, float, float] | None:
     """(i, j, distance Å, distance / sum of covalent radii) of the closest pair, periodic images included."""
     if len(atoms) < 2 and not atoms.pbc.any():
         return None
-    radii = covalent_radii[atoms.numbers]
-    cutoff = [max(1.0, r) for r in radii]  # neighbours within r_i + r_j (at least 2 Å)
-    i, j, d = neighbor_list("ijd", atoms, cutoff, self_interaction=False)
+    i, j, d, ratio = _contacts(atoms)
     if len(d) == 0:
         return None
-    ratio = d / (radii[i] + radii[j])
     k = int(np.argmin(ratio))
     return int(i[k]), int(j[k]), float(d[k]), float(ratio[k])
+
+
+def atom_contacts(atoms: Atoms) -> dict[int, tuple[int, float, float]]:
+    """Atom index → (j, distance Å, distance / sum of covalent radii) of its closest neighbour, for the atoms that have
+    one within the sum of their covalent radii (at least 2 Å)."""
+    if len(atoms) < 2 and not atoms.pbc.any():
+        return {}
+    closest: dict[int, tuple[int, float, float]] = {}
+    for i, j, d, ratio in zip(*_contacts(atoms)):
+        if int(i) not in closest or ratio < closest[int(i)][2]:
+            closest[int(i)] = (int(j), float(d), float(ratio))
+    return closest
 
 
 SCREEN_LIMIT = 20_000  # pair-image distances the brute-force screen computes at most (larger: ASE alone)

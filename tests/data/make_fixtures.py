@@ -17,6 +17,9 @@ codes 137 / 139). Some outcomes depend on timing (where max_seconds or the signa
 fails first); the tests only rely on what does not. `si_verbosity_high` is si_scf with verbosity='high', whose
 forces block is followed by the per-contribution force blocks (same line shape) before "Total force".
 `mem_*` are pw.x runs stopped right after pw.x printed its memory estimate (tests/unit/test_memory.py).
+For the sanitizer (tests/unit/test_sanitize.py): `si_pair_overlap` (two Si atoms 0.6 A apart, the distance pre-check
+off), `si_wrong_pseudo` (carbon's UPF under the Si file name, in a temporary pseudo_dir named in its pw.in), and the
+isolated-atom energies (E0) at the neighbouring fixtures' settings, `si_atom` and `h_atom`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +42,7 @@ from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.inputs import InputGenerator
 from qe_factory.engine.parallel import pw_command, pw_environment
 from qe_factory.engine.process import execute
+from qe_factory.engine.pseudos import load_family
 from qe_factory.engine.pwxml import XML_NAME, xml_path
 from qe_factory.engine.runner import clean_scratch
 
@@ -230,6 +235,42 @@ def h2_overlap() -> dict:
     return run_pw("h2_overlap", text, "two H atoms 0.3 A apart in a 6 A box: what pw.x does with overlapping atoms")
 
 
+def si_pair_overlap() -> dict:
+    # The distance pre-check (min_distance_factor) is a first line only: with it off, pw.x converges on a Si pair
+    # 0.6 A apart in the diamond cell (0.27 of the covalent radii sum) to an energy far above two free Si atoms.
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.positions[1] = atoms.positions[0] + 0.6 / np.sqrt(3)
+    text = InputGenerator(DFTConfig(**SI_SETTINGS, min_distance_factor=0.0)).create_input_string(atoms)
+    purpose = "two Si atoms 0.6 A apart in the diamond cell (distance pre-check off): converges, far above 2 free atoms"
+    return run_pw("si_pair_overlap", text, purpose, keep_xml=True)
+
+
+def si_atom() -> dict:
+    # The isolated-atom reference (E0) of the si_* fixtures: same pseudopotential, cutoffs and smearing; the factory's
+    # input for a lone atom in a box (Gamma, spin-polarised at its Hund's-rule moment).
+    atoms = Atoms("Si", positions=[[4.0, 4.0, 4.0]], cell=[8.0, 8.0, 8.0], pbc=True)
+    text = InputGenerator(DFTConfig(**SI_SETTINGS)).create_input_string(atoms)
+    return run_pw("si_atom", text, "one Si atom in an 8 A box at the si_* settings: the E0 of their cohesive energy")
+
+
+def h_atom() -> dict:
+    atoms = Atoms("H", positions=[[3.0, 3.0, 3.0]], cell=[6.0, 6.0, 6.0], pbc=True)
+    text = InputGenerator(DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_density=10.0)).create_input_string(atoms)
+    return run_pw("h_atom", text, "one H atom in h2_overlap's 6 A box at its settings: the E0 of its cohesive energy")
+
+
+def si_wrong_pseudo() -> dict:
+    # A pseudo_dir whose Si file (the data set's name) holds carbon's UPF: pseudos.py refuses it before pw.x runs
+    # (its header says C); pw.x itself reads it without complaint and computes a carbon crystal in the Si cell.
+    debian = load_family("debian-pbe").directory
+    with tempfile.TemporaryDirectory() as pseudo_dir:
+        shutil.copy(debian / "C.pbe-rrkjus.UPF", Path(pseudo_dir) / SI_PSEUDO)
+        text = si_input().replace(f"'{debian}'", f"'{pseudo_dir}'")
+        assert pseudo_dir in text
+        purpose = f"si_scf whose {SI_PSEUDO} is really C.pbe-rrkjus.UPF (a copy in a temporary pseudo_dir)"
+        return run_pw("si_wrong_pseudo", text, purpose, keep_xml=True)
+
+
 def si_verbosity_high() -> dict:
     # verbosity='high' makes pw.x print, after the total forces, the same `atom N type M force =` lines again for
     # each contribution (non-local, ionic, local, core correction, Hubbard, SCF correction) before "Total force".
@@ -351,6 +392,10 @@ FIXTURES: dict[str, Callable[[], dict]] = {
     "h2_overlap": h2_overlap,
     "si_verbosity_high": si_verbosity_high,
     "si_disk_full": si_disk_full,
+    "si_pair_overlap": si_pair_overlap,
+    "si_atom": si_atom,
+    "h_atom": h_atom,
+    "si_wrong_pseudo": si_wrong_pseudo,
     "mem_si512": mem_si512,
     "mem_box60": mem_box60,
     "mem_fe16": mem_fe16,

@@ -355,6 +355,18 @@ def test_info_message_text_is_kept():
     assert any("some nodes have no k-points" in warning for warning in parsed("si_too_many_pools").warnings)
 
 
+def test_the_pseudopotential_files_read_are_named_by_their_element():
+    """pw.x names each file by the element its header gives, padded to two characters ('H ', 'C ')."""
+    assert parsed("h2_overlap").pseudos_read["H"]["path"].endswith("/H.pbe-kjpaw.UPF")
+    wrong = parsed("si_wrong_pseudo").pseudos_read  # carbon's UPF under the Si file name
+    assert list(wrong) == ["C"] and wrong["C"]["path"].endswith("/Si.pbe-nl-rrkjus_psl.1.0.0.UPF")
+
+
+def test_notes_printed_before_the_scf_are_not_final():
+    out = parsed("fe_magnetic")  # set_rhoc's check, printed once before the first SCF iteration
+    assert out.warnings == ["Check: negative core charge=   -0.000355"] and out.final_warnings == []
+
+
 def test_successful_run_has_no_errors():
     out = parsed("si_scf")
     assert out.errors == [] and out.crash is None and out.warnings == []
