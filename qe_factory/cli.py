@@ -280,6 +280,16 @@ def lpad(args: argparse.Namespace) -> int:
     return run_lpad(args.lpad_args, activate(args.home))
 
 
+def webgui(args: argparse.Namespace) -> int:
+    """FireWorks' web GUI on this home at http://127.0.0.1:PORT/: read-only (it takes no lock, writes nothing: it
+    runs beside a coordinator), each reload showing the last saved state, failures with their reasons."""
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.webgui import serve
+
+    serve(activate(args.home), args.port)
+    return 0
+
+
 def qlaunch(args: argparse.Namespace) -> int:
     """SLURM worker jobs for this home. Embedded LaunchPad (or --offline): this process is the home's coordinator;
     it keeps up to -m jobs in the queue, each running one SCF Firework offline (FireWorks' reservation mode, no
@@ -389,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("repair", repair, "rebuild a missing or damaged LaunchPad file or JobStore")
     p = command("lpad", lpad, "stock lpad on this home, e.g. qe-factory lpad get_wflows -d count")
     p.add_argument("lpad_args", nargs=argparse.REMAINDER, help="arguments for lpad")
+    p = command("webgui", webgui, "FireWorks' web GUI on this home, read-only, on 127.0.0.1")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000; 0: any free one)")
     return parser
 
 
