@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from qe_factory.engine.config import ConfigError, DFTConfig
 from qe_factory.engine.process import ExecutableNotFoundError
-from qe_factory.engine.results import DFTResult
+from qe_factory.engine.results import EXPORT_FORMATS, DFTResult
 from qe_factory.engine.runner import REFUSALS, QERunner
 from qe_factory.engine.structure import StructureError, check_uid, read_structures
 
@@ -182,7 +182,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     failures = [f for f in status_report(launchpad)["failures"] if f["uid"] in ours]
     for failure in failures:
         print(f"{failure['uid']:<24} FAILED at {failure['stage']}: {failure['error_type']} {failure['message']}")
-    written = write_training_set(results, args.output, include_marked=args.include_marked)
+    written = write_training_set(results, args.output, args.include_marked, args.format, args.config_type)
     print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(report.refused)} refused; "
           f"{len(uids) - len(results) - len(failures) - len(report.refused)} neither (duplicates of another uid, "
           "or waiting)")
@@ -233,8 +233,9 @@ def export(args: argparse.Namespace) -> int:
     activate(args.home)
 
     results = load_results(get_jobstore())
-    written = write_training_set(results, args.output, include_marked=args.include_marked)
-    print(f"{written} of {len(results)} results written to {args.output}")
+    progress = tqdm(results, desc="export", unit="structure", file=sys.stderr, disable=len(results) < PROGRESS_FROM)
+    written = write_training_set(progress, args.output, args.include_marked, args.format, args.config_type)
+    print(f"{written} of {len(results)} results written to {args.output} ({args.format})")
     return 0
 
 
@@ -351,6 +352,17 @@ def launch_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+PROGRESS_FROM = 1000  # structures from which a step shows its own progress bar
+
+
+def training_set_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
+                   help="mace-extxyz: REF_energy/REF_forces/REF_stress; nequip-extxyz: energy/forces/stress; "
+                   "ase-db: an ASE database (ase db FILE)")
+    p.add_argument("--config-type", help="config_type of the structures whose input had none (atoms.info)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qe-factory", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -366,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         if config:
             p.add_argument("-c", "--config", help="YAML file of DFTConfig settings")
         if output:
-            p.add_argument("-o", "--output", default="results.extxyz", help="extxyz with REF_energy/forces/stress")
+            p.add_argument("-o", "--output", default="results.extxyz", help="the training set file")
         p.set_defaults(func=func)
         return p
 
@@ -385,10 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     p = command("run", run, "submit + run locally + export (the whole pipeline)", True, True, True)
     p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
-    p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
+    training_set_options(p)
     command("status", status, "counts per state and failures with reasons")
-    p = command("export", export, "write validated results as extxyz", output=True)
-    p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
+    training_set_options(command("export", export, "write validated results as a training set", output=True))
     p = command("qlaunch", qlaunch, "SLURM worker jobs for this home, e.g. qe-factory qlaunch rapidfire -m 8")
     p.add_argument("qlaunch_args", nargs=argparse.REMAINDER, help="arguments for qlaunch")
     p = command("launch-offline", launch_offline, "run one reserved Firework offline (what a SLURM job runs)")

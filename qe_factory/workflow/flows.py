@@ -24,7 +24,7 @@ def structure_key(atoms: Atoms, generator: InputGenerator) -> str:
     """Identity of a calculation: the structure (to 1e-6 Å) and the pw.x settings it would run with (raises one of
     REFUSALS for input refused before pw.x runs)."""
     nominal = nominal_input(atoms, generator)
-    data = StructureDoc.from_atoms(atoms).model_dump()
+    data = StructureDoc.from_atoms(atoms).model_dump(exclude={"config_type"})  # a label, not the calculation
     data["positions"] = [[round(x, 6) for x in row] for row in data["positions"]]
     data["cell"] = [[round(x, 6) for x in row] for row in data["cell"]]
     payload = json.dumps([data, nominal.model_dump(mode="json")], sort_keys=True, default=str)
