@@ -34,6 +34,13 @@ def summary_line(result: DFTResult) -> str:
     return f"{head} OK  E={result.energy:.6f} eV  Fmax={fmax:.4f} eV/Å  P={pressure:.3f} GPa  {tries}{marks}"
 
 
+def failure_line(failure: dict) -> str:
+    """One line for a failed structure (a failure of launchpad.status_report)."""
+    message, error = failure["message"], failure["error_type"]
+    reason = message if message.startswith(error) else f"{error} {message}"  # the message may start with its type
+    return f"{failure['uid']:<24} FAILED at {failure['stage']}: {reason}"
+
+
 def compute(args: argparse.Namespace) -> int:
     """Run every structure of a file in turn and write the labelled ones as extxyz."""
     config = _config(args)
@@ -108,7 +115,7 @@ def submit_cmd(args: argparse.Namespace) -> int:
     if config.execution.model_fields_set:
         print(f"note: {', '.join(sorted(config.execution.model_fields_set))} are execution settings: they stay with "
               "the workers (qe-factory worker -c FILE, or QE_FACTORY_<KEY>), not with the workflows")
-    report = submit(args.structures, config, resources=_resources(args), store=get_jobstore())
+    report = submit(args.structures, config, resources=_resources(args), store=get_jobstore(), progress=progress_bar)
     for uid, why in report.refused.items():
         print(f"{uid:<24} REFUSED {why}")
     for uid, other in report.duplicates.items():
@@ -159,21 +166,26 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     launchpad, store = get_launchpad(), get_jobstore()
     uids = [uid for uid, _ in structures]
     print(f"factory home {home}; LaunchPad {embedded_file(home) or 'MongoDB'}; {len(structures)} structures")
-    progress = tqdm(total=len(structures), desc="structures", unit="structure", file=sys.stderr)
     for uid, atoms in structures:
         atoms.info["uid"] = uid
-    report = submit([atoms for _, atoms in structures], config, launchpad=launchpad, store=store)
+    report = submit([atoms for _, atoms in structures], config, launchpad=launchpad, store=store,
+                    progress=progress_bar)
+    progress = tqdm(total=len(structures), desc="structures", unit="structure", file=sys.stderr)
     for uid, why in report.refused.items():
         tqdm.write(f"{uid:<24} REFUSED {why}")
     progress.update(len(report.refused) + len(report.duplicates))
-    ours = set(uids)
+    ours, told = set(uids), set()
 
     def finished(uid: str, state: str) -> None:
         if uid not in ours:
             return
         progress.update(1)
+        told.add(uid)
         if state == "COMPLETED":
             tqdm.write(summary_line(load_results(store, [uid])[0]))
+        for failure in status_report(launchpad)["failures"] if state == "FIZZLED" else []:
+            if failure["uid"] == uid:
+                tqdm.write(failure_line(failure))
 
     run_worker(launchpad, launch_root=home / "launches", on_finished=finished, execution=config.execution, log=log,
                slots=slots)
@@ -181,7 +193,8 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     results = load_results(store, [uid for uid in uids if uid not in report.refused])  # a refused uid's old label
     failures = [f for f in status_report(launchpad)["failures"] if f["uid"] in ours]
     for failure in failures:
-        print(f"{failure['uid']:<24} FAILED at {failure['stage']}: {failure['error_type']} {failure['message']}")
+        if failure["uid"] not in told:  # failed before this run
+            print(failure_line(failure))
     written = write_training_set(results, args.output, args.include_marked, args.format, args.config_type)
     print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(report.refused)} refused; "
           f"{len(uids) - len(results) - len(failures) - len(report.refused)} neither (duplicates of another uid, "
@@ -233,8 +246,8 @@ def export(args: argparse.Namespace) -> int:
     activate(args.home)
 
     results = load_results(get_jobstore())
-    progress = tqdm(results, desc="export", unit="structure", file=sys.stderr, disable=len(results) < PROGRESS_FROM)
-    written = write_training_set(progress, args.output, args.include_marked, args.format, args.config_type)
+    written = write_training_set(progress_bar(results, "export"), args.output, args.include_marked, args.format,
+                                 args.config_type)
     print(f"{written} of {len(results)} results written to {args.output} ({args.format})")
     return 0
 
@@ -352,7 +365,14 @@ def launch_offline(args: argparse.Namespace) -> int:
     return 0
 
 
-PROGRESS_FROM = 1000  # structures from which a step shows its own progress bar
+PROGRESS_FROM = 100  # structures from which a step (checking, making workflows, export) shows a progress bar
+
+
+def progress_bar(items, description: str):
+    """`items` with a progress bar on stderr that goes away when done (none for fewer than PROGRESS_FROM)."""
+    items = list(items)
+    return tqdm(items, desc=description, unit="structure", file=sys.stderr, leave=False,
+                disable=len(items) < PROGRESS_FROM)
 
 
 def training_set_options(p: argparse.ArgumentParser) -> None:
@@ -373,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, func, help_text, structures=False, config=False, output=False):
         p = sub.add_parser(name, help=help_text, description=func.__doc__)
         p.add_argument("--home", default=argparse.SUPPRESS, help="factory home (default $QE_FACTORY_HOME or ./factory)")
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="FireWorks' and jobflow's log lines live (else in <home>/logs/)")
         if structures:
             p.add_argument("structures", help="any file ASE reads (extxyz, CIF, POSCAR, ...)")
         if config:
