@@ -173,6 +173,10 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     progress = tqdm(total=len(structures), desc="structures", unit="structure", file=sys.stderr)
     for uid, why in report.refused.items():
         tqdm.write(f"{uid:<24} REFUSED {why}")
+    before = {result.uid: result for result in load_results(store, list(report.duplicates))}
+    for uid, other in report.duplicates.items():
+        tqdm.write(f"{summary_line(before[uid])}  (labelled before)" if other == uid and uid in before else
+                   f"{uid:<24} DUPLICATE of {other} (same structure and settings)")
     progress.update(len(report.refused) + len(report.duplicates))
     ours, told = set(uids), set()
 
