@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from qe_factory.engine.config import ConfigError, DFTConfig
 from qe_factory.engine.process import ExecutableNotFoundError
-from qe_factory.engine.results import DFTResult
+from qe_factory.engine.results import EXPORT_FORMATS, DFTResult
 from qe_factory.engine.runner import REFUSALS, QERunner
 from qe_factory.engine.structure import StructureError, check_uid, read_structures
 
@@ -32,6 +32,13 @@ def summary_line(result: DFTResult) -> str:
     pressure = -np.trace(result.stress) / 3 / GPa
     marks = "" if result.nominal_settings else f"  [settings differ: {result.label_deviations}]"
     return f"{head} OK  E={result.energy:.6f} eV  Fmax={fmax:.4f} eV/Å  P={pressure:.3f} GPa  {tries}{marks}"
+
+
+def failure_line(failure: dict) -> str:
+    """One line for a failed structure (a failure of launchpad.status_report)."""
+    message, error = failure["message"], failure["error_type"]
+    reason = message if message.startswith(error) else f"{error} {message}"  # the message may start with its type
+    return f"{failure['uid']:<24} FAILED at {failure['stage']}: {reason}"
 
 
 def compute(args: argparse.Namespace) -> int:
@@ -108,7 +115,7 @@ def submit_cmd(args: argparse.Namespace) -> int:
     if config.execution.model_fields_set:
         print(f"note: {', '.join(sorted(config.execution.model_fields_set))} are execution settings: they stay with "
               "the workers (qe-factory worker -c FILE, or QE_FACTORY_<KEY>), not with the workflows")
-    report = submit(args.structures, config, resources=_resources(args), store=get_jobstore())
+    report = submit(args.structures, config, resources=_resources(args), store=get_jobstore(), progress=progress_bar)
     for uid, why in report.refused.items():
         print(f"{uid:<24} REFUSED {why}")
     for uid, other in report.duplicates.items():
@@ -159,21 +166,30 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     launchpad, store = get_launchpad(), get_jobstore()
     uids = [uid for uid, _ in structures]
     print(f"factory home {home}; LaunchPad {embedded_file(home) or 'MongoDB'}; {len(structures)} structures")
-    progress = tqdm(total=len(structures), desc="structures", unit="structure", file=sys.stderr)
     for uid, atoms in structures:
         atoms.info["uid"] = uid
-    report = submit([atoms for _, atoms in structures], config, launchpad=launchpad, store=store)
+    report = submit([atoms for _, atoms in structures], config, launchpad=launchpad, store=store,
+                    progress=progress_bar)
+    progress = tqdm(total=len(structures), desc="structures", unit="structure", file=sys.stderr)
     for uid, why in report.refused.items():
         tqdm.write(f"{uid:<24} REFUSED {why}")
+    before = {result.uid: result for result in load_results(store, list(report.duplicates))}
+    for uid, other in report.duplicates.items():
+        tqdm.write(f"{summary_line(before[uid])}  (labelled before)" if other == uid and uid in before else
+                   f"{uid:<24} DUPLICATE of {other} (same structure and settings)")
     progress.update(len(report.refused) + len(report.duplicates))
-    ours = set(uids)
+    ours, told = set(uids), set()
 
     def finished(uid: str, state: str) -> None:
         if uid not in ours:
             return
         progress.update(1)
+        told.add(uid)
         if state == "COMPLETED":
             tqdm.write(summary_line(load_results(store, [uid])[0]))
+        for failure in status_report(launchpad)["failures"] if state == "FIZZLED" else []:
+            if failure["uid"] == uid:
+                tqdm.write(failure_line(failure))
 
     run_worker(launchpad, launch_root=home / "launches", on_finished=finished, execution=config.execution, log=log,
                slots=slots)
@@ -181,8 +197,9 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     results = load_results(store, [uid for uid in uids if uid not in report.refused])  # a refused uid's old label
     failures = [f for f in status_report(launchpad)["failures"] if f["uid"] in ours]
     for failure in failures:
-        print(f"{failure['uid']:<24} FAILED at {failure['stage']}: {failure['error_type']} {failure['message']}")
-    written = write_training_set(results, args.output, include_marked=args.include_marked)
+        if failure["uid"] not in told:  # failed before this run
+            print(failure_line(failure))
+    written = write_training_set(results, args.output, args.include_marked, args.format, args.config_type)
     print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(report.refused)} refused; "
           f"{len(uids) - len(results) - len(failures) - len(report.refused)} neither (duplicates of another uid, "
           "or waiting)")
@@ -233,8 +250,9 @@ def export(args: argparse.Namespace) -> int:
     activate(args.home)
 
     results = load_results(get_jobstore())
-    written = write_training_set(results, args.output, include_marked=args.include_marked)
-    print(f"{written} of {len(results)} results written to {args.output}")
+    written = write_training_set(progress_bar(results, "export"), args.output, args.include_marked, args.format,
+                                 args.config_type)
+    print(f"{written} of {len(results)} results written to {args.output} ({args.format})")
     return 0
 
 
@@ -278,6 +296,16 @@ def lpad(args: argparse.Namespace) -> int:
     from qe_factory.workflow.launchpad import run_lpad
 
     return run_lpad(args.lpad_args, activate(args.home))
+
+
+def webgui(args: argparse.Namespace) -> int:
+    """FireWorks' web GUI on this home at http://127.0.0.1:PORT/: read-only (it takes no lock, writes nothing: it
+    runs beside a coordinator), each reload showing the last saved state, failures with their reasons."""
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.webgui import serve
+
+    serve(activate(args.home), args.port)
+    return 0
 
 
 def qlaunch(args: argparse.Namespace) -> int:
@@ -376,6 +404,24 @@ def pseudos(args: argparse.Namespace) -> int:
         return 2
 
 
+PROGRESS_FROM = 100  # structures from which a step (checking, making workflows, export) shows a progress bar
+
+
+def progress_bar(items, description: str):
+    """`items` with a progress bar on stderr that goes away when done (none for fewer than PROGRESS_FROM)."""
+    items = list(items)
+    return tqdm(items, desc=description, unit="structure", file=sys.stderr, leave=False,
+                disable=len(items) < PROGRESS_FROM)
+
+
+def training_set_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
+                   help="mace-extxyz: REF_energy/REF_forces/REF_stress; nequip-extxyz: energy/forces/stress; "
+                   "ase-db: an ASE database (ase db FILE)")
+    p.add_argument("--config-type", help="config_type of the structures whose input had none (atoms.info)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qe-factory", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -386,12 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, func, help_text, structures=False, config=False, output=False):
         p = sub.add_parser(name, help=help_text, description=func.__doc__)
         p.add_argument("--home", default=argparse.SUPPRESS, help="factory home (default $QE_FACTORY_HOME or ./factory)")
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="FireWorks' and jobflow's log lines live (else in <home>/logs/)")
         if structures:
             p.add_argument("structures", help="any file ASE reads (extxyz, CIF, POSCAR, ...)")
         if config:
             p.add_argument("-c", "--config", help="YAML file of DFTConfig settings")
         if output:
-            p.add_argument("-o", "--output", default="results.extxyz", help="extxyz with REF_energy/forces/stress")
+            p.add_argument("-o", "--output", default="results.extxyz", help="the training set file")
         p.set_defaults(func=func)
         return p
 
@@ -410,10 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     p = command("run", run, "submit + run locally + export (the whole pipeline)", True, True, True)
     p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
-    p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
+    training_set_options(p)
     command("status", status, "counts per state and failures with reasons")
-    p = command("export", export, "write validated results as extxyz", output=True)
-    p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
+    training_set_options(command("export", export, "write validated results as a training set", output=True))
     p = command("qlaunch", qlaunch, "SLURM worker jobs for this home, e.g. qe-factory qlaunch rapidfire -m 8")
     p.add_argument("qlaunch_args", nargs=argparse.REMAINDER, help="arguments for qlaunch")
     p = command("launch-offline", launch_offline, "run one reserved Firework offline (what a SLURM job runs)")
@@ -431,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--from", dest="source", required=True, help="the downloaded archive (tar/zip) or its URL")
     actions.add_parser("list", help="families, their elements, and what --structures needs").add_argument(
         "--structures", help="a structure file: show which of its elements each family lacks")
+    p = command("webgui", webgui, "FireWorks' web GUI on this home, read-only, on 127.0.0.1")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000; 0: any free one)")
     return parser
 
 

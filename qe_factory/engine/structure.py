@@ -126,26 +126,31 @@ def check_structure(atoms: Atoms, min_distance_factor: float = 0.5) -> None:
 
 
 class StructureDoc(Document):
-    """An Atoms as a document: what a calculation needs from it (Å; initial moments in μB when set)."""
+    """An Atoms as a document: what a calculation needs from it (Å; initial moments in μB when set), and the
+    `config_type` of its training-set group (atoms.info["config_type"], as MACE names it) when it has one."""
 
     numbers: list[int]
     positions: list[list[float]]
     cell: list[list[float]]
     pbc: list[bool]
     magmoms: list[float] | None = None
+    config_type: str | None = None  # a label for the exported training set; not part of the calculation
 
     @classmethod
     def from_atoms(cls, atoms: Atoms) -> StructureDoc:
         magmoms = atoms.get_initial_magnetic_moments().tolist() if atoms.has("initial_magmoms") else None
+        config_type = atoms.info.get("config_type")
         return cls(
             numbers=atoms.numbers.tolist(), positions=atoms.positions.tolist(), cell=atoms.cell.array.tolist(),
-            pbc=atoms.pbc.tolist(), magmoms=magmoms,
+            pbc=atoms.pbc.tolist(), magmoms=magmoms, config_type=None if config_type is None else str(config_type),
         )
 
     def to_atoms(self) -> Atoms:
         atoms = Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
         if self.magmoms is not None:
             atoms.set_initial_magnetic_moments(self.magmoms)
+        if self.config_type is not None:
+            atoms.info["config_type"] = self.config_type
         return atoms
 
 

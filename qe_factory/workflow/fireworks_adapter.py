@@ -14,7 +14,8 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -178,16 +179,22 @@ def mend_offline_rocket() -> None:
     rocket.zopen = zopen_text
 
 
-def wait_for_pings(timeout: float = 10) -> None:
-    """Wait for the ping threads of finished rockets in this process.
+@contextmanager
+def without_ping_thread() -> Iterator[None]:
+    """Run rockets in this process without FireWorks' heartbeat thread (the coordinator's quick stages: a fraction
+    of a second each; the coordinator's lock, not pings, tells a dead coordinator on an embedded home).
 
-    Relies on: `Rocket.run` pings from a thread whose target is `fireworks.core.rocket.ping_launch` (so Python names
-    it "Thread-N (ping_launch)"); when the rocket ends it sets the thread's stop event and the thread pings once
-    more. A launch deleted meanwhile (a finished workflow leaving the LaunchPad) makes that ping raise
-    "No Launch exists" in the thread.
+    Relies on: `Rocket.run` starts its heartbeat with `fireworks.core.rocket.start_ping_launch(lp, launch_id)`,
+    looked up in that module when it runs, stops it with `stop_backgrounds(ping_stop, ...)`, which accepts None, and
+    pings once more itself at the end. The thread's own last ping runs beside the rocket's last ping and
+    `complete_launch` on the same (mongomock) client, or after the coordinator archived the workflow, and then
+    finds no launch: "No Launch exists with launch_id=N", a traceback on stderr from the thread.
     """
-    import threading
+    import fireworks.core.rocket as rocket
 
-    for thread in threading.enumerate():
-        if thread.name.endswith("(ping_launch)") and thread is not threading.current_thread():
-            thread.join(timeout)
+    original = rocket.start_ping_launch
+    rocket.start_ping_launch = lambda launchpad, launch_id: None
+    try:
+        yield
+    finally:
+        rocket.start_ping_launch = original

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,11 +24,18 @@ def structure_key(atoms: Atoms, generator: InputGenerator) -> str:
     """Identity of a calculation: the structure (to 1e-6 Å) and the pw.x settings it would run with (raises one of
     REFUSALS for input refused before pw.x runs)."""
     nominal = nominal_input(atoms, generator)
-    data = StructureDoc.from_atoms(atoms).model_dump()
+    data = StructureDoc.from_atoms(atoms).model_dump(exclude={"config_type"})  # a label, not the calculation
     data["positions"] = [[round(x, 6) for x in row] for row in data["positions"]]
     data["cell"] = [[round(x, 6) for x in row] for row in data["cell"]]
     payload = json.dumps([data, nominal.model_dump(mode="json")], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+Progress = Callable[[Iterable, str], Iterable]  # wraps items with a description: e.g. a tqdm progress bar
+
+
+def no_progress(items: Iterable, description: str) -> Iterable:
+    return items
 
 
 class SubmitReport(BaseModel):
@@ -55,6 +62,7 @@ def submit(
     uid_prefix: str = "s",
     store=None,
     recovery: RecoveryHandler | None = None,
+    progress: Progress | None = None,
 ) -> SubmitReport:
     """Add one workflow per structure to the LaunchPad in bulk; bad structures are refused one by one.
 
@@ -66,28 +74,33 @@ def submit(
     this process, as the home's coordinator, takes in as many as keep the LaunchPad at LAUNCHPAD_WORKFLOWS
     unfinished ones (`report.fw_ids`); the rest (`report.queued`) are taken in by the coordinator as workflows
     finish. When another process coordinates the home, all go to the inbox for it (never beside it into the file).
+    `progress(items, description)` wraps the structures as they are checked and the workflows as they are made
+    (e.g. a tqdm progress bar).
     """
     from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, coordinate, holder, take_in
     from qe_factory.workflow.fireworks_adapter import embedded_store
     from qe_factory.workflow.home import embedded_file, factory_home
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, save_launchpad
 
+    progress = progress or no_progress
     store = store if store is not None else get_jobstore()
     home = factory_home()
     if launchpad is None and embedded_file(home) is None:
         launchpad = get_launchpad()
     if launchpad is not None and embedded_store(launchpad) is None:  # MongoDB: straight in, in bulk
-        report, workflows = build_workflows(structures, config, launchpad, store, resources, uid_prefix, recovery)
+        report, workflows = build_workflows(structures, config, launchpad, store, resources, uid_prefix, recovery,
+                                            progress)
         add_workflows(launchpad, report, workflows)
         return report
     if launchpad is None and holder(home) is not None:  # another process coordinates the home
-        report, planned = plan_workflows(structures, config, get_launchpad(read_only=True), store, uid_prefix)
-        post_planned(home, report, planned, config, resources, recovery)
+        report, planned = plan_workflows(structures, config, get_launchpad(read_only=True), store, uid_prefix,
+                                         progress)
+        post_planned(home, report, progress(planned, "workflows"), config, resources, recovery)
         return report
     with coordinate(home, "submit"):
         launchpad = launchpad or get_launchpad()
-        report, planned = plan_workflows(structures, config, launchpad, store, uid_prefix)
-        post_planned(home, report, planned, config, resources, recovery)
+        report, planned = plan_workflows(structures, config, launchpad, store, uid_prefix, progress)
+        post_planned(home, report, progress(planned, "workflows"), config, resources, recovery)
         intakes = take_in(home, launchpad, save_launchpad, store, LAUNCHPAD_WORKFLOWS)
     added = {uid: ids for intake in intakes for uid, ids in intake.added.items()}
     report.fw_ids = {uid: added[uid] for uid in report.queued if uid in added}
@@ -96,14 +109,16 @@ def submit(
     return report
 
 
-def post_planned(home: Path, report: SubmitReport, planned: list, config, resources, recovery) -> None:
+def post_planned(home: Path, report: SubmitReport, planned: Iterable[Planned], config, resources, recovery) -> None:
     """Make the planned workflows and write them to the inbox one at a time (never all in memory)."""
     from qe_factory.workflow.coordinator import post
 
-    if planned:
-        workflows = make_workflows(planned, config, resources, recovery)
-        report.inbox_files = [str(path) for path in post(home, (wf for _, wf in workflows))]
-        report.queued = [item.uid for item in planned]
+    def workflows() -> Iterator:
+        for uid, workflow in make_workflows(planned, config, resources, recovery):
+            report.queued.append(uid)
+            yield workflow
+
+    report.inbox_files = [str(path) for path in post(home, workflows())]
 
 
 def add_workflows(launchpad, report: SubmitReport, workflows: list) -> None:
@@ -125,22 +140,23 @@ class Planned(NamedTuple):
 
 def build_workflows(
     structures, config: DFTConfig, launchpad, store, resources=None, uid_prefix: str = "s",
-    recovery: RecoveryHandler | None = None,
+    recovery: RecoveryHandler | None = None, progress: Progress | None = None,
 ) -> tuple[SubmitReport, list]:
     """The report (refusals, duplicates against the batch, the LaunchPad and the JobStore) and the (uid, Workflow)
     pairs to add, all made at once (`plan_workflows` then `make_workflows` makes them one at a time)."""
-    report, planned = plan_workflows(structures, config, launchpad, store, uid_prefix)
-    return report, list(make_workflows(planned, config, resources, recovery))
+    progress = progress or no_progress
+    report, planned = plan_workflows(structures, config, launchpad, store, uid_prefix, progress)
+    return report, list(make_workflows(progress(planned, "workflows"), config, resources, recovery))
 
 
 def plan_workflows(
-    structures, config: DFTConfig, launchpad, store, uid_prefix: str = "s"
+    structures, config: DFTConfig, launchpad, store, uid_prefix: str = "s", progress: Progress | None = None,
 ) -> tuple[SubmitReport, list[Planned]]:
     """The report (refusals, duplicates against the batch, the LaunchPad and the JobStore) and the structures to
     make workflows for, in order."""
     generator = InputGenerator(config)
     report, keyed, uids = SubmitReport(), {}, set()
-    for index, (uid, atoms) in enumerate(read_structures(structures)):
+    for index, (uid, atoms) in enumerate((progress or no_progress)(read_structures(structures), "checking")):
         uid = str(uid) if uid else f"{uid_prefix}-{index:06d}"
         try:
             check_uid(uid)

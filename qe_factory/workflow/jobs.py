@@ -65,7 +65,7 @@ class LabelMaker(Maker):
             if resources and stage == "scf":
                 manager_config["_queueadapter"] = dict(resources)
             step.update_config({"manager_config": manager_config})
-        return Flow([inputs, scf, check], name=f"qe_factory {uid}")
+        return Flow([inputs, scf, check], name=uid)  # the workflow is named by its uid (lpad, web GUI)
 
     def runner(self) -> QERunner:
         """A QERunner with this Flow's config and policy and this worker's execution settings."""

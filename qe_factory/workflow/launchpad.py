@@ -219,7 +219,7 @@ def qlaunch_command(args: list[str], home: Path) -> tuple[list[str], dict[str, s
 # lpad subcommands that only read (everything else may write)
 READING_LPAD_COMMANDS = {
     "get_wflows", "get_fws", "get_fw_ids", "get_wf_ids", "get_launchdir", "get_qids", "get_tracker", "report",
-    "introspect", "version", "webgui", "get_fw_ids_from_launch_dir",
+    "introspect", "version", "get_fw_ids_from_launch_dir",
 }
 
 
@@ -238,6 +238,10 @@ def run_lpad(args: list[str], home: Path) -> int:
     if file is None:
         return subprocess.run(lpad, env=env).returncode
     command = next((a for a in args if not a.startswith("-")), "")
+    if command == "webgui":  # stock webgui would show the copy, never refreshed
+        print("qe-factory: on an embedded home use `qe-factory webgui [--port N]` (read-only, fresh on each "
+              "reload, 127.0.0.1 only)", file=sys.stderr)
+        return 2
     copy = file.with_name(f"lpad-{os.getpid()}.json")
     env["MONGOMOCK_SERVERSTORE_FILE"] = str(copy)
     try:

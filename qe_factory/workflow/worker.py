@@ -18,7 +18,7 @@ from qe_factory.engine.errors import DiskFullError
 from qe_factory.engine.parallel import available_ranks, seconds_left_in_allocation
 from qe_factory.engine.process import STOP
 from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, UNFINISHED, command_line, coordinate, take_in
-from qe_factory.workflow.fireworks_adapter import wait_for_pings
+from qe_factory.workflow.fireworks_adapter import without_ping_thread
 from qe_factory.workflow.home import embedded_file, factory_home, use_execution, worker_execution
 from qe_factory.workflow.launchpad import (
     Saver,
@@ -312,7 +312,7 @@ def _launch_here(launchpad: LaunchPad, fworker, fw_id: int, launch_dir: Path, lo
                 handle = quiet.enter_context(open(log, "a"))
                 quiet.enter_context(contextlib.redirect_stdout(handle))
                 quiet.enter_context(contextlib.redirect_stderr(handle))
+            quiet.enter_context(without_ping_thread())  # its last ping would race the rocket's own
             launch_rocket(launchpad, fworker, fw_id=fw_id, strm_lvl="WARNING")
-            wait_for_pings()  # its last ping must not meet a launch the coordinator has archived meanwhile
     finally:
         os.chdir(cwd)

@@ -170,3 +170,30 @@ def test_the_offline_rocket_runs_only_once_mended(tmp_path):
     mended = subprocess.run([sys.executable, "-c", OFFLINE_ROCKET, str(tmp_path / "mended"), "mended"],
                             capture_output=True, text=True, env=clean_env())
     assert mended.stdout.strip().splitlines()[-1] == "COMPLETED", mended.stdout + mended.stderr
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_rocket_pings_from_a_thread_unless_run_without_it(home, tmp_path, monkeypatch, quiet):
+    import contextlib
+
+    import fireworks.core.rocket as rocket
+    from fireworks import Firework, FWorker, ScriptTask
+    from fireworks.core.rocket_launcher import launch_rocket
+
+    from qe_factory.workflow.fireworks_adapter import without_ping_thread
+    from qe_factory.workflow.launchpad import get_launchpad
+
+    threads: list[int] = []
+    monkeypatch.setattr(rocket, "ping_launch", lambda launchpad, launch_id, stop, master: threads.append(launch_id))
+    pings: list[int] = []
+    launchpad = get_launchpad()
+    monkeypatch.setattr(launchpad, "ping_launch", lambda launch_id, *args, **kwargs: pings.append(launch_id))
+    fw_id = list(launchpad.add_wf(Firework(ScriptTask.from_str("true"))).values())[0]
+    monkeypatch.chdir(tmp_path)
+    with without_ping_thread() if quiet else contextlib.nullcontext():
+        launch_rocket(launchpad, FWorker(), strm_lvl="ERROR")
+    assert launchpad.fireworks.find_one({"fw_id": fw_id})["state"] == "COMPLETED"
+    launch_id = launchpad.launches.find_one({"fw_id": fw_id})["launch_id"]
+    assert threads == ([] if quiet else [launch_id])  # the heartbeat thread (its target a recorder here), or none
+    assert set(pings) == {launch_id}  # the rocket's own pings, with or without the thread
+    assert rocket.start_ping_launch.__module__ == "fireworks.core.rocket"  # put back
