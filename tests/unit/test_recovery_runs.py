@@ -197,3 +197,16 @@ def test_a_run_killed_by_the_timeout_is_not_taken_in(fake_runner, tmp_path):
     assert [a.error_type for a in failed.attempts] == ["TIMEOUT"]
     result = fake_runner("replay:si_scf", timeout=60).run(bulk("Si"), uid="slow")
     assert result.succeeded and calls(tmp_path) == 2
+
+
+@pytest.mark.parametrize("plan, atoms, expected", [
+    ("cholesky", close_pair(0.6), "GEOMETRY"),  # the eigensolver failed between atoms 0.6 of their radii apart
+    ("replay:si_missing_pseudo", bulk("Si"), "MISSING_PSEUDO"),  # real pw.x runs (tests/data)
+    ("replay:si_bad_input", bulk("Si"), "BAD_INPUT"),
+])
+def test_a_failure_no_correction_can_fix_costs_one_pw_run(fake_runner, tmp_path, plan, atoms, expected):
+    """Bad geometry, an unreadable file, an input pw.x refuses: whatever the retries allowed, one pw.x run, and the
+    report says why."""
+    result = fake_runner(plan, max_retries=5).run(atoms, uid="hopeless", raise_on_failure=False)
+    assert [a.error_type for a in result.attempts] == [expected] and calls(tmp_path) == 1
+    assert result.error_type == expected and "gave up: no correction left" in result.error_message

@@ -1,0 +1,85 @@
+"""SLURM's kills on the real single-node cluster (scripts/slurm_cluster.sh, as in test_slurm.py): a job running
+`qe-factory launch-offline` is cancelled with scancel while its pw.x iterates.
+
+What SLURM 22.05 does then (KillWait=5): slurmstepd writes "*** JOB N ON host CANCELLED AT <time> ***" to the job's
+stderr, then sends SIGCONT and SIGTERM to every process of the job — the batch shell, the worker and pw.x, which runs
+in its own session — and SIGKILL to what is left 5 s later; scontrol meanwhile says JobState=COMPLETING Reason=None,
+and CANCELLED once all are gone. The worker, stopped by its SIGTERM, asks SLURM why (parallel.slurm_job_ending),
+records the attempt as SLURM_CANCELLED and gives up on it (no correction: a cancel is a person's order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_slurm import QE_FACTORY, base_env, factory, fireworks_named, make_home, rattled_si, submit
+
+
+def wait_for(what: str, check, limit: float, diagnostics=lambda: ""):
+    """Poll `check` until it returns something true (that is returned); fail after `limit` seconds."""
+    start = time.monotonic()
+    while not (found := check()):
+        if time.monotonic() - start > limit:
+            pytest.fail(f"{what}: not seen within {limit:.0f} s\n{diagnostics()}")
+        time.sleep(0.2)
+    return found
+
+
+def iterating_pw_out(home: Path) -> Path | None:
+    """The pw.out of a pw.x run that has printed its second SCF iteration."""
+    for out in home.rglob("attempt_*/pw.out"):
+        if "iteration #  2" in out.read_text(errors="replace"):
+            return out
+    return None
+
+
+def running_job() -> str | None:
+    out = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True,
+                         timeout=30).stdout.split()
+    return out[0] if len(out) == 1 else None
+
+
+def test_scancel_while_pw_runs_is_slurm_cancelled_and_not_rerun(slurm, tmp_path):
+    home = make_home(tmp_path, walltime="00:10:00")
+    endless = {"kpoint_density": 0.5, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True, "timeout": 600,
+               "max_retries": 3, "pw_parameters": {"electrons": {"conv_thr": 1e-30, "electron_maxstep": 100000}}}
+    submit(home, tmp_path, {"si-cancel": rattled_si(5)}, endless)
+    log = tmp_path / "qlaunch.log"
+    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "1", "--sleep", "1"]
+    with log.open("w") as out:
+        qlaunch = subprocess.Popen(argv, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=base_env(),
+                                   start_new_session=True)
+    try:
+        pw_out = wait_for("pw.x iterating in the SLURM job", lambda: iterating_pw_out(home), 180, log.read_text)
+        job_id = wait_for("the running SLURM job", running_job, 30)
+        subprocess.run(["scancel", job_id], check=True, timeout=30)
+        qlaunch.wait(timeout=180)  # ends by itself: the structure's workflow is finished (FIZZLED)
+    finally:
+        if qlaunch.poll() is None:
+            os.killpg(qlaunch.pid, signal.SIGTERM)
+            qlaunch.wait(timeout=30)
+    output = log.read_text()
+    assert qlaunch.returncode == 0, output
+    assert "qlaunch: 1 SLURM job(s) submitted" in output, output  # no rerun: not by SLURM, not by the coordinator
+
+    said = [path.read_text() for path in home.glob(f"launches/*/*-{job_id}.error")]
+    assert len(said) == 1 and f"*** JOB {job_id} ON " in said[0] and "DUE TO" not in said[0], said
+
+    attempt_dir = pw_out.parent
+    assert sorted(p.name for p in attempt_dir.parent.glob("attempt_*")) == ["attempt_1"]  # one pw.x run
+    ended = json.loads((attempt_dir / "ended.json").read_text())
+    assert f"*** JOB {job_id} ON " in ended["ended_by"] and not ended["timed_out"], ended
+    assert ended["returncode"] != 0, ended  # pw.x died on SLURM's SIGTERM (or the worker's kill after it)
+
+    (scf,) = fireworks_named(home, "scf si-cancel attempt 1")
+    assert scf["state"] == "FIZZLED", scf["state"]
+    report = scf["launches"][-1]["action"]["stored_data"]["_exception"]["_details"]  # DFTFatalError's DFTResult
+    assert [a["error_type"] for a in report["attempts"]] == ["SLURM_CANCELLED"], report["attempts"]
+    assert report["error_type"] == "SLURM_CANCELLED" and "gave up: no correction left" in report["error_message"]
+    assert "SLURM_CANCELLED" in factory(home, "status")
