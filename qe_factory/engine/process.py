@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,8 +91,9 @@ def execute(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> 
                 stop.execution = Execution(proc.returncode, False, time.monotonic() - start)
             raise
         finally:
-            reaper.stdin.write(b"d")  # type: ignore[union-attr]
-            reaper.stdin.close()  # type: ignore[union-attr]
+            with contextlib.suppress(BrokenPipeError):  # the reaper was killed too (SLURM signals every process)
+                reaper.stdin.write(b"d")  # type: ignore[union-attr]
+                reaper.stdin.close()  # type: ignore[union-attr]
             reaper.wait()
     return Execution(proc.returncode, timed_out, time.monotonic() - start)
 

@@ -25,7 +25,7 @@ from qe_factory.engine.parallel import (
 )
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_run_texts
 from qe_factory.engine.preflight import nominal_input
-from qe_factory.engine.process import Interrupted, execute
+from qe_factory.engine.process import STOP, Interrupted, execute
 from qe_factory.engine.pseudos import PseudopotentialError
 from qe_factory.engine.pwxml import XML_NAME, XmlError, read_pw_xml, xml_path
 from qe_factory.engine.recovery import (
@@ -226,12 +226,18 @@ class QERunner:
             pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
             argv = pw_command(execution.command, execution.mpi_launcher, ranks, pools)
             oom_before = oom_kill_count()
+            stopped: Interrupted | None = None
             try:
-                process, ended_by = execute(argv, attempt_dir, pw_environment(execution.omp_threads), budget), None
-            except Interrupted as stop:  # SLURM ending the job is an outcome to record; any other stop is not
-                if stop.execution is None or (ended_by := slurm_job_ending()) is None:
+                process = execute(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
+            except Interrupted as stop:
+                if stop.execution is None:
                     raise
-                process = stop.execution
+                process, stopped = stop.execution, stop
+            # a stop request came as pw.x ran (SLURM signals pw.x too: it may have died first): SLURM ending the job
+            # is an outcome to record; any other stop is nobody's failure
+            ended_by = slurm_job_ending() if STOP.is_set() else None
+            if STOP.is_set() and ended_by is None:
+                raise stopped or Interrupted(f"pw.x in {attempt_dir} ended as a stop request came")
             oom_after = oom_kill_count()
             ended = RunEnded(returncode=process.returncode, timed_out=process.timed_out,
                              wall_time=round(process.wall_time, 3), ranks=ranks, pools=pools,

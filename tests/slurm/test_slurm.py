@@ -39,10 +39,11 @@ ENV_KEYS = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMO
 
 
 def base_env() -> dict[str, str]:
-    """This environment without any factory/FireWorks settings of the test process; tests/ importable (the
-    recovery policies a workflow may carry), also in the SLURM jobs (sbatch exports the environment)."""
+    """This environment without any factory/FireWorks settings of the test process; this checkout's qe_factory and
+    tests/ importable (the recovery policies a workflow may carry), also in the SLURM jobs (sbatch exports the
+    environment)."""
     env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    return {**env, "PYTHONPATH": str(REPO / "tests")}
+    return {**env, "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "tests")))}  # this checkout's code
 
 
 def factory(home: Path, *args: str, timeout: float = 120) -> str:

@@ -61,9 +61,11 @@ def test_scancel_while_pw_runs_is_slurm_cancelled_and_not_rerun(slurm, tmp_path)
         subprocess.run(["scancel", job_id], check=True, timeout=30)
         qlaunch.wait(timeout=180)  # ends by itself: the structure's workflow is finished (FIZZLED)
     finally:
-        if qlaunch.poll() is None:
+        if qlaunch.poll() is None:  # a failure: stop the coordinator and the jobs it left
             os.killpg(qlaunch.pid, signal.SIGTERM)
             qlaunch.wait(timeout=30)
+            if left := subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split():
+                subprocess.run(["scancel", *left], timeout=30)
     output = log.read_text()
     assert qlaunch.returncode == 0, output
     assert "qlaunch: 1 SLURM job(s) submitted" in output, output  # no rerun: not by SLURM, not by the coordinator
