@@ -25,7 +25,7 @@ from qe_factory.engine.parallel import (
 )
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_run_texts
 from qe_factory.engine.preflight import nominal_input
-from qe_factory.engine.process import STOP, Interrupted, execute
+from qe_factory.engine.process import STOP, Execution, Interrupted, execute
 from qe_factory.engine.pseudos import PseudopotentialError
 from qe_factory.engine.pwxml import XML_NAME, XmlError, read_pw_xml, xml_path
 from qe_factory.engine.recovery import (
@@ -153,6 +153,23 @@ def finished_run(attempt_dir: Path, text: str) -> RunEnded | None:
     return ended if finished and not ended.timed_out else None
 
 
+def run_pw(argv: list[str], cwd: Path, env: dict[str, str], budget: float) -> tuple[Execution, str | None]:
+    """Run pw.x (process.execute) and say what SLURM said if it ended the job meanwhile (slurm_job_ending): its
+    SIGTERM came as a stop request, and reached pw.x too (which may have died first). Any other stop request raises
+    Interrupted: nobody's failure, nothing to record."""
+    try:
+        process, stopped = execute(argv, cwd, env, budget), None
+    except Interrupted as stop:
+        if stop.execution is None:
+            raise
+        process, stopped = stop.execution, stop
+    if not STOP.is_set():
+        return process, None
+    if (ended_by := slurm_job_ending()) is None:
+        raise stopped or Interrupted(f"pw.x in {cwd} ended as a stop request came")
+    return process, ended_by
+
+
 def available_restart(restart: RestartType, scratch: Path) -> RestartType:
     """The restart asked for, or the closest one the scratch directory holds the files for."""
     if restart in (RestartType.FROM_CHARGE_DENSITY, RestartType.FROM_WAVE_FUNCTIONS):
@@ -226,18 +243,7 @@ class QERunner:
             pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
             argv = pw_command(execution.command, execution.mpi_launcher, ranks, pools)
             oom_before = oom_kill_count()
-            stopped: Interrupted | None = None
-            try:
-                process = execute(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
-            except Interrupted as stop:
-                if stop.execution is None:
-                    raise
-                process, stopped = stop.execution, stop
-            # a stop request came as pw.x ran (SLURM signals pw.x too: it may have died first): SLURM ending the job
-            # is an outcome to record; any other stop is nobody's failure
-            ended_by = slurm_job_ending() if STOP.is_set() else None
-            if STOP.is_set() and ended_by is None:
-                raise stopped or Interrupted(f"pw.x in {attempt_dir} ended as a stop request came")
+            process, ended_by = run_pw(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
             oom_after = oom_kill_count()
             ended = RunEnded(returncode=process.returncode, timed_out=process.timed_out,
                              wall_time=round(process.wall_time, 3), ranks=ranks, pools=pools,
