@@ -202,8 +202,10 @@ def pending_runs(launchpad: LaunchPad) -> list[OfflineRun]:
 def queue_job_alive(job_id: str) -> bool:
     """Whether a SLURM job is still pending or running (squeue knows it in a live state)."""
     try:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                               timeout=60).stdout.strip()
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return True  # cannot tell: never take a live job's Firework away
-    return state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
+    if proc.returncode != 0:  # SLURM forgot the job (MinJobAge), or did not answer (a busy slurmctld): cannot tell
+        return "Invalid job id" not in proc.stderr
+    return proc.stdout.strip() in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
+                                   "RESIZING")
