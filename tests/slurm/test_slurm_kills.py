@@ -56,7 +56,7 @@ def running_job() -> str | None:
     return out[0] if len(out) == 1 else None
 
 
-def run_until_done(home: Path, tmp_path: Path, on_iterating, limit: float = 300) -> str:
+def run_until_done(home: Path, tmp_path: Path, on_iterating, limit: float = 600) -> str:
     """`qe-factory qlaunch rapidfire -m 1` until it ends by itself; `on_iterating(job id)` once pw.x iterates in a
     job. Returns its output."""
     log = tmp_path / "qlaunch.log"
