@@ -9,6 +9,7 @@ Quick loops: `scripts/test.sh tests/unit` (seconds), `scripts/test.sh -m "not sl
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -52,3 +53,19 @@ def home(tmp_path, monkeypatch):
         monkeypatch.setenv(key, "unset")
         monkeypatch.delenv(key)
     return activate(tmp_path / "home")
+
+
+@pytest.fixture
+def scontrol(tmp_path, monkeypatch):
+    """A stand-in `scontrol` first on PATH (no SLURM in unit tests; the real one: tests/slurm): `scontrol show job
+    -o ID` prints what the test sets with `scontrol(text)` (a line as scontrol 22.05 prints it), or fails as for a job
+    SLURM no longer knows."""
+    bin_dir = tmp_path / "scontrol-bin"
+    bin_dir.mkdir()
+    said = tmp_path / "scontrol.txt"
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\n[ -s "{said}" ] && exec cat "{said}"\n'
+                      'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return said.write_text

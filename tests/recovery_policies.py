@@ -4,7 +4,7 @@ subclass travels with the workflow."""
 from __future__ import annotations
 
 from qe_factory import DFTErrorType, RecoveryHandler
-from qe_factory.engine.recovery import RESTART, Correction
+from qe_factory.engine.recovery import NEW_ALLOCATION, RESTART, Correction
 
 
 class MoreStepsFirst(RecoveryHandler):
@@ -19,7 +19,8 @@ class MoreStepsFirst(RecoveryHandler):
 
 
 class RestartToConverge(RecoveryHandler):
-    """After pw.x stopped at max_seconds, restart (restart_mode='restart') with a reachable `conv_thr`.
+    """After pw.x stopped at max_seconds, restart (restart_mode='restart') with a reachable `conv_thr`; after SLURM
+    killed the job at its time limit, rerun in a new allocation with it.
 
     With an unreachable conv_thr in the input, attempt 1 iterates until pw.x's max_seconds on any machine, however
     fast; the restart then converges: a walltime stop and restart that does not depend on the machine's speed.
@@ -30,4 +31,6 @@ class RestartToConverge(RecoveryHandler):
     def next_correction(self, error_type, parameters, tried=(), output=None):
         if error_type is DFTErrorType.PW_WALLTIME and RESTART.name not in tried:
             return RESTART.model_copy(update={"changes": {"electrons": {"conv_thr": self.conv_thr}}})
+        if error_type is DFTErrorType.SLURM_WALLTIME and NEW_ALLOCATION.name not in tried:
+            return NEW_ALLOCATION.model_copy(update={"changes": {"electrons": {"conv_thr": self.conv_thr}}})
         return super().next_correction(error_type, parameters, tried, output)

@@ -36,6 +36,11 @@ class DFTErrorType(Enum):
     KILLED = (808, "killed by SIGKILL from outside, not by the factory's timeout and with no sign of the OOM killer: "
                    "cause unknown (a scheduler, a user, a lost node)")
     DISK_FULL = (807, "a file could not be written: the disk (or quota) is full; retry once space is back")
+    SLURM_CANCELLED = (820, "the SLURM job was cancelled (scancel): a person's order, not the structure's fault; "
+                            "not rerun (rerun it by hand to compute it)")
+    SLURM_WALLTIME = (821, "SLURM killed the job at its time limit before pw.x stopped at max_seconds; restarted in "
+                           "a new allocation, whose time left sets max_seconds")
+    SLURM_NODE_FAIL = (822, "the SLURM job's node failed; rerun on another node")
     UNKNOWN = (899, "pw.x failed for a reason not in the table")
 
     @property
@@ -80,6 +85,24 @@ PATTERNS: list[tuple[DFTErrorType, re.Pattern[str]]] = [
 _ERROR_LINE = re.compile(
     r"Error in routine.*|.*Error allocating.*|convergence NOT achieved.*|Maximum CPU time exceeded|MPI_ABORT.*|"
     r".*signal \d+.*|.*[Ss]egmentation fault.*|.*[Kk]illed.*|.*oom.*", re.MULTILINE)
+
+
+# slurmstepd's line in a job's stderr as SLURM ends the job, before it signals the job's processes (SLURM 22.05):
+# "*** JOB 73 ON vm CANCELLED AT 2026-12-02T07:08:39 ***" after scancel, "... DUE TO TIME LIMIT ***" at the walltime,
+# "... DUE TO NODE FAILURE ***", "... DUE TO PREEMPTION ***" (a job step's says STEP 73.0).
+SLURM_END = re.compile(r"\*\*\* (?:JOB|STEP) [\d.]+ ON \S+ CANCELLED AT \S+(?: DUE TO [A-Z][^*]*?)?(?: BY \S+)? \*\*\*")
+# What names the cause: slurmstepd's line, else scontrol's JobState/Reason (COMPLETING Reason=None names none).
+SLURM_CAUSES = [
+    (DFTErrorType.SLURM_WALLTIME, re.compile(r"DUE TO TIME LIMIT|JobState=TIMEOUT|Reason=TimeLimit")),
+    (DFTErrorType.SLURM_NODE_FAIL, re.compile(r"DUE TO NODE FAIL|JobState=NODE_FAIL|Reason=NodeDown")),
+    (DFTErrorType.SLURM_CANCELLED, re.compile(r"CANCELLED AT \S+ (?:BY \S+ )?\*\*\*|JobState=CANCELLED")),
+]
+
+
+def scheduler_error(said: str) -> DFTErrorType:
+    """The error type of a run SLURM ended, from what SLURM said (parallel.slurm_job_end); KILLED ("cause unknown")
+    where that names no cause the factory knows (a preemption, or scontrol's COMPLETING with Reason=None)."""
+    return next((error for error, pattern in SLURM_CAUSES if pattern.search(said)), DFTErrorType.KILLED)
 
 
 class DiskFullError(OSError):
@@ -137,12 +160,16 @@ def _signal_name(returncode: int) -> str | None:
 
 def classify(
     output: PwOutput, stdout: str = "", stderr: str = "", returncode: int | None = 0, timed_out: bool = False,
-    oom_killed: bool = False,
+    oom_killed: bool = False, ended_by: str | None = None,
 ) -> Diagnosis:
-    """Name the outcome of a run from its parsed output, raw texts, exit code, whether we killed it and whether the
-    kernel's OOM killer struck meanwhile (its cgroup counter rose)."""
+    """Name the outcome of a run from its parsed output, raw texts, exit code, whether we killed it, whether the
+    kernel's OOM killer struck meanwhile (its cgroup counter rose) and, when the scheduler ended the job it ran in,
+    what the scheduler said (`ended_by`, see parallel.slurm_job_ending)."""
     if timed_out:
         return Diagnosis(DFTErrorType.TIMEOUT, [f"killed after the timeout; {output.scf_iterations} SCF iterations"])
+    if ended_by and not output.job_done:  # pw.x had not finished by itself
+        return Diagnosis(scheduler_error(ended_by), [ended_by, f"exit code {returncode}; "
+                                                                f"{output.scf_iterations} SCF iterations"])
     texts = [*output.errors, output.crash or "", stdout, stderr]
     for error_type, pattern in PATTERNS:
         for text in texts:

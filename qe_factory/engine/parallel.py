@@ -6,6 +6,9 @@ import os
 import re
 import shlex
 import subprocess
+from pathlib import Path
+
+from qe_factory.engine.errors import SLURM_END
 
 LAUNCHERS = ("mpirun", "mpiexec", "srun", "aprun")
 
@@ -77,3 +80,47 @@ def seconds_left_in_allocation(environ: dict[str, str] | None = None) -> int | N
     except (OSError, subprocess.SubprocessError):
         return None
     return parse_slurm_time(left) if left.strip() else None
+
+
+def slurm_job(job_id: str, timeout: float = 10) -> str | None:
+    """`scontrol show job -o` of a job (one line of Key=Value fields); None when SLURM does not answer in `timeout`
+    seconds (a controller that is down keeps scontrol trying for ~18 s) or no longer knows the job (MinJobAge)."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                              timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 and "JobState=" in proc.stdout else None
+
+
+def slurm_job_end(job_id: str, stderr: Path | None = None, timeout: float = 10) -> str | None:
+    """What SLURM said as it ended (or while it ends) job `job_id`: slurmstepd's line in the job's stderr file
+    `stderr` (written before it signals the job), e.g. "*** JOB 73 ON vm CANCELLED AT 2026-12-02T07:08:39 ***";
+    else scontrol's "JobState=… Reason=…" once the job no longer runs. None while it runs (a SIGTERM then came from
+    someone else) or when neither says anything."""
+    try:
+        with open(stderr or "", "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 65536))
+            tail = handle.read().decode(errors="replace")
+    except OSError:
+        tail = ""
+    if said := [line for line in SLURM_END.findall(tail) if re.search(rf"(?:JOB|STEP) {re.escape(job_id)}\b", line)]:
+        return said[-1]
+    state = re.search(r"\bJobState=(\S+) Reason=(\S+)", slurm_job(job_id, timeout) or "")
+    if state is None or state.group(1) in ("RUNNING", "SUSPENDED"):
+        return None
+    return f"SLURM job {job_id}: {state.group(0)}"
+
+
+def slurm_job_ending(environ: dict[str, str] | None = None) -> str | None:
+    """Why SLURM ends the job this process runs in (slurm_job_end, with this process's stderr: the job's), asked
+    when a stop request (SIGTERM) came; None outside SLURM, or when SLURM is not ending the job. Quick (scontrol
+    gets 3 s): SLURM's SIGKILL follows its SIGTERM after KillWait."""
+    job_id = (os.environ if environ is None else environ).get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    try:
+        stderr = Path(os.readlink("/proc/self/fd/2"))
+    except OSError:
+        stderr = None
+    return slurm_job_end(job_id, stderr, timeout=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,7 +43,11 @@ class ExecutableNotFoundError(RuntimeError):
 
 class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt: a request, not an error
     """The owner was asked to stop (STOP set, e.g. on SIGTERM/SIGINT): pw.x was stopped; the attempt is nobody's
-    failure and must be run again later."""
+    failure and must be run again later. `execution`: how the pw.x run ended, when one was running."""
+
+    def __init__(self, message: str, execution: Execution | None = None):
+        super().__init__(message)
+        self.execution = execution
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ def execute(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> 
     The group is killed after `timeout` seconds (timed_out), when STOP is set (raises Interrupted), on any exception
     here, and — by the reaper — when this process dies.
     """
+    if STOP.is_set():  # nothing ran: nothing to record
+        raise Interrupted("stop requested before pw.x started")
     start = time.monotonic()
     with open(cwd / "pw.out", "wb") as stdout, open(cwd / "pw.err", "wb") as stderr:
         try:
@@ -78,12 +85,15 @@ def execute(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> 
         )
         try:
             timed_out = _wait(proc, start + timeout)
-        except BaseException:
+        except BaseException as stop:
             kill_group(proc)
+            if isinstance(stop, Interrupted):
+                stop.execution = Execution(proc.returncode, False, time.monotonic() - start)
             raise
         finally:
-            reaper.stdin.write(b"d")  # type: ignore[union-attr]
-            reaper.stdin.close()  # type: ignore[union-attr]
+            with contextlib.suppress(BrokenPipeError):  # the reaper was killed too (SLURM signals every process)
+                reaper.stdin.write(b"d")  # type: ignore[union-attr]
+                reaper.stdin.close()  # type: ignore[union-attr]
             reaper.wait()
     return Execution(proc.returncode, timed_out, time.monotonic() - start)
 

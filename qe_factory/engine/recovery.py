@@ -70,6 +70,9 @@ CG = Correction(name="diagonalization=cg", changes={"electrons": {"diagonalizati
 RESTART = Correction(name="restart_mode=restart", restart=RestartType.FULL, repeatable=True)
 ONE_POOL = Correction(name="pools=1", changes={"run": {"pools": 1}})
 RERUN = Correction(name="rerun unchanged")
+# after SLURM's walltime kill (no state saved: pw.x saves only when it stops at max_seconds): from the last density
+# there is, in a new job, whose time left sets max_seconds; once (a second kill: the walltime is too short)
+NEW_ALLOCATION = Correction(name="rerun in a new allocation", restart=RestartType.FROM_CHARGE_DENSITY)
 
 LADDERS: dict[DFTErrorType, list[Correction]] = {
     DFTErrorType.SCF_NOT_CONVERGED: [LOWER_BETA, LOCAL_TF, MORE_SMEARING, CG],
@@ -81,6 +84,10 @@ LADDERS: dict[DFTErrorType, list[Correction]] = {
     DFTErrorType.OUT_OF_MEMORY: [ONE_POOL],
     DFTErrorType.SIGNAL: [RERUN],
     DFTErrorType.KILLED: [RERUN],
+    DFTErrorType.SLURM_WALLTIME: [NEW_ALLOCATION],
+    DFTErrorType.SLURM_NODE_FAIL: [RERUN],  # in a new job, on whichever node SLURM gives it
+    # SLURM_CANCELLED: none. scancel is a person's order; a rerun would undo it (the coordinator would submit the
+    # structure again at once). It stops with the cause; `lpad rerun_fws` runs it again when wanted.
     DFTErrorType.OUTPUT_INCOMPLETE: [RERUN],
 }
 

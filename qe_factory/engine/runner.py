@@ -21,10 +21,11 @@ from qe_factory.engine.parallel import (
     pw_command,
     pw_environment,
     seconds_left_in_allocation,
+    slurm_job_ending,
 )
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_run_texts
 from qe_factory.engine.preflight import nominal_input
-from qe_factory.engine.process import execute
+from qe_factory.engine.process import STOP, Execution, Interrupted, execute
 from qe_factory.engine.pseudos import PseudopotentialError
 from qe_factory.engine.pwxml import XML_NAME, XmlError, read_pw_xml, xml_path
 from qe_factory.engine.recovery import (
@@ -132,6 +133,7 @@ class RunEnded(Document):
     ranks: int
     pools: int
     oom_killed: bool = False  # the OOM killer's counter of this cgroup rose during the run
+    ended_by: str | None = None  # what SLURM said as it ended the job pw.x ran in (parallel.slurm_job_end)
 
 
 def _without_time_limit(text: str) -> str:
@@ -149,6 +151,23 @@ def finished_run(attempt_dir: Path, text: str) -> RunEnded | None:
     except (OSError, ValueError):
         return None
     return ended if finished and not ended.timed_out else None
+
+
+def run_pw(argv: list[str], cwd: Path, env: dict[str, str], budget: float) -> tuple[Execution, str | None]:
+    """Run pw.x (process.execute) and say what SLURM said if it ended the job meanwhile (slurm_job_ending): its
+    SIGTERM came as a stop request, and reached pw.x too (which may have died first). Any other stop request raises
+    Interrupted: nobody's failure, nothing to record."""
+    try:
+        process, stopped = execute(argv, cwd, env, budget), None
+    except Interrupted as stop:
+        if stop.execution is None:
+            raise
+        process, stopped = stop.execution, stop
+    if not STOP.is_set():
+        return process, None
+    if (ended_by := slurm_job_ending()) is None:
+        raise stopped or Interrupted(f"pw.x in {cwd} ended as a stop request came")
+    return process, ended_by
 
 
 def available_restart(restart: RestartType, scratch: Path) -> RestartType:
@@ -224,15 +243,17 @@ class QERunner:
             pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
             argv = pw_command(execution.command, execution.mpi_launcher, ranks, pools)
             oom_before = oom_kill_count()
-            process = execute(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
+            process, ended_by = run_pw(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
             oom_after = oom_kill_count()
             ended = RunEnded(returncode=process.returncode, timed_out=process.timed_out,
                              wall_time=round(process.wall_time, 3), ranks=ranks, pools=pools,
-                             oom_killed=oom_before is not None and oom_after is not None and oom_after > oom_before)
+                             oom_killed=oom_before is not None and oom_after is not None and oom_after > oom_before,
+                             ended_by=ended_by)
             (attempt_dir / ENDED).write_text(ended.model_dump_json())
         stdout, stderr, crash = read_run_texts(attempt_dir)
         output = parse_pw_output(stdout, crash)
-        diagnosis = classify(output, stdout, stderr, ended.returncode, ended.timed_out, ended.oom_killed)
+        diagnosis = classify(output, stdout, stderr, ended.returncode, ended.timed_out, ended.oom_killed,
+                             ended.ended_by)
         diagnosis = self._blame_geometry(atoms, diagnosis)
         if diagnosis.error_type is DFTErrorType.OK:
             output = read_back(output, attempt_dir, pw_input)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 from dataclasses import dataclass
@@ -23,10 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qe_factory.engine.config import ExecutionSettings
+from qe_factory.engine.errors import DFTErrorType, scheduler_error
+from qe_factory.engine.parallel import slurm_job_end
 
 if TYPE_CHECKING:
     from fireworks import Firework, FWorker, LaunchPad
     from jobflow import JobStore
+
+log = logging.getLogger(__name__)
 
 INPUTS = "jobstore_in.json"  # the JobStore documents the Firework's job reads (written by the coordinator)
 OUTPUTS = "jobstore_out.json"  # the documents it wrote; written last, atomically: the worker is done
@@ -131,7 +136,8 @@ MAX_LOST_RUNS = 3  # a Firework whose worker was lost this often FIZZLES (no end
 def take_back(launchpad: LaunchPad, run: OfflineRun, store: JobStore) -> str:
     """Take a finished offline run in: its JobStore documents first (later Fireworks read them), then FireWorks'
     recover_offline (completes the launch, applies detours). A run that ended without finishing (its worker died,
-    its SLURM job left the queue) goes back to READY, or FIZZLES as WORKER_LOST the MAX_LOST_RUNS-th time.
+    its SLURM job left the queue) goes back to READY, or FIZZLES as WORKER_LOST the MAX_LOST_RUNS-th time; what
+    SLURM said about its job's end is named (a cancelled job FIZZLES at once as SLURM_CANCELLED: never rerun).
     Returns the launch's state."""
     outputs = run.launch_dir / OUTPUTS
     if outputs.is_file():
@@ -147,16 +153,34 @@ def take_back(launchpad: LaunchPad, run: OfflineRun, store: JobStore) -> str:
             return offline["state"]
     lost = launchpad.offline_runs.count_documents({"fw_id": run.fw_id, "deprecated": True}) + 1
     launchpad.forget_offline(run.launch_id)
+    where = f"SLURM job {run.job_id}" if run.job_id else "local worker process"
+    said = job_end(run)
+    if said and scheduler_error(said) is DFTErrorType.SLURM_CANCELLED:
+        return fizzle(launchpad, run, DFTErrorType.SLURM_CANCELLED.name,
+                      f"{where} was cancelled before its worker recorded an outcome: {said}")
     if lost < MAX_LOST_RUNS:
+        log.warning("Firework %s back to READY: its %s ended without finishing it (%s)", run.fw_id, where,
+                    said or "cause unknown")
         launchpad.cancel_reservation(run.launch_id)  # RESERVED → READY, the launch kept in its history
         return "READY"
+    return fizzle(launchpad, run, "WORKER_LOST", f"its worker ({where}) ended {lost} times without finishing it "
+                  f"(last: {said or 'killed, node lost, or crashed'}; see {run.launch_dir} and the home's logs/)")
+
+
+def job_end(run: OfflineRun) -> str | None:
+    """What SLURM said about the end of the run's job (parallel.slurm_job_end; its stderr as the project's template
+    names it, `<job name>-<job id>.error` in the launch directory); None for a local worker or when nothing says."""
+    if not run.job_id:
+        return None
+    return slurm_job_end(run.job_id, next(run.launch_dir.glob(f"*-{run.job_id}.error"), None))
+
+
+def fizzle(launchpad: LaunchPad, run: OfflineRun, error_type: str, message: str) -> str:
+    """Complete the run's launch as FIZZLED with `error_type` and `message` as its failure (qe-factory status)."""
     from fireworks import FWAction
 
-    where = f"SLURM job {run.job_id}" if run.job_id else "local worker process"
-    message = (f"its worker ({where}) ended {lost} times without finishing it (killed, node lost, or crashed: "
-               f"see {run.launch_dir} and the home's logs/)")
-    details = {"error_type": "WORKER_LOST", "error_message": message}
-    action = FWAction(stored_data={"_exception": {"_stacktrace": f"WORKER_LOST: {message}", "_details": details}})
+    details = {"error_type": error_type, "error_message": message}
+    action = FWAction(stored_data={"_exception": {"_stacktrace": f"{error_type}: {message}", "_details": details}})
     launchpad.complete_launch(run.launch_id, action, "FIZZLED")
     return "FIZZLED"
 
@@ -178,8 +202,10 @@ def pending_runs(launchpad: LaunchPad) -> list[OfflineRun]:
 def queue_job_alive(job_id: str) -> bool:
     """Whether a SLURM job is still pending or running (squeue knows it in a live state)."""
     try:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                               timeout=60).stdout.strip()
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return True  # cannot tell: never take a live job's Firework away
-    return state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
+    if proc.returncode != 0:  # SLURM forgot the job (MinJobAge), or did not answer (a busy slurmctld): cannot tell
+        return "Invalid job id" not in proc.stderr
+    return proc.stdout.strip() in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
+                                   "RESIZING")

@@ -36,10 +36,12 @@ if TYPE_CHECKING:
 MIN_SECONDS_FOR_A_LAUNCH = 60  # a worker in a SLURM job starts no Firework with less time left
 # A launch that FIZZLED with one of these in its traceback is no failure of its structure: it goes back to READY
 # (a stop request; pw.x's scratch, the JobStore or the home on a full disk).
-NOT_FAILURES = (
-    r"qe_factory\.engine\.process\.Interrupted", r"qe_factory\.engine\.errors\.DiskFullError",
-    r"No space left on device", r"database or disk is full", r"Disk quota exceeded",
+STOPPED = (r"qe_factory\.engine\.process\.Interrupted",)
+DISK_FULL = (
+    r"qe_factory\.engine\.errors\.DiskFullError", r"No space left on device", r"database or disk is full",
+    r"Disk quota exceeded",
 )
+NOT_FAILURES = STOPPED + DISK_FULL
 
 
 class Stopped(Exception):  # noqa: N818 - the outcome of a request
@@ -50,10 +52,11 @@ class Stopped(Exception):  # noqa: N818 - the outcome of a request
         self.signum, self.requeued = signum, requeued
 
 
-def requeue_not_failed(launchpad: LaunchPad) -> list[int]:
-    """Put Fireworks whose last launch FIZZLED on a stop request or a full disk back to READY; their ids."""
+def requeue_not_failed(launchpad: LaunchPad, patterns: tuple[str, ...] = NOT_FAILURES) -> list[int]:
+    """Put Fireworks whose last launch FIZZLED on a stop request or a full disk (`patterns` in its traceback) back
+    to READY; their ids."""
     fw_ids = set()
-    for name in NOT_FAILURES:
+    for name in patterns:
         query = {"state": "FIZZLED", "action.stored_data._exception._stacktrace": {"$regex": name}}
         fw_ids.update(doc["fw_id"] for doc in launchpad.launches.find(query, {"fw_id": 1}))
     fizzled = {doc["fw_id"] for doc in launchpad.fireworks.find({"fw_id": {"$in": sorted(fw_ids)}, "state": "FIZZLED"},
@@ -228,7 +231,8 @@ def _run(home, launchpad, max_structures, nlaunches, launch_root, on_finished, e
                 saver.flush()
                 continue
             take_back_ended(finished_runs)
-            if (requeued := requeue_not_failed(launchpad)) and not signals:  # a full disk: nothing more can run
+            requeue_not_failed(launchpad, STOPPED)  # e.g. a SLURM job's worker stopped by a SIGTERM not SLURM's
+            if (requeued := requeue_not_failed(launchpad, DISK_FULL)) and not signals:  # nothing more can run
                 raise DiskFullError(28, f"pw.x's scratch is full; Firework(s) {requeued} back to READY. Free "
                                     "space in the work_dir, then run the worker again")
         completed = True

@@ -1,12 +1,12 @@
 """End-to-end on a real single-node SLURM: `qe-factory qlaunch rapidfire -m 3` → sbatch → `qe-factory
 launch-offline` → real pw.x, with the embedded (file-backed) LaunchPad and no MongoDB.
 
-The cluster comes from scripts/slurm_cluster.sh (root only; the test is skipped with the reason otherwise). The test
-has its own factory home with the package's fw_config and SLURM template. `qe-factory qlaunch` is the home's
-coordinator: it reserves SCF Fireworks into launch directories, keeps up to -m jobs in the queue (each runs one
-Firework offline: no LaunchPad or JobStore access from the job), takes the jobs' results in, runs the quick stages
-itself, and ends when every workflow is finished. Stock `lpad` writes its file back when it exits, so it runs only
-after the coordinator ended.
+The cluster comes from scripts/slurm_cluster.sh (conftest.py; root only: the test is skipped with the reason
+otherwise). The test has its own factory home with the package's fw_config and SLURM template. `qe-factory
+qlaunch` is the home's coordinator: it reserves SCF Fireworks into launch directories, keeps up to -m jobs in the
+queue (each runs one Firework offline: no LaunchPad or JobStore access from the job), takes the jobs' results in,
+runs the quick stages itself, and ends when every workflow is finished. Stock `lpad` writes its file back when it
+exits, so it runs only after the coordinator ended.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from ase.build import bulk
 from ase.io import write
 
 REPO = Path(__file__).resolve().parents[2]
-CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
 BIN = Path(sys.executable).parent
 QE_FACTORY = str(BIN / "qe-factory")
 LPAD = str(BIN / "lpad")
@@ -36,29 +35,15 @@ FINISHED = {"COMPLETED", "FIZZLED", "DEFUSED"}
 ENV_KEYS = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    """The single-node SLURM cluster, started for this module and stopped after it (unless it was running before)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: scripts/slurm_cluster.sh installs and starts munged, slurmctld and slurmd")
-    was_running = subprocess.run([CLUSTER, "status"], capture_output=True).returncode == 0
-    start = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=600)
-    if start.returncode != 0:  # as root the script can install and start everything: a failure is a failure
-        pytest.fail(f"scripts/slurm_cluster.sh start failed:\n{start.stdout[-2000:]}\n{start.stderr[-2000:]}")
-    yield
-    if not was_running:
-        stop = subprocess.run([CLUSTER, "stop"], capture_output=True, text=True, timeout=120)
-        print(stop.stdout + stop.stderr)
-
-
 # -- helpers -------------------------------------------------------------------------------------------------------
 
 
 def base_env() -> dict[str, str]:
-    """This environment without any factory/FireWorks settings of the test process; tests/ importable (the
-    recovery policies a workflow may carry), also in the SLURM jobs (sbatch exports the environment)."""
+    """This environment without any factory/FireWorks settings of the test process; this checkout's qe_factory and
+    tests/ importable (the recovery policies a workflow may carry), also in the SLURM jobs (sbatch exports the
+    environment)."""
     env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    return {**env, "PYTHONPATH": str(REPO / "tests")}
+    return {**env, "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "tests")))}  # this checkout's code
 
 
 def factory(home: Path, *args: str, timeout: float = 120) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qe_factory.engine.errors import PATTERNS, DFTErrorType, classify
+from qe_factory.engine.errors import PATTERNS, SLURM_END, DFTErrorType, classify, scheduler_error
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_pw_run
 from qe_factory.engine.recovery import RecoveryHandler
 
@@ -259,3 +259,37 @@ def test_analyze_other_fixtures(name, expected):
     texts = fixture_texts(name)
     crash = texts["CRASH"] or None
     assert RecoveryHandler.analyze(texts["pw.out"], texts["pw.err"], crash, meta(name)["returncode"]) is expected
+
+
+# -- SLURM ending the job pw.x runs in -------------------------------------------------------------------------------
+# What SLURM 22.05 said on the single-node cluster (scripts/slurm_cluster.sh): slurmstepd's lines in the jobs' stderr
+# (scancel; --time=1; scontrol update State=DOWN with --no-requeue) and scontrol's fields while the jobs were ended.
+# The preemption line is the same format with the cause SLURM's sources print for it.
+SLURM_SAID = [
+    ("slurmstepd-vm: error: *** JOB 73 ON vm CANCELLED AT 2026-12-02T07:08:39 ***", T.SLURM_CANCELLED),
+    ("slurmstepd-vm: error: *** JOB 74 ON vm CANCELLED AT 2026-12-02T07:10:02 DUE TO TIME LIMIT ***",
+     T.SLURM_WALLTIME),
+    ("slurmstepd-vm: error: *** JOB 76 ON vm CANCELLED AT 2026-12-02T07:10:32 DUE TO NODE FAILURE, SEE SLURMCTLD "
+     "LOG FOR DETAILS ***", T.SLURM_NODE_FAIL),
+    ("slurmstepd-vm: error: *** JOB 77 ON vm CANCELLED AT 2026-12-02T07:10:32 DUE TO PREEMPTION ***", T.KILLED),
+    ("SLURM job 74: JobState=COMPLETING Reason=TimeLimit", T.SLURM_WALLTIME),
+    ("SLURM job 76: JobState=NODE_FAIL Reason=NodeDown", T.SLURM_NODE_FAIL),
+    ("SLURM job 73: JobState=CANCELLED Reason=None", T.SLURM_CANCELLED),
+    ("SLURM job 73: JobState=COMPLETING Reason=None", T.KILLED),  # being ended, for no stated cause
+]
+
+
+@pytest.mark.parametrize("said, expected", SLURM_SAID)
+def test_what_slurm_said_names_the_kill(said, expected):
+    assert scheduler_error(said) is expected
+    if "slurmstepd" in said:
+        assert SLURM_END.findall(said) == [said.split(": ", 2)[-1]]
+    diagnosis = classify(PwOutput(), "", "", -15, ended_by=said)  # pw.x died on SLURM's SIGTERM
+    assert diagnosis.error_type is expected and said in diagnosis.message
+
+
+def test_a_run_that_finished_as_slurm_ended_the_job_is_judged_by_itself():
+    said = SLURM_SAID[0][0]
+    assert classify_fixture("si_scf", ended_by=said).error_type is T.OK
+    assert classify_fixture("si_unconverged", ended_by=said).error_type is T.SCF_NOT_CONVERGED
+    assert classify_fixture("si_scf", ended_by=said, timed_out=True, returncode=-9).error_type is T.TIMEOUT

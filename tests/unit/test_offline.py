@@ -45,7 +45,7 @@ def test_a_lost_worker_puts_its_firework_back_and_the_last_time_fizzles_it(home,
     assert error_type == "WORKER_LOST" and f"{MAX_LOST_RUNS} times" in message
 
 
-def test_a_new_coordinator_leaves_live_slurm_jobs_alone_and_takes_the_rest_back(home, tmp_path):
+def test_a_new_coordinator_leaves_live_slurm_jobs_alone_and_takes_the_rest_back(home, tmp_path, scontrol):
     launchpad, store = get_launchpad(), get_jobstore()
     alive, gone, local = (add_scf(launchpad) for _ in range(3))
     runs = {fw_id: reserve(launchpad, FWorker(), tmp_path / f"l{fw_id}", store, fw_id)
@@ -87,3 +87,22 @@ def test_qlaunch_on_a_mongodb_home_is_stock_qlaunch(home, tmp_path, monkeypatch)
     (argv, env), = seen
     assert argv[0].endswith("qlaunch") and argv[1:] == ["-c", str(home / "fw_config"), "rapidfire", "-m", "3"]
     assert "MONGOMOCK_SERVERSTORE_FILE" not in env
+
+
+def test_a_lost_run_names_what_slurm_said_and_a_cancelled_one_is_not_rerun(home, tmp_path, scontrol):
+    """A job that left the queue before its worker recorded anything: what slurmstepd wrote in its stderr (the
+    template's `<name>-<job id>.error`) or scontrol says names the cause; a cancel FIZZLES at once (never rerun), a
+    node failure goes back to READY."""
+    launchpad, store = get_launchpad(), get_jobstore()
+    cancelled, node_lost = add_scf(launchpad), add_scf(launchpad)
+    runs = {fw_id: reserve(launchpad, FWorker(), tmp_path / f"l{fw_id}", store, fw_id)
+            for fw_id in (cancelled, node_lost)}
+    runs[cancelled].job_id = "73"
+    (runs[cancelled].launch_dir / "scf_x-73.error").write_text(
+        "slurmstepd-vm: error: *** JOB 73 ON vm CANCELLED AT 2026-12-02T07:08:39 ***\n")
+    runs[node_lost].job_id = "76"
+    scontrol("JobId=76 JobName=scf_x JobState=NODE_FAIL Reason=NodeDown Dependency=(null)\n")
+    assert take_back(launchpad, runs[cancelled], store) == "FIZZLED" == launchpad.get_fw_by_id(cancelled).state
+    error_type, message = failure_reason(launchpad.launches.find_one({"fw_id": cancelled, "state": "FIZZLED"}))
+    assert error_type == "SLURM_CANCELLED" and "*** JOB 73 ON vm CANCELLED AT" in message
+    assert take_back(launchpad, runs[node_lost], store) == "READY" == launchpad.get_fw_by_id(node_lost).state

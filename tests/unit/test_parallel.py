@@ -6,7 +6,15 @@ import os
 
 import pytest
 
-from qe_factory.engine.parallel import available_ranks, choose_pools, parse_slurm_time, pw_command, pw_environment
+from qe_factory.engine.parallel import (
+    available_ranks,
+    choose_pools,
+    parse_slurm_time,
+    pw_command,
+    pw_environment,
+    slurm_job_end,
+    slurm_job_ending,
+)
 from qe_factory.engine.runner import time_budget
 
 
@@ -66,3 +74,29 @@ def test_time_budget_respects_the_allocation():
     assert time_budget(3600, 600) == 570
     assert time_budget(100, 600) == 100
     assert time_budget(3600, 5) == 10  # never below 10 s
+
+
+# -- why SLURM ends a job (scontrol is a stand-in: see conftest.py; the real cluster: tests/slurm/test_slurm_kills.py)
+STEPD = "slurmstepd-vm: error: *** JOB 73 ON vm CANCELLED AT 2026-12-02T07:08:39 DUE TO TIME LIMIT ***\n"
+
+
+def test_slurmstepd_line_in_the_jobs_stderr_says_why(tmp_path, scontrol):
+    stderr = tmp_path / "scf-73.error"
+    stderr.write_text("INFO a line of the worker\n" + STEPD)
+    assert slurm_job_end("73", stderr) == STEPD.split(": ", 2)[-1].strip()
+    assert slurm_job_end("7", stderr) is None  # another job's line; and SLURM does not know job 7
+
+
+def test_without_slurmstepds_line_scontrol_says_what_it_knows(tmp_path, scontrol):
+    scontrol("JobId=73 JobName=scf JobState=RUNNING Reason=None Dependency=(null) Requeue=0\n")
+    assert slurm_job_end("73", tmp_path / "missing.error") is None  # still running: a kill by hand, not SLURM's
+    scontrol("JobId=73 JobName=scf JobState=COMPLETING Reason=TimeLimit Dependency=(null) Requeue=0\n")
+    assert slurm_job_end("73") == "SLURM job 73: JobState=COMPLETING Reason=TimeLimit"
+    scontrol("")
+    assert slurm_job_end("73") is None  # SLURM forgot the job (MinJobAge) and nothing else says
+
+
+def test_the_job_ending_is_asked_only_inside_slurm(scontrol):
+    scontrol("JobId=73 JobName=scf JobState=COMPLETING Reason=None Dependency=(null) Requeue=0\n")
+    assert slurm_job_ending({}) is None
+    assert slurm_job_ending({"SLURM_JOB_ID": "73"}) == "SLURM job 73: JobState=COMPLETING Reason=None"

@@ -9,6 +9,8 @@ runners here ask for the fixtures' settings (bulk Si at kpoint_density 0.6 has t
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from recovery_policies import MoreStepsFirst
 
 from qe_factory import DFTErrorType, DFTFatalError, QERunner, RecoveryHandler
 from qe_factory.engine.parsers import parse_pw_output
+from qe_factory.engine.process import Interrupted
 
 FAKE_PW = Path(__file__).resolve().parents[1] / "fake_pw.py"
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -197,3 +200,56 @@ def test_a_run_killed_by_the_timeout_is_not_taken_in(fake_runner, tmp_path):
     assert [a.error_type for a in failed.attempts] == ["TIMEOUT"]
     result = fake_runner("replay:si_scf", timeout=60).run(bulk("Si"), uid="slow")
     assert result.succeeded and calls(tmp_path) == 2
+
+
+@pytest.mark.parametrize("plan, atoms, expected", [
+    ("cholesky", close_pair(0.6), "GEOMETRY"),  # the eigensolver failed between atoms 0.6 of their radii apart
+    ("replay:si_missing_pseudo", bulk("Si"), "MISSING_PSEUDO"),  # real pw.x runs (tests/data)
+    ("replay:si_bad_input", bulk("Si"), "BAD_INPUT"),
+])
+def test_a_failure_no_correction_can_fix_costs_one_pw_run(fake_runner, tmp_path, plan, atoms, expected):
+    """Bad geometry, an unreadable file, an input pw.x refuses: whatever the retries allowed, one pw.x run, and the
+    report says why."""
+    result = fake_runner(plan, max_retries=5).run(atoms, uid="hopeless", raise_on_failure=False)
+    assert [a.error_type for a in result.attempts] == [expected] and calls(tmp_path) == 1
+    assert result.error_type == expected and "gave up: no correction left" in result.error_message
+
+
+@pytest.fixture
+def stop_when_running(tmp_path, monkeypatch):
+    """Sets process.STOP (as a SIGTERM handler does) once the fake pw.x runs; cleared afterwards."""
+    from qe_factory.engine.process import STOP
+
+    pidfile = tmp_path / "pw.pid"
+    monkeypatch.setenv("FAKE_PW_PIDFILE", str(pidfile))
+
+    def stop() -> None:
+        while not pidfile.exists():
+            time.sleep(0.05)
+        STOP.set()
+
+    thread = threading.Thread(target=stop, daemon=True)
+    thread.start()
+    yield
+    thread.join(timeout=60)
+    STOP.clear()
+
+
+def test_a_stop_request_is_an_outcome_only_when_slurm_ends_the_job(fake_runner, scontrol, monkeypatch,
+                                                                    stop_when_running):
+    """(scontrol is a stand-in, see conftest.py; the real cluster: tests/slurm/test_slurm_kills.py.) SLURM's time
+    limit ends the job: the attempt is recorded as SLURM_WALLTIME with what SLURM said."""
+    monkeypatch.setenv("SLURM_JOB_ID", "74")
+    scontrol("JobId=74 JobName=scf JobState=COMPLETING Reason=TimeLimit Dependency=(null)\n")
+    runner = fake_runner("hang", max_retries=1)  # (a next attempt in this process would stop at once: STOP is set)
+    result = runner.run(bulk("Si"), uid="limit", raise_on_failure=False)
+    assert [a.error_type for a in result.attempts] == ["SLURM_WALLTIME"]
+    assert "SLURM job 74: JobState=COMPLETING Reason=TimeLimit" in result.attempts[0].message
+
+
+def test_a_stop_request_while_the_job_runs_on_is_no_outcome(fake_runner, scontrol, monkeypatch, stop_when_running):
+    """A SIGTERM that is not SLURM's (the job runs on): Interrupted, nothing recorded, as outside SLURM."""
+    monkeypatch.setenv("SLURM_JOB_ID", "74")
+    scontrol("JobId=74 JobName=scf JobState=RUNNING Reason=None Dependency=(null)\n")
+    with pytest.raises(Interrupted):
+        fake_runner("hang").run(bulk("Si"), uid="stopped")
