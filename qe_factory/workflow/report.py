@@ -106,7 +106,7 @@ def cost_rows(stories: list[Story]) -> list[list[Any]]:
         else:
             lost += attempts
     return [[name, *_hours(group)] for name, group in (
-        ("attempts that made labels", good), ("failed attempts recovery got past (wasted)", recovered),
+        ("attempts that made labels", good), ("failed attempts before a label", recovered),
         ("attempts of structures that failed (wasted)", lost), ("all pw.x runs", good + recovered + lost))]
 
 
@@ -150,7 +150,7 @@ def problem_rows(stories: list[Story]) -> list[list[Any]]:
         if story.outcome in ("failed", "refused"):
             attempts = len(story.result.attempts) if story.result else 0
             rows.append([story.uid, story.formula or "", story.outcome, story.stage or "", story.error_type or "",
-                         story.message or "", attempts, story.files])
+                         story.message or "", attempts, story.files or "none: pw.x never ran"])
     return rows
 
 
