@@ -129,7 +129,7 @@ def home_history(
         tell(doc["metadata"]["uid"], "labelled", formula=output.get("formula"),
              marked=bool(output.get("label_deviations")))
     if load:
-        for result in load_results(store, uids if uids is not None else [s.uid for s in stories.values()]):
+        for result in load_results(store, uids):
             stories[result.uid].result = result
 
     fireworks: dict[int, dict] = {}
@@ -160,7 +160,7 @@ def home_history(
                 files.insert(0, str(Path(attempts[-1]["directory"]).parent))
             tell(uid, "refused" if error_type == "REFUSED" else "failed", formula=formula,
                  result=report, stage=fireworks[launch["fw_id"]].get("spec", {}).get("stage"),
-                 error_type=error_type, message=message, files=files, fireworks=listing)
+                 error_type=error_type, message=message, files=files)
         elif states & RUNNING_STATES:
             tell(uid, "running", formula=formula)
         elif states - {"COMPLETED"}:

@@ -34,3 +34,12 @@ def test_the_cause_names_the_error_type_once():
     assert cause(refused) == "at submit: too close"
     failed = Story(uid="b", outcome="failed", stage="validate", error_type="UNPHYSICAL", message="unphysical result")
     assert cause(failed) == "UNPHYSICAL at validate: unphysical result"
+
+
+def test_a_home_without_labels_gets_a_report_without_figures():
+    from qe_factory.workflow.report import report_html
+
+    page = report_html([Story(uid="a", outcome="refused", stage="submit", error_type="REFUSED", message="too close")],
+                       "home")
+    assert "<img" not in page and "no labels yet" in page and "too close" in page
+    assert '<div class="tile refused"><b>1</b>refused</div>' in page
