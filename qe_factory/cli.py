@@ -207,10 +207,11 @@ def _run(args: argparse.Namespace, home: Path) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    """Fireworks per state and every failure with its reason."""
+    """Every structure the home has seen by outcome, Fireworks per state, and every failure with its reason."""
     from qe_factory.workflow.coordinator import holder, waiting
+    from qe_factory.workflow.history import cause, home_history, outcome_counts
     from qe_factory.workflow.home import activate, embedded_file
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, result_counts, status_report
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, status_report
     from qe_factory.workflow.offline import pending_runs
 
     home = activate(args.home)
@@ -224,9 +225,11 @@ def status(args: argparse.Namespace) -> int:
                                    "none running (the next run/worker/submit becomes it)"))
         if inbox := waiting(home):
             print(f"  inbox: {len(inbox)} submission(s) waiting for the coordinator")
-    results = result_counts(get_jobstore())
-    print(f"results (JobStore): {results['validated']} structure(s) labelled, {results['marked']} of them with "
-          "settings other than the nominal ones")
+    stories = home_history(home, launchpad, get_jobstore())
+    counts = outcome_counts(stories)
+    print(f"structures seen: {len(stories)}: {counts['labelled']} labelled ({counts['marked']} of them with settings "
+          f"other than the nominal ones), {counts['failed']} failed, {counts['refused']} refused, "
+          f"{counts['waiting']} waiting, {counts['running']} running")
     print("workflows in the LaunchPad (labelled ones leave it): "
           + (", ".join(f"{n} {state}" for state, n in sorted(report["workflows"].items())) or "none"))
     if runs := pending_runs(launchpad):
@@ -235,9 +238,50 @@ def status(args: argparse.Namespace) -> int:
                                                                       f"{', '.join(jobs)}" if jobs else ""))
     for state, stages in sorted(report["fireworks"].items()):
         print(f"  {state:<10} " + ", ".join(f"{n} {stage}" for stage, n in sorted(stages.items())))
-    for failure in report["failures"]:
-        print(f"FAILED {failure['uid']} ({failure['stage']}, fw {failure['fw_id']}): "
-              f"{failure['error_type']} {failure['message']}")
+    for story in stories:
+        if story.outcome in ("failed", "refused"):
+            print(f"{story.outcome.upper()} {story.uid} {cause(story)}")
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    """One structure's whole story: its outcome, label (energy, forces, stress, settings, provenance) or cause of
+    failure, every pw.x attempt, and where its files are."""
+    from qe_factory.workflow.history import home_history, story_lines
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
+
+    home = activate(args.home)
+    stories = home_history(home, get_launchpad(read_only=True), get_jobstore(), uids=[args.uid], load=True)
+    if not stories:
+        print(f"qe-factory: the home {home} has never seen a structure with uid {args.uid!r} (qe-factory status "
+              "lists what it has)", file=sys.stderr)
+        return 2
+    print("\n".join(story_lines(stories[0])))
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Write one self-contained HTML page about the home: outcomes, label distributions, recovery, failures,
+    settings and pseudopotentials."""
+    from qe_factory.workflow.history import home_history
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
+    from qe_factory.workflow.report import report_html
+
+    home = activate(args.home)
+    with tqdm(total=6, desc="report", unit="step", file=sys.stderr) as progress:
+        progress.set_postfix_str("reading the JobStore and the LaunchPad")
+        stories = home_history(home, get_launchpad(read_only=True), get_jobstore(), load=True)
+
+        def step(name: str) -> None:
+            progress.update(1)
+            progress.set_postfix_str(name[:40])
+
+        page = report_html(stories, str(home), step)
+        Path(args.output).write_text(page)
+        progress.update(progress.total - progress.n)
+    print(f"report on {len(stories)} structure(s) written to {args.output}")
     return 0
 
 
@@ -459,7 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", run, "submit + run locally + export (the whole pipeline)", True, True, True)
     p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     training_set_options(p)
-    command("status", status, "counts per state and failures with reasons")
+    command("status", status, "every structure seen, by outcome; failures with reasons")
+    command("show", show, "one structure's whole story: every attempt and its label").add_argument("uid")
+    command("report", report, "an HTML page of the home's outcomes, labels and recovery").add_argument(
+        "-o", "--output", default="report.html", help="the HTML file (default report.html)")
     training_set_options(command("export", export, "write validated results as a training set", output=True))
     p = command("qlaunch", qlaunch, "SLURM worker jobs for this home, e.g. qe-factory qlaunch rapidfire -m 8")
     p.add_argument("qlaunch_args", nargs=argparse.REMAINDER, help="arguments for qlaunch")

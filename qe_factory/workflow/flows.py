@@ -44,6 +44,7 @@ class SubmitReport(BaseModel):
     fw_ids: dict[str, list[int]] = {}  # uid → Firework ids of its workflow
     duplicates: dict[str, str] = {}  # uid → uid already in the LaunchPad with the same structure and settings
     refused: dict[str, str] = {}  # uid → why
+    formulas: dict[str, str] = {}  # uid → chemical formula, of the refused structures
     queued: list[str] = []  # uids left in the inbox for the home's running coordinator to add
     inbox_files: list[str] = []  # where they were left, in order
 
@@ -77,14 +78,24 @@ def submit(
     `progress(items, description)` wraps the structures as they are checked and the workflows as they are made
     (e.g. a tqdm progress bar).
     """
-    from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, coordinate, holder, take_in
-    from qe_factory.workflow.fireworks_adapter import embedded_store
-    from qe_factory.workflow.home import embedded_file, factory_home
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, save_launchpad
+    from qe_factory.workflow.history import record_refusals
+    from qe_factory.workflow.home import factory_home
+    from qe_factory.workflow.launchpad import get_jobstore
 
     progress = progress or no_progress
     store = store if store is not None else get_jobstore()
     home = factory_home()
+    report = _submit(structures, config, launchpad, resources, uid_prefix, store, recovery, home, progress)
+    record_refusals(home, report.refused, report.formulas)  # status, show and report tell them later
+    return report
+
+
+def _submit(structures, config, launchpad, resources, uid_prefix, store, recovery, home, progress) -> SubmitReport:
+    from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, coordinate, holder, take_in
+    from qe_factory.workflow.fireworks_adapter import embedded_store
+    from qe_factory.workflow.home import embedded_file
+    from qe_factory.workflow.launchpad import get_launchpad, save_launchpad
+
     if launchpad is None and embedded_file(home) is None:
         launchpad = get_launchpad()
     if launchpad is not None and embedded_store(launchpad) is None:  # MongoDB: straight in, in bulk
@@ -167,6 +178,7 @@ def plan_workflows(
             key = structure_key(atoms, generator)
         except REFUSALS as exc:
             report.refused[uid] = str(exc)
+            report.formulas[uid] = atoms.get_chemical_formula()
             continue
         if key in keyed:
             report.duplicates[uid] = keyed[key][0]
@@ -193,10 +205,11 @@ def plan_workflows(
             continue
         if uid in taken_uids:
             report.refused[uid] = f"uid {uid!r} is already in the LaunchPad for another structure or settings"
-            continue
-        if uid in labelled:  # one uid, one label: a data set never holds two for the same name
+        elif uid in labelled:  # one uid, one label: a data set never holds two for the same name
             report.refused[uid] = (f"uid {uid!r} already has a label made with another structure or other settings; "
                                    "give this calculation another uid")
+        if uid in report.refused:
+            report.formulas[uid] = atoms.get_chemical_formula()
             continue
         planned.append(Planned(uid, atoms, key))
     return report, planned

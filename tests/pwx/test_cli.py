@@ -69,7 +69,7 @@ def test_run_again_recomputes_nothing_and_export_gives_the_same_labels(tmp_path)
     assert "2 labelled structures in again.extxyz" in again.stdout
 
     status = qe_factory(tmp_path, "status")  # finished workflows left the LaunchPad; the JobStore still counts
-    assert "results (JobStore): 2 structure(s) labelled" in status.stdout, status.stdout
+    assert "structures seen: 2: 2 labelled" in status.stdout, status.stdout
     export = qe_factory(tmp_path, "export", "-o", "exported.extxyz")
     assert export.returncode == 0 and "2 of 2 results written" in export.stdout
     by_uid = {a.info["uid"]: a for a in read(tmp_path / "labels.extxyz", index=":")}
