@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import statistics
 import sys
@@ -102,9 +101,29 @@ def cu5_cluster() -> Atoms:
     return _boxed(Atoms("Cu5", positions=positions), 3.0)
 
 
+def in_box(symbols: str, positions: list[list[float]], size: float = 8.0) -> Atoms:
+    """Atoms centred in an orthorhombic box of about `size` Å (sides differ by 0.5 Å: no accidental symmetry)."""
+    atoms = Atoms(symbols, positions=positions, cell=[size, size + 0.5, size + 1.0], pbc=True)
+    atoms.center()
+    return atoms
+
+
+def atom(symbol: str) -> Callable[[], Atoms]:
+    return lambda: in_box(symbol, [[0, 0, 0]])
+
+
+def no_molecule() -> Atoms:
+    return in_box("NO", [[0, 0, 0], [0, 0, 1.15]])
+
+
+def o2_molecule() -> Atoms:
+    return in_box("O2", [[0, 0, 0], [0, 0, 1.21]])
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
+    kind: str  # one of KINDS
     description: str
     build: Callable[[], Atoms]
     kpoint_density: float  # 1/Å, 2π included
@@ -113,20 +132,33 @@ class Case:
     quick: bool = False
 
 
+KINDS = ("bulk", "slab/cluster", "atom", "molecule")
 CASES = [
-    Case("fe2-rattled", "bcc Fe, 2 atoms, rattled 0.2 Å, ferromagnetic start", fe2_rattled, 1.2, quick=True),
-    Case("fe2-overlap", "bcc Fe, 2 atoms 0.65 × covalent radii sum apart", fe2_overlap, 1.2, quick=True),
+    Case("fe2-rattled", "bulk", "bcc Fe, 2 atoms, rattled 0.2 Å, ferromagnetic start", fe2_rattled, 1.2, quick=True),
+    Case("fe2-overlap", "bulk", "bcc Fe, 2 atoms 0.65 × covalent radii sum apart", fe2_overlap, 1.2, quick=True),
     # Cr PAW at 25/200 Ry diverges with any mixing (negative rho of tens of electrons): 35/350 Ry
-    Case("cr2-hot", "bcc Cr, 2 atoms, rattled 0.3 Å, antiferromagnetic start", cr2_hot, 1.2, 35, 350, quick=True),
-    Case("si-slab", "Si(001) slab, 8 layers, 16 Å vacuum", si_slab, 0.6),
-    Case("cu-slab", "Cu(111) slab, 5 layers, 14 Å vacuum", cu_slab, 1.0),
-    Case("cu5-cluster", "Cu5 trigonal bipyramid, 3 Å vacuum each side, Γ only", cu5_cluster, 10.0),
+    Case("cr2-hot", "bulk", "bcc Cr, 2 atoms, rattled 0.3 Å, antiferromagnetic start", cr2_hot, 1.2, 35, 350,
+         quick=True),
+    Case("si-slab", "slab/cluster", "Si(001) slab, 8 layers, 16 Å vacuum", si_slab, 0.6),
+    Case("cu-slab", "slab/cluster", "Cu(111) slab, 5 layers, 14 Å vacuum", cu_slab, 1.0),
+    Case("cu5-cluster", "slab/cluster", "Cu5 trigonal bipyramid, 3 Å vacuum each side, Γ only", cu5_cluster, 10.0),
+    Case("fe-atom", "atom", "Fe atom in an 8 × 8.5 × 9 Å box, Γ, fixed Hund moment", atom("Fe"), 1.0, quick=True),
+    Case("ni-atom", "atom", "Ni atom in an 8 × 8.5 × 9 Å box, Γ, fixed Hund moment", atom("Ni"), 1.0),
+    Case("cr-atom", "atom", "Cr atom in an 8 × 8.5 × 9 Å box, Γ, fixed Hund moment", atom("Cr"), 1.0, 35, 350),
+    Case("cu-atom", "atom", "Cu atom in an 8 × 8.5 × 9 Å box, Γ, fixed Hund moment", atom("Cu"), 1.0),
+    Case("no", "molecule", "NO molecule (1.15 Å) in an 8 × 8.5 × 9 Å box, Γ, spin-polarised", no_molecule, 1.0),
+    Case("o2", "molecule", "O2 molecule (1.21 Å) in an 8 × 8.5 × 9 Å box, Γ, spin-polarised", o2_molecule, 1.0),
 ]
 
 
 # -- strategies ---------------------------------------------------------------------------------------------------
 class PeerHandler(RecoveryHandler):
-    """The peer strategy: mixing_beta × 0.8 from scratch after every non-converged SCF; gives up on anything else."""
+    """aiida-quantumespresso's PwBaseWorkChain on a non-converged SCF (handle_electronic_convergence_not_reached):
+    mixing_beta × 0.8 (its delta_factor_mixing_beta) and RestartType.FULL from the last calculation, every time;
+    gives up on anything else (its other handlers are not exercised here). No trend reading, no early stop."""
+
+    read_trend: bool = False
+    give_up_after: int = 0
 
     def next_correction(
         self, error_type: DFTErrorType, parameters: dict[str, dict[str, Any]], tried: Sequence[str] = (),
@@ -135,7 +167,10 @@ class PeerHandler(RecoveryHandler):
         if error_type is not DFTErrorType.SCF_NOT_CONVERGED:
             return None
         b = float(parameters.get("electrons", {}).get("mixing_beta", 0.7))
-        return Correction(name=f"mixing_beta={b * 0.8:.3g}", changes={"electrons": {"mixing_beta": b * 0.8}})
+        return Correction(
+            name=f"mixing_beta={b * 0.8:.3g}", changes={"electrons": {"mixing_beta": b * 0.8}},
+            restart=RestartType.FULL,
+        )
 
 
 def from_scratch(correction: Correction) -> Correction:
@@ -150,7 +185,7 @@ def _ladders_without_reuse() -> dict[str, list[Correction]]:
 
 
 class NoReuseHandler(RecoveryHandler):
-    """Ours with every correction (the ladders' and the "more electron steps" one) restarting from scratch."""
+    """Ours with every correction (the ladders' and "more electron steps") restarting from scratch."""
 
     ladders: dict[str, list[Correction]] = Field(default_factory=_ladders_without_reuse)
 
@@ -162,83 +197,27 @@ class NoReuseHandler(RecoveryHandler):
         return None if correction is None else from_scratch(correction)
 
 
-def trend_reading_handler() -> RecoveryHandler:
-    """Ours with the opt-in trend reading: "more electron steps" first while the accuracy still falls steadily."""
-    return RecoveryHandler(read_trend=True)
-
-
-STEPS = "more electron steps"
-
-
-def _falling_to_the_end(accuracy: Sequence[float], conv_thr: float, maxstep: int) -> bool:
-    """Least-squares slope of log10(accuracy) over the last 6 iterations, the last one being their minimum."""
-    tail = [math.log10(a) for a in accuracy[-6:] if a > 0]
-    if len(tail) < 4 or tail[-1] > min(tail):
-        return False
-    mean_x, mean_y = (len(tail) - 1) / 2, statistics.fmean(tail)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(tail)) / sum(
-        (x - mean_x) ** 2 for x in range(len(tail))
-    )
-    return slope < 0 and (math.log10(conv_thr) - tail[-1]) / slope <= maxstep
-
-
-class ProposedHandler(RecoveryHandler):
-    """Opt-in prototype of the fixes the benchmark suggests for qe_factory's recovery (not part of the factory):
-
-    - continue with more steps (at most twice) when the last iterations fall steadily to the end or got within
-      100 × conv_thr, instead of moving to a rung that may throw the progress away (degauss);
-    - never restart from the density of an attempt that ended worse than it started (or above 0.1 Ry);
-    - reuse the wavefunctions with the density (startingwfc='file'), which removes most of the restart's cost.
-      (A prototype: it assumes the failed attempt left its wavefunctions, as pw.x 6.7 does after a non-converged
-      SCF, and that ranks, pools, cutoffs and k-points are unchanged; a real fix checks that in the runner.)
-    """
-
-    def next_correction(
-        self, error_type: DFTErrorType, parameters: dict[str, dict[str, Any]], tried: Sequence[str] = (),
-        output: PwOutput | None = None,
-    ) -> Correction | None:
-        electrons = parameters.get("electrons", {})
-        conv_thr, maxstep = electrons.get("conv_thr", 1e-6), int(electrons.get("electron_maxstep", 100))
-        accuracy = output.scf_accuracy if output is not None else []
-        correction = None
-        if (
-            error_type is DFTErrorType.SCF_NOT_CONVERGED and accuracy
-            and sum(name.startswith(STEPS) for name in tried) < 2
-            and (min(accuracy[-3:]) <= 100 * conv_thr or _falling_to_the_end(accuracy, conv_thr, maxstep))
-        ):
-            steps = {"electrons": {"electron_maxstep": 2 * maxstep}}
-            correction = Correction(
-                name=f"{STEPS} ({2 * maxstep})", changes=steps, restart=RestartType.FROM_CHARGE_DENSITY
-            )
-        correction = correction or super().next_correction(error_type, parameters, tried, None)
-        if correction is None:
-            return None
-        if correction.restart in FROM_DENSITY and accuracy and (accuracy[-1] > accuracy[0] or accuracy[-1] > 0.1):
-            correction = from_scratch(correction)
-        if correction.restart in FROM_DENSITY:
-            correction = correction.model_copy(update={"restart": RestartType.FROM_WAVE_FUNCTIONS})
-        return correction
+def no_trend_handler() -> RecoveryHandler:
+    """Ours without trend reading: the ladder at once, never "more electron steps" first."""
+    return RecoveryHandler(read_trend=False)
 
 
 STRATEGIES: dict[str, Callable[[], RecoveryHandler]] = {
     "ours": RecoveryHandler,
     "peer": PeerHandler,
-    "ours-no-reuse": NoReuseHandler,
-    "ours-trend": trend_reading_handler,
+    "ours-no-trend": no_trend_handler,
 }
-OPT_IN = {"proposed": ProposedHandler}  # run only when named in --strategies
+OPT_IN = {"ours-no-reuse": NoReuseHandler}  # run only when named in --strategies
 
 SHORT = {
     "more electron steps": "+steps", "mixing_mode=local-TF": "TF", "degauss=0.05": "dg.05",
-    "diagonalization=cg": "cg", "nominal settings": "nominal",
+    "diagonalization=cg": "cg", "nominal settings": "nominal", "mixing_beta=0.1, mixing_ndim=16": "β0.1/16",
 }
 
 
 def short(name: str) -> str:
     if name.startswith("mixing_beta="):
         return "β" + name.split("=", 1)[1]
-    if name.startswith(f"{STEPS} ("):
-        return "+steps" + name[len(STEPS) + 2 : -1]
     return SHORT.get(name, name)
 
 
@@ -259,6 +238,7 @@ class Record:
     cpu: float  # pw.x CPU seconds over all attempts
     iterations: int
     wall: float
+    kind: str = ""  # the case's class (KINDS); empty in runs saved before classes were added
     energy: float | None = None
     magnetization: float | None = None
     label_deviations: dict[str, Any] = field(default_factory=dict)
@@ -319,7 +299,7 @@ def run_strategy(case: Case, atoms: Atoms, strategy: str, args: argparse.Namespa
     result = runner.run(atoms, uid=f"{case.name}.{strategy}", raise_on_failure=False)
     cpu = attempt_cpu(result)
     return Record(
-        case=case.name, strategy=strategy, natoms=len(atoms), succeeded=result.succeeded,
+        case=case.name, strategy=strategy, kind=case.kind, natoms=len(atoms), succeeded=result.succeeded,
         attempts=len(result.attempts), path=[a.correction for a in result.attempts[1:] if a.correction],
         first_error=result.attempts[0].error_type, cpu=round(sum(cpu), 2),
         iterations=sum(a.scf_iterations for a in result.attempts), wall=round(time.monotonic() - started, 1),
@@ -328,7 +308,7 @@ def run_strategy(case: Case, atoms: Atoms, strategy: str, args: argparse.Namespa
         final_parameters=result.parameters,
         trace=[
             dict(correction=a.correction, error_type=a.error_type, iterations=a.scf_iterations,
-                 final_scf_accuracy=a.final_scf_accuracy, cpu=c, reused_density=a.restart in FROM_DENSITY)
+                 final_scf_accuracy=a.final_scf_accuracy, cpu=c, restart=a.restart)
             for a, c in zip(result.attempts, cpu)
         ],
     )
@@ -400,6 +380,29 @@ def print_summary(records: list[Record], strategies: list[str], cases: list[str]
     return summary
 
 
+def print_classes(records: list[Record], strategies: list[str]) -> dict[str, Any]:
+    """Per class of structure: success rate, median CPU ratio and median iteration ratio of each strategy."""
+    print("\nper class (ratio: CPU s of all attempts ÷ CPU s of a direct run with the final settings; it ratio: the "
+          "same in SCF iterations, load-free)")
+    header = f"{'class':13s} {'strategy':14s} {'success':>8s} {'CPU ratio':>9s} {'it ratio':>8s} {'CPU total':>9s}"
+    print(header)
+    print("-" * len(header))
+    table = {}
+    for kind in [k for k in KINDS if any(r.kind == k for r in records)]:
+        for s in strategies:
+            mine = [r for r in records if r.kind == kind and r.strategy == s]
+            ratios = [r.ratio for r in mine if r.ratio is not None]
+            its = [r.iteration_ratio for r in mine if r.iteration_ratio is not None]
+            row = dict(succeeded=sum(r.succeeded for r in mine), structures=len(mine),
+                       median_ratio=statistics.median(ratios) if ratios else None,
+                       median_iteration_ratio=statistics.median(its) if its else None,
+                       cpu_total=round(sum(r.cpu for r in mine), 1))
+            table[f"{kind} {s}"] = row
+            print(f"{kind:13s} {s:14s} {row['succeeded']:>4d}/{row['structures']:<3d} {fmt(row['median_ratio']):>9s} "
+                  f"{fmt(row['median_iteration_ratio']):>8s} {row['cpu_total']:>9.1f}")
+    return table
+
+
 def print_labels(records: list[Record], cases: list[str]) -> None:
     """Label consistency: each successful label against its own direct run and against a per-structure reference."""
     print("\nlabel consistency (meV/atom; reference = first direct run with nominal label settings)")
@@ -435,7 +438,7 @@ def print_noise(records: list[Record], cases: list[str]) -> None:
 # -- main ---------------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only the 3 cheapest structures (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="only the 4 cheapest structures (smoke run)")
     parser.add_argument(
         "--strategies", default=",".join(STRATEGIES),
         help=f"comma list of {', '.join(STRATEGIES)} (default: all of them) and the opt-in {', '.join(OPT_IN)}",
@@ -520,6 +523,7 @@ def report(records: list[Record]) -> dict[str, Any]:
     names = list(dict.fromkeys(r.case for r in records))
     print_table(records)
     summary = print_summary(records, strategies, names)
+    summary["classes"] = print_classes(records, strategies)
     print_labels(records, names)
     print_noise(records, names)
     return summary

@@ -168,3 +168,24 @@ def test_recovered_label_equals_a_direct_run_at_nominal_settings(fast_config):
     assert abs(recovered.energy - direct.energy) / len(copper) < 1e-3  # 1 meV/atom
     assert np.abs(np.array(recovered.forces) - direct.forces).max() < 0.01  # 10 meV/Å
 
+
+
+def test_a_density_restart_reuses_the_wavefunctions(fast_config):
+    """pw.x stops at electron_maxstep=4; the next attempt (mixing_beta 0.3, steps enough) starts from the density and
+    the wavefunctions it left — same rank, pools, cutoffs, k-points and spin — and ends at a direct run's label."""
+    from pathlib import Path
+
+    from qe_factory import RecoveryHandler
+    from qe_factory.engine.recovery import LOWER_BETA
+
+    atoms = rattled_si(2)
+    config = fast_config.with_changes(pw_parameters={"electrons": {"electron_maxstep": 4}})
+    rung = LOWER_BETA.model_copy(update={"changes": {"electrons": {"mixing_beta": 0.3, "electron_maxstep": 100}}})
+    handler = RecoveryHandler(ladders={"SCF_NOT_CONVERGED": [rung]}, read_trend=False)
+    result = QERunner(config, recovery=handler).run(atoms, uid="reuse")
+    assert [a.error_type for a in result.attempts] == ["SCF_NOT_CONVERGED", "OK"]
+    assert [a.restart for a in result.attempts] == ["from_scratch", "from_wave_functions"]
+    second = Path(result.attempts[1].directory, "pw.out").read_text()
+    assert "Starting wfcs from file" in second and "The initial density is read from file" in second
+    direct = QERunner(fast_config).run(atoms, uid="direct")
+    assert abs(result.energy - direct.energy) < 1e-5
