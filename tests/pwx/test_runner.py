@@ -163,7 +163,9 @@ def test_recovered_label_equals_a_direct_run_at_nominal_settings(fast_config):
     smearing_only = RecoveryHandler(ladders={DFTErrorType.SCF_NOT_CONVERGED: [MORE_SMEARING]}, read_trend=True)
     recovered = QERunner(hard, recovery=smearing_only).run(copper, uid="recovered")
     corrections = [a.correction for a in recovered.attempts]
-    assert "degauss=0.05" in corrections and corrections[-1] == "nominal settings"
+    assert "degauss=0.05" in corrections and "nominal settings" in corrections
+    # after it, only more electron steps (for one attempt each) while the nominal run was still converging
+    assert set(corrections[corrections.index("nominal settings") + 1 :]) <= {"more electron steps"}
     assert recovered.nominal_settings and recovered.parameters["system"]["degauss"] == 0.02
     assert abs(recovered.energy - direct.energy) / len(copper) < 1e-3  # 1 meV/atom
     assert np.abs(np.array(recovered.forces) - direct.forces).max() < 0.01  # 10 meV/Å
