@@ -225,9 +225,9 @@ class RecoveryHandler(Document):
         tried: Sequence[str] = (),
         output: PwOutput | None = None,
     ) -> Correction | None:
-        """First untried correction for `error_type` that changes something in the effective `parameters`
-        (namelists, and "run" for the command line, e.g. {"run": {"pools": 1}}; see changes_anything); None = give
-        up."""
+        """First untried correction for `error_type` below the last one tried in its ladder that changes something
+        in the effective `parameters` (namelists, and "run" for the command line, e.g. {"run": {"pools": 1}}; see
+        changes_anything); None = give up."""
         electrons = parameters.get("electrons", {})
         maxstep = int(electrons.get("electron_maxstep", 100))
         if (
@@ -238,7 +238,9 @@ class RecoveryHandler(Document):
             and scf_converging(output.scf_accuracy, electrons.get("conv_thr", 1e-6), maxstep)
         ):
             return more_steps(maxstep)
-        for correction in self.ladders.get(error_type.name, []):
+        ladder = self.ladders.get(error_type.name, [])
+        reached = max((i + 1 for i, c in enumerate(ladder) if c.name in tried and not c.repeatable), default=0)
+        for correction in ladder[reached:]:  # a ladder only goes down: never back to a rung above one tried
             if correction.name in tried and not correction.repeatable:
                 continue
             if correction.changes and not changes_anything(correction, parameters) and not correction.repeatable:

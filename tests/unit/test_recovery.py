@@ -69,6 +69,17 @@ def test_correction_already_in_effect_is_skipped():
     assert correction.name == "mixing_mode=local-TF"
 
 
+def test_the_ladder_never_climbs_back_to_a_rung_skipped_as_in_effect():
+    """A slab starts at mixing_beta 0.3 with local-TF: those rungs are skipped; after mixing_beta 0.1 the ladder goes
+    on down (degauss), not back up to mixing_beta 0.3."""
+    slab = {**NOMINAL, "electrons": {**NOMINAL["electrons"], "mixing_beta": 0.3, "mixing_mode": "local-TF"}}
+    handler = RecoveryHandler(read_trend=False)
+    first = handler.next_correction(DFTErrorType.SCF_NOT_CONVERGED, slab)
+    assert first.name == "mixing_beta=0.1, mixing_ndim=16"
+    damped = handler.get_strategy(DFTErrorType.SCF_NOT_CONVERGED, slab)
+    assert handler.next_correction(DFTErrorType.SCF_NOT_CONVERGED, damped, [first.name]).name == "degauss=0.05"
+
+
 @pytest.mark.parametrize("error", list(LADDERS))
 def test_every_ladder_ends(error):
     handler, tried = RecoveryHandler(), []
