@@ -110,14 +110,26 @@ def test_missing_executable_is_a_clear_error(fast_config):
 
 
 def test_recovery_rescues_a_non_converging_scf(fast_config):
+    """The ladder's first rung (trend reading off: with it, this steadily falling SCF first gets more steps)."""
+    from qe_factory import RecoveryHandler
+
     config = fast_config.with_changes(**{"pw_parameters": {"electrons": {"electron_maxstep": 4}}})
-    result = QERunner(config).run(rattled_si(), uid="rescue")
+    result = QERunner(config, recovery=RecoveryHandler(read_trend=False)).run(rattled_si(), uid="rescue")
     assert result.succeeded
     assert [a.error_type for a in result.attempts] == ["SCF_NOT_CONVERGED", "OK"]
     second_input = (config.execution.work_dir / "run_rescue" / "attempt_2" / "pw.in").read_text()
     assert "mixing_beta      = 0.3" in second_input
     assert "startingpot      = 'file'" in second_input  # restarted from the failed attempt's density
+    assert "startingwfc      = 'file'" in second_input  # and its wavefunctions
     assert result.final_mixing_beta == 0.3
+
+
+def test_a_steadily_converging_scf_gets_more_steps_for_one_attempt(fast_config):
+    config = fast_config.with_changes(**{"pw_parameters": {"electrons": {"electron_maxstep": 4}}})
+    result = QERunner(config).run(rattled_si(), uid="steps")
+    assert result.succeeded and [a.correction for a in result.attempts] == [None, "more electron steps"]
+    assert result.attempts[1].parameters["electrons"]["electron_maxstep"] == 8
+    assert result.attempts[1].restart == "from_wave_functions" and result.final_mixing_beta == 0.7
 
 
 def test_no_recovery_means_one_attempt_and_a_full_report(fast_config):
