@@ -169,9 +169,11 @@ CASES = [
 class PeerHandler(RecoveryHandler):
     """aiida-quantumespresso's PwBaseWorkChain on a non-converged SCF (handle_electronic_convergence_not_reached):
     mixing_beta × 0.8 (its delta_factor_mixing_beta) and RestartType.FULL from the last calculation, every time;
-    gives up on anything else (its other handlers are not exercised here). No trend reading, no early stop."""
+    gives up on anything else (its other handlers are not exercised here). No trend reading, no early stop, and a
+    β that made the SCF worse is kept (the runner's drop_worse is off)."""
 
     read_trend: bool = False
+    drop_worse: bool = False
     give_up_after: int = 0
 
     def next_correction(

@@ -197,6 +197,7 @@ class RecoveryHandler(Document):
     `read_trend`: when the SCF got within NEAR × conv_thr or was still falling to the end as the steps ran out
     (scf_converging), first ask for more steps from its own state (at most `more_steps` times; for that attempt
     only) before a rung that changes the mixing or the physics.
+    `drop_worse`: a correction after which the SCF ended worse than before it is not carried into later attempts.
     `give_up_after`: the runner stops early when none of this many consecutive attempts improved the SCF accuracy
     over the best so far (0: never; max_retries still bounds the attempts).
     """
@@ -206,6 +207,7 @@ class RecoveryHandler(Document):
     )
     read_trend: bool = True
     more_steps: int = 2
+    drop_worse: bool = True
     give_up_after: int = 2
 
     @field_validator("ladders", mode="before")

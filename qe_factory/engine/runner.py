@@ -363,7 +363,7 @@ class QERunner:
             correction = correction.model_copy(update={"restores_nominal": True})
         else:
             converged = (state.converged_output, state.converged_input)
-            if correction is not None and correction.lasting and worse(
+            if self.recovery.drop_worse and correction is not None and correction.lasting and worse(
                 attempt.final_scf_accuracy, previous.final_scf_accuracy if previous else None
             ):
                 params = state.before  # the SCF ended worse after this rung: not carried into the next ones
