@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
@@ -54,18 +55,20 @@ class Correction(Document):
     restart: RestartType = RestartType.FROM_SCRATCH
     repeatable: bool = False  # may be applied again (restarts make progress each time)
     restores_nominal: bool = False  # re-runs a converged label at the data set's nominal settings
+    lasting: bool = True  # False: the changes apply to the attempt right after it only (e.g. more steps)
 
 
-LOWER_BETA = Correction(
-    name="mixing_beta=0.3", changes={"electrons": {"mixing_beta": 0.3}}, restart=RestartType.FROM_CHARGE_DENSITY
+# Density rungs ask for the wavefunctions too: the runner falls back to the density alone, or to a start from
+# scratch, when the scratch lacks them or they do not fit the next run (available_restart, restart_from).
+REUSE = RestartType.FROM_WAVE_FUNCTIONS
+LOWER_BETA = Correction(name="mixing_beta=0.3", changes={"electrons": {"mixing_beta": 0.3}}, restart=REUSE)
+LOCAL_TF = Correction(name="mixing_mode=local-TF", changes={"electrons": {"mixing_mode": "local-TF"}}, restart=REUSE)
+# charge sloshing across vacuum (slabs, clusters start at mixing_beta 0.3 with local-TF): gentler, longer history
+DAMPED = Correction(
+    name="mixing_beta=0.1, mixing_ndim=16", changes={"electrons": {"mixing_beta": 0.1, "mixing_ndim": 16}},
+    restart=REUSE,
 )
-LOCAL_TF = Correction(
-    name="mixing_mode=local-TF", changes={"electrons": {"mixing_mode": "local-TF"}},
-    restart=RestartType.FROM_CHARGE_DENSITY,
-)
-MORE_SMEARING = Correction(
-    name="degauss=0.05", changes={"system": {"degauss": 0.05}}, restart=RestartType.FROM_CHARGE_DENSITY
-)
+MORE_SMEARING = Correction(name="degauss=0.05", changes={"system": {"degauss": 0.05}}, restart=REUSE)
 CG = Correction(name="diagonalization=cg", changes={"electrons": {"diagonalization": "cg"}})
 RESTART = Correction(name="restart_mode=restart", restart=RestartType.FULL, repeatable=True)
 ONE_POOL = Correction(name="pools=1", changes={"run": {"pools": 1}})
@@ -75,8 +78,8 @@ RERUN = Correction(name="rerun unchanged")
 NEW_ALLOCATION = Correction(name="rerun in a new allocation", restart=RestartType.FROM_CHARGE_DENSITY)
 
 LADDERS: dict[DFTErrorType, list[Correction]] = {
-    DFTErrorType.SCF_NOT_CONVERGED: [LOWER_BETA, LOCAL_TF, MORE_SMEARING, CG],
-    DFTErrorType.BROYDEN_MIXING: [LOWER_BETA, LOCAL_TF, CG],
+    DFTErrorType.SCF_NOT_CONVERGED: [LOWER_BETA, LOCAL_TF, DAMPED, MORE_SMEARING, CG],
+    DFTErrorType.BROYDEN_MIXING: [LOWER_BETA, LOCAL_TF, DAMPED, CG],
     DFTErrorType.DIAGONALIZATION: [CG],
     DFTErrorType.WRONG_CHARGE: [MORE_SMEARING],
     DFTErrorType.PW_WALLTIME: [RESTART],
@@ -116,16 +119,81 @@ def changes_anything(correction: Correction, parameters: dict[str, dict[str, Any
 LABEL_KEYS = (("system", "degauss"), ("system", "smearing"), ("system", "ecutwfc"), ("system", "ecutrho"))
 
 
-def scf_still_converging(accuracy: Sequence[float], conv_thr: float, maxstep: int) -> bool:
-    """True when the accuracy trace fell steadily and would reach conv_thr within another `maxstep` steps."""
-    tail = [math.log10(a) for a in accuracy[-10:] if a > 0]
-    if len(tail) < 5:
+NEAR = 100.0  # an SCF whose last iterations got within NEAR × conv_thr is nearly converged
+SANE_ACCURACY = 0.1  # Ry: a density whose estimated accuracy ended above this is not worth restarting from
+
+
+def _log_tail(accuracy: Sequence[float], count: int) -> list[float]:
+    return [math.log10(a) for a in accuracy[-count:] if a > 0]
+
+
+def scf_converging(accuracy: Sequence[float], conv_thr: float, maxstep: int) -> bool:
+    """True when the SCF is worth more steps from its own state: its last 3 iterations got within NEAR × conv_thr,
+    or its last 6 fell to the end (the last is their minimum, at most one rise among them: a bounce is not a fall)
+    at a least-squares slope that reaches conv_thr within another `maxstep` steps."""
+    if any(a <= NEAR * conv_thr for a in accuracy[-3:]):
+        return True
+    tail = _log_tail(accuracy, 6)
+    if len(tail) < 4 or tail[-1] > min(tail) or sum(b > a for a, b in zip(tail, tail[1:])) > 1:
         return False
-    rises = sum(b > a for a, b in zip(tail, tail[1:]))
-    slope = (tail[-1] - tail[0]) / (len(tail) - 1)
-    if rises > len(tail) // 4 or slope >= 0:
+    mean_x, mean_y = (len(tail) - 1) / 2, statistics.fmean(tail)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(tail)) / sum(
+        (x - mean_x) ** 2 for x in range(len(tail))
+    )
+    return slope < 0 and (math.log10(conv_thr) - tail[-1]) / slope <= maxstep
+
+
+def density_usable(accuracy: Sequence[float]) -> bool:
+    """Whether the density an attempt left is a better start than scratch: it ended no worse than it started and
+    below SANE_ACCURACY (a diverged density is never reused)."""
+    return bool(accuracy) and accuracy[-1] <= min(accuracy[0], SANE_ACCURACY)
+
+
+def restart_from(restart: RestartType, accuracy: Sequence[float]) -> RestartType:
+    """The restart asked for, or FROM_SCRATCH when it would start from a density that is not usable."""
+    if restart in (RestartType.FROM_CHARGE_DENSITY, RestartType.FROM_WAVE_FUNCTIONS) and not density_usable(accuracy):
+        return RestartType.FROM_SCRATCH
+    return restart
+
+
+def still_progressing(accuracy: Sequence[float], previous: float | None = None, factor: float = 10.0) -> bool:
+    """After pw.x stopped at max_seconds: whether the SCF made progress worth a full restart — its best accuracy in
+    this run fell `factor` below where it stood before (the `previous` run's last accuracy when this run continued
+    one, else its own first). Too short a trace to judge counts as progress (max_retries bounds the restarts)."""
+    reference = previous if previous is not None else (accuracy[0] if len(accuracy) > 1 else None)
+    if reference is None or not accuracy:
+        return True
+    return min(accuracy) < reference / factor
+
+
+def worse(after: float | None, before: float | None) -> bool:
+    """Whether an attempt ended at a worse SCF accuracy than the attempt before it (unknown: not worse)."""
+    return after is not None and before is not None and after > before
+
+
+def stalled(finals: Sequence[float], rungs: int) -> bool:
+    """No progress: none of the last `rungs` attempts ended below the best accuracy of the attempts before them."""
+    if rungs <= 0 or len(finals) <= rungs:
         return False
-    return (math.log10(conv_thr) - tail[-1]) / slope <= maxstep
+    return min(finals[-rungs:]) >= min(finals[:-rungs])
+
+
+def attempt_parameters(params: dict[str, dict[str, Any]], correction: Correction | None) -> dict[str, dict[str, Any]]:
+    """The parameters of the attempt after `correction`: the lasting ones, with a one-attempt correction's changes."""
+    if correction is None or correction.lasting:
+        return params
+    return merge_parameters(params, correction.changes)
+
+
+STEPS = "more electron steps"
+
+
+def more_steps(maxstep: int) -> Correction:
+    """`maxstep` more electron steps from the attempt's own density and wavefunctions, for that attempt only."""
+    return Correction(
+        name=STEPS, changes={"electrons": {"electron_maxstep": 2 * maxstep}}, restart=REUSE, repeatable=True,
+        lasting=False,
+    )
 
 
 class RecoveryHandler(Document):
@@ -133,15 +201,21 @@ class RecoveryHandler(Document):
 
     A document: it travels with the workflow (subclasses too, which may override `next_correction`).
     `ladders` maps an error type's name to its corrections, tried in order.
-    `read_trend`: when the SCF accuracy was still falling steadily as the steps ran out, first ask for more steps
-    (from the last density) instead of walking the ladder. Off by default: on the recovery benchmark
-    (benchmarks/recovery.py) it cost more pw.x CPU than lowering mixing_beta from the same density.
+    `read_trend`: when the SCF got within NEAR × conv_thr or was still falling to the end as the steps ran out
+    (scf_converging), first ask for more steps from its own state (at most `more_steps` times; for that attempt
+    only) before a rung that changes the mixing or the physics.
+    `drop_worse`: a correction after which the SCF ended worse than before it is not carried into later attempts.
+    `give_up_after`: the runner stops early when none of this many consecutive attempts improved the SCF accuracy
+    over the best so far (0: never; max_retries still bounds the attempts).
     """
 
     ladders: dict[str, list[Correction]] = Field(
         default_factory=lambda: {error.name: list(ladder) for error, ladder in LADDERS.items()}
     )
-    read_trend: bool = False
+    read_trend: bool = True
+    more_steps: int = 2
+    drop_worse: bool = True
+    give_up_after: int = 2
 
     @field_validator("ladders", mode="before")
     @classmethod
@@ -160,25 +234,22 @@ class RecoveryHandler(Document):
         tried: Sequence[str] = (),
         output: PwOutput | None = None,
     ) -> Correction | None:
-        """First untried correction for `error_type` that changes something in the effective `parameters`
-        (namelists, and "run" for the command line, e.g. {"run": {"pools": 1}}; see changes_anything); None = give
-        up."""
+        """First untried correction for `error_type` below the last one tried in its ladder that changes something
+        in the effective `parameters` (namelists, and "run" for the command line, e.g. {"run": {"pools": 1}}; see
+        changes_anything); None = give up."""
         electrons = parameters.get("electrons", {})
+        maxstep = int(electrons.get("electron_maxstep", 100))
         if (
             self.read_trend
             and error_type is DFTErrorType.SCF_NOT_CONVERGED
             and output is not None
-            and "more electron steps" not in tried
-            and scf_still_converging(
-                output.scf_accuracy, electrons.get("conv_thr", 1e-6), electrons.get("electron_maxstep", 100)
-            )
+            and tried.count(STEPS) < self.more_steps
+            and scf_converging(output.scf_accuracy, electrons.get("conv_thr", 1e-6), maxstep)
         ):
-            steps = 2 * int(electrons.get("electron_maxstep", 100))
-            return Correction(
-                name="more electron steps", changes={"electrons": {"electron_maxstep": steps}},
-                restart=RestartType.FROM_CHARGE_DENSITY,
-            )
-        for correction in self.ladders.get(error_type.name, []):
+            return more_steps(maxstep)
+        ladder = self.ladders.get(error_type.name, [])
+        reached = max((i + 1 for i, c in enumerate(ladder) if c.name in tried and not c.repeatable), default=0)
+        for correction in ladder[reached:]:  # a ladder only goes down: never back to a rung above one tried
             if correction.name in tried and not correction.repeatable:
                 continue
             if correction.changes and not changes_anything(correction, parameters) and not correction.repeatable:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import re
 import shutil
 from pathlib import Path
@@ -30,12 +31,19 @@ from qe_factory.engine.pseudos import PseudopotentialError
 from qe_factory.engine.pwxml import XML_NAME, XmlError, read_pw_xml, xml_path
 from qe_factory.engine.recovery import (
     RESTART_PARAMETERS,
+    REUSE,
+    STEPS,
     Correction,
     RecoveryHandler,
     RestartType,
     apply_correction,
+    attempt_parameters,
     label_deviations,
     merge_parameters,
+    restart_from,
+    stalled,
+    still_progressing,
+    worse,
 )
 from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult
 from qe_factory.engine.sanitize import cohesive_check, provenance_problems, sanitize, xml_problems
@@ -49,6 +57,7 @@ KEPT_FILES = ("pw.in", "pw.out", "pw.err", "CRASH", XML_NAME)  # what clean_scra
 # What `prepare` raises for input the factory refuses before pw.x runs (one structure, never the batch); InputError
 # includes the known traps and the memory budget (preflight.py).
 REFUSALS = (StructureError, PseudopotentialError, InputError)
+SCF_ERRORS = (DFTErrorType.SCF_NOT_CONVERGED.name, DFTErrorType.BROYDEN_MIXING.name, DFTErrorType.PW_WALLTIME.name)
 
 
 class RecoveryState(Document):
@@ -58,6 +67,7 @@ class RecoveryState(Document):
     tried: list[str] = []
     attempts: list[Attempt] = []
     correction: Correction | None = None  # the correction applied before the next attempt (with its restart)
+    before: dict[str, dict[str, Any]] = {}  # the lasting corrections before `correction` (dropped if it made worse)
     converged_output: PwOutput | None = None  # kept while a converged run is re-done at nominal settings
     converged_input: PwInput | None = None
 
@@ -116,9 +126,7 @@ def _nominal_correction(pw_input: PwInput, nominal: PwInput) -> Correction | Non
     for key, (_, nominal_value) in deviations.items():
         namelist, name = key.split(".")
         changes.setdefault(namelist, {})[name] = nominal_value
-    return Correction(
-        name="nominal settings", changes=changes, restart=RestartType.FROM_CHARGE_DENSITY, restores_nominal=True
-    )
+    return Correction(name="nominal settings", changes=changes, restart=REUSE, restores_nominal=True)
 
 
 ENDED = "ended.json"  # written in an attempt directory when its pw.x run has ended
@@ -170,14 +178,38 @@ def run_pw(argv: list[str], cwd: Path, env: dict[str, str], budget: float) -> tu
     return process, ended_by
 
 
-def available_restart(restart: RestartType, scratch: Path) -> RestartType:
-    """The restart asked for, or the closest one the scratch directory holds the files for."""
-    if restart in (RestartType.FROM_CHARGE_DENSITY, RestartType.FROM_WAVE_FUNCTIONS):
-        if not any(scratch.rglob("charge-density*")):
-            return RestartType.FROM_SCRATCH
-        if restart is RestartType.FROM_WAVE_FUNCTIONS and not any(scratch.rglob("wfc*")):
-            return RestartType.FROM_CHARGE_DENSITY
-    return restart
+FALLBACKS = {  # what available_restart may start an attempt with instead of the restart asked for
+    RestartType.FROM_WAVE_FUNCTIONS: (RestartType.FROM_CHARGE_DENSITY, RestartType.FROM_SCRATCH),
+    RestartType.FROM_CHARGE_DENSITY: (RestartType.FROM_SCRATCH,),
+}
+
+
+def available_restart(
+    restart: RestartType, scratch: Path, pw_input: PwInput, ranks: int, pools: int, previous: Attempt | None
+) -> RestartType:
+    """The restart asked for, or the closest one the scratch directory holds fitting files for (its XML says how
+    they were made): the wavefunctions only from the attempt just before with the same ranks, pools, cutoffs,
+    k-points and spin (pw.x's files of them are per rank); the density only with the same ecutrho and spin."""
+    if restart not in (RestartType.FROM_CHARGE_DENSITY, RestartType.FROM_WAVE_FUNCTIONS):
+        return restart
+    prefix = pw_input.namelist_value("control", "prefix", "pwscf")
+    try:
+        used = read_pw_xml(xml_path(scratch, prefix)).input
+    except (OSError, XmlError):
+        return RestartType.FROM_SCRATCH
+    system = pw_input.parameters["system"]
+    same_density = math.isclose(used.ecutrho, system["ecutrho"]) and used.lsda == (system.get("nspin") == 2)
+    if not same_density or not any(scratch.rglob("charge-density*")):
+        return RestartType.FROM_SCRATCH
+    same_run = (
+        previous is not None and (previous.ranks, previous.pools) == (ranks, pools)
+        and math.isclose(used.ecutwfc, system["ecutwfc"]) and used.gamma_only == pw_input.isolated
+        and (used.gamma_only or used.kpoints == list(pw_input.kpts))
+    )
+    wavefunctions = any(scratch.glob(f"{prefix}.wfc*")) or any(scratch.glob(f"{prefix}.save/wfc*"))
+    if restart is RestartType.FROM_WAVE_FUNCTIONS and same_run and wavefunctions:
+        return restart
+    return RestartType.FROM_CHARGE_DENSITY
 
 
 class QERunner:
@@ -214,33 +246,41 @@ class QERunner:
 
     def run_attempt(
         self, atoms: Atoms, run_dir: Path, number: int, params: dict[str, dict[str, Any]],
-        correction: Correction | None = None,
+        correction: Correction | None = None, previous: Attempt | None = None,
     ) -> tuple[Attempt, PwOutput, PwInput]:
         """Write pw.in into run_dir/attempt_<number>, run pw.x, parse and classify.
 
-        `params`: lasting corrections; the correction's restart applies to this attempt only (as far as the scratch
-        allows). When the directory holds a run of the same input that pw.x finished (its owner died before
-        recording the outcome, or the same calculation is asked for again), that run is taken in instead.
+        `params`: this attempt's corrections; the correction's restart applies to this attempt only, as far as the
+        scratch allows and its files fit this run (`previous`: the attempt that left them; available_restart).
+        When the directory holds a run of the same input that pw.x finished (its owner died before recording the
+        outcome, or the same calculation is asked for again), that run is taken in instead.
         """
         execution = self.execution
         attempt_dir = run_dir / f"attempt_{number}"
-        restart = correction.restart if correction else RestartType.FROM_SCRATCH
-        pw_input, budget = self.attempt_input(atoms, params, restart)
-        ended = finished_run(attempt_dir, render(atoms, pw_input))
+        asked = correction.restart if correction else RestartType.FROM_SCRATCH
+        ended = None
+        for restart in dict.fromkeys([asked, *FALLBACKS.get(asked, ())]):  # the restart it ran with, fallbacks too
+            pw_input, budget = self.attempt_input(atoms, params, restart)
+            if (ended := finished_run(attempt_dir, render(atoms, pw_input))) is not None:
+                break
+        else:
+            restart = asked
+            pw_input, budget = self.attempt_input(atoms, params, restart)
         if ended is not None:
             log.warning("taking in the finished pw.x run in %s instead of running it again", attempt_dir)
         else:
-            if (available := available_restart(restart, run_dir / SCRATCH_DIR)) != restart:
+            ranks = execution.mpi_ranks or available_ranks()
+            spins = 2 if pw_input.namelist_value("system", "nspin") == 2 else 1
+            kpoint_count = irreducible_kpoint_count(pw_input.kpts) * spins
+            pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
+            available = available_restart(restart, run_dir / SCRATCH_DIR, pw_input, ranks, pools, previous)
+            if available != restart:
                 restart = available
                 pw_input, budget = self.attempt_input(atoms, params, restart)
             if attempt_dir.exists():
                 shutil.rmtree(attempt_dir)
             attempt_dir.mkdir(parents=True)
             (attempt_dir / "pw.in").write_text(render(atoms, pw_input))
-            ranks = execution.mpi_ranks or available_ranks()
-            spins = 2 if pw_input.namelist_value("system", "nspin") == 2 else 1
-            kpoint_count = irreducible_kpoint_count(pw_input.kpts) * spins
-            pools = params.get("run", {}).get("pools") or choose_pools(ranks, kpoint_count)
             argv = pw_command(execution.command, execution.mpi_launcher, ranks, pools)
             oom_before = oom_kill_count()
             process, ended_by = run_pw(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
@@ -319,8 +359,10 @@ class QERunner:
     def step(self, atoms: Atoms, uid: str, nominal: PwInput, state: RecoveryState) -> RecoveryState | ScfOutcome:
         """Run one attempt and decide: the state for the next attempt, or the outcome of the SCF stage."""
         correction = state.correction
+        previous = state.attempts[-1] if state.attempts else None
         attempt, output, pw_input = self.run_attempt(
-            atoms, self.run_dir(uid), len(state.attempts) + 1, state.params, correction
+            atoms, self.run_dir(uid), len(state.attempts) + 1, attempt_parameters(state.params, correction),
+            correction, previous,
         )
         attempts = [*state.attempts, attempt]
         error_type = DFTErrorType[attempt.error_type]
@@ -328,32 +370,66 @@ class QERunner:
             raise DiskFullError(errno.ENOSPC, f"{uid}: pw.x could not write in {self.run_dir(uid)} — "
                                 f"{attempt.message}. Free space there, then run it again")
         finishing = correction is not None and correction.restores_nominal
+        params = state.params
         if error_type is DFTErrorType.OK:
             correction = None if finishing else _nominal_correction(pw_input, nominal)
             if correction is None:
                 return ScfOutcome(attempts=attempts, output=output, pw_input=pw_input)
             converged = (output, pw_input)
-        elif finishing:  # the nominal-settings run failed: keep the converged result, marked with its settings
-            return ScfOutcome(attempts=attempts, output=state.converged_output, pw_input=state.converged_input)
+        elif finishing:  # the nominal-settings run failed: more steps if it was converging, else keep the converged
+            converged = (state.converged_output, state.converged_input)  # result, marked with its settings
+            correction, _ = self._next_correction(atoms, error_type, params, state.tried, attempts, output)
+            if correction is None or correction.name != STEPS:
+                return ScfOutcome(attempts=attempts, output=converged[0], pw_input=converged[1])
+            correction = correction.model_copy(update={"restores_nominal": True})
         else:
             converged = (state.converged_output, state.converged_input)
-            max_attempts = self.config.max_retries if self.config.recoverable else 1
-            correction = None
-            if len(attempts) < max_attempts:
-                in_effect = {**pw_input.parameters, "run": {"pools": attempt.pools}}
-                correction = self.recovery.next_correction(error_type, in_effect, state.tried, output)
+            if self.recovery.drop_worse and correction is not None and correction.lasting and worse(
+                attempt.final_scf_accuracy, previous.final_scf_accuracy if previous else None
+            ):
+                params = state.before  # the SCF ended worse after this rung: not carried into the next ones
+            continued = previous if attempt.restart == RestartType.FULL.value else None
+            if error_type is DFTErrorType.PW_WALLTIME and not still_progressing(
+                output.scf_accuracy, continued.final_scf_accuracy if continued else None
+            ):
+                error_type = DFTErrorType.SCF_NOT_CONVERGED  # stalled: a restart would stall again; change the mixing
+            correction, why = self._next_correction(atoms, error_type, params, state.tried, attempts, output)
             if correction is None:
-                why = "no correction left" if len(attempts) < max_attempts else f"{max_attempts} attempt(s) made"
                 return ScfOutcome(attempts=attempts, failure=f"{attempt.message} [gave up: {why}]")
             log.warning(
-                "Retrying uid=%s attempt %d: %s after %s (%s iterations, accuracy %s Ry)",
+                "Retrying uid=%s attempt %d: %s after %s (%s iterations, accuracy %s Ry, restart %s)",
                 uid, len(attempts) + 1, correction.name, error_type.name, attempt.scf_iterations,
-                attempt.final_scf_accuracy,
+                attempt.final_scf_accuracy, correction.restart.value,
             )
         return RecoveryState(
-            params=apply_correction(state.params, correction), tried=[*state.tried, correction.name],
-            attempts=attempts, correction=correction, converged_output=converged[0], converged_input=converged[1],
+            params=apply_correction(params, correction) if correction.lasting else params, before=params,
+            tried=[*state.tried, correction.name], attempts=attempts, correction=correction,
+            converged_output=converged[0], converged_input=converged[1],
         )
+
+    def _next_correction(
+        self, atoms: Atoms, error_type: DFTErrorType, params: dict[str, dict[str, Any]], tried: list[str],
+        attempts: list[Attempt], output: PwOutput,
+    ) -> tuple[Correction | None, str]:
+        """The recovery handler's next correction for a failed attempt (None: give up, and why), never restarting
+        from a density that is not usable (restart_from)."""
+        finals = [a.final_scf_accuracy for a in attempts if a.error_type in SCF_ERRORS and a.final_scf_accuracy]
+        trace = f"; SCF accuracy at the end of each attempt: {', '.join(f'{a:.1e}' for a in finals)} Ry"
+        trace = trace if finals else ""
+        max_attempts = self.config.max_retries if self.config.recoverable else 1
+        if len(attempts) >= max_attempts:
+            return None, f"{max_attempts} attempt(s) made{trace}"
+        if stalled(finals, self.recovery.give_up_after):
+            rungs = self.recovery.give_up_after
+            return None, f"none of the last {rungs} attempts improved on the best SCF accuracy{trace}"
+        lasting = self.generator.generate(atoms, {nl: v for nl, v in params.items() if nl != "run"}).parameters
+        in_effect = {**lasting, "run": {"pools": attempts[-1].pools}}
+        correction = self.recovery.next_correction(error_type, in_effect, tried, output)
+        if correction is None:
+            return None, f"no correction left{trace}"
+        if (restart := restart_from(correction.restart, output.scf_accuracy)) != correction.restart:
+            correction = correction.model_copy(update={"restart": restart})
+        return correction, ""
 
     def build_result(
         self, uid: str, atoms: Atoms, outcome: ScfOutcome, nominal: PwInput, e0s: dict[str, float] | None = None,

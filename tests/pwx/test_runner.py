@@ -110,14 +110,26 @@ def test_missing_executable_is_a_clear_error(fast_config):
 
 
 def test_recovery_rescues_a_non_converging_scf(fast_config):
+    """The ladder's first rung (trend reading off: with it, this steadily falling SCF first gets more steps)."""
+    from qe_factory import RecoveryHandler
+
     config = fast_config.with_changes(**{"pw_parameters": {"electrons": {"electron_maxstep": 4}}})
-    result = QERunner(config).run(rattled_si(), uid="rescue")
+    result = QERunner(config, recovery=RecoveryHandler(read_trend=False)).run(rattled_si(), uid="rescue")
     assert result.succeeded
     assert [a.error_type for a in result.attempts] == ["SCF_NOT_CONVERGED", "OK"]
     second_input = (config.execution.work_dir / "run_rescue" / "attempt_2" / "pw.in").read_text()
     assert "mixing_beta      = 0.3" in second_input
     assert "startingpot      = 'file'" in second_input  # restarted from the failed attempt's density
+    assert "startingwfc      = 'file'" in second_input  # and its wavefunctions
     assert result.final_mixing_beta == 0.3
+
+
+def test_a_steadily_converging_scf_gets_more_steps_for_one_attempt(fast_config):
+    config = fast_config.with_changes(**{"pw_parameters": {"electrons": {"electron_maxstep": 4}}})
+    result = QERunner(config).run(rattled_si(), uid="steps")
+    assert result.succeeded and [a.correction for a in result.attempts] == [None, "more electron steps"]
+    assert result.attempts[1].parameters["electrons"]["electron_maxstep"] == 8
+    assert result.attempts[1].restart == "from_wave_functions" and result.final_mixing_beta == 0.7
 
 
 def test_no_recovery_means_one_attempt_and_a_full_report(fast_config):
@@ -163,8 +175,31 @@ def test_recovered_label_equals_a_direct_run_at_nominal_settings(fast_config):
     smearing_only = RecoveryHandler(ladders={DFTErrorType.SCF_NOT_CONVERGED: [MORE_SMEARING]}, read_trend=True)
     recovered = QERunner(hard, recovery=smearing_only).run(copper, uid="recovered")
     corrections = [a.correction for a in recovered.attempts]
-    assert "degauss=0.05" in corrections and corrections[-1] == "nominal settings"
+    assert "degauss=0.05" in corrections and "nominal settings" in corrections
+    # after it, only more electron steps (for one attempt each) while the nominal run was still converging
+    assert set(corrections[corrections.index("nominal settings") + 1 :]) <= {"more electron steps"}
     assert recovered.nominal_settings and recovered.parameters["system"]["degauss"] == 0.02
     assert abs(recovered.energy - direct.energy) / len(copper) < 1e-3  # 1 meV/atom
     assert np.abs(np.array(recovered.forces) - direct.forces).max() < 0.01  # 10 meV/Å
 
+
+
+def test_a_density_restart_reuses_the_wavefunctions(fast_config):
+    """pw.x stops at electron_maxstep=4; the next attempt (mixing_beta 0.3, steps enough) starts from the density and
+    the wavefunctions it left — same rank, pools, cutoffs, k-points and spin — and ends at a direct run's label."""
+    from pathlib import Path
+
+    from qe_factory import RecoveryHandler
+    from qe_factory.engine.recovery import LOWER_BETA
+
+    atoms = rattled_si(2)
+    config = fast_config.with_changes(pw_parameters={"electrons": {"electron_maxstep": 4}})
+    rung = LOWER_BETA.model_copy(update={"changes": {"electrons": {"mixing_beta": 0.3, "electron_maxstep": 100}}})
+    handler = RecoveryHandler(ladders={"SCF_NOT_CONVERGED": [rung]}, read_trend=False)
+    result = QERunner(config, recovery=handler).run(atoms, uid="reuse")
+    assert [a.error_type for a in result.attempts] == ["SCF_NOT_CONVERGED", "OK"]
+    assert [a.restart for a in result.attempts] == ["from_scratch", "from_wave_functions"]
+    second = Path(result.attempts[1].directory, "pw.out").read_text()
+    assert "Starting wfcs from file" in second and "The initial density is read from file" in second
+    direct = QERunner(fast_config).run(atoms, uid="direct")
+    assert abs(result.energy - direct.energy) < 1e-5

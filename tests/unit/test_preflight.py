@@ -59,7 +59,7 @@ def test_smearing_corrections_are_not_spent_while_occupations_are_fixed():
     fixed = {"system": {"occupations": "fixed", "degauss": 0.02},
              "electrons": {"mixing_beta": 0.3, "mixing_mode": "local-TF"}}
     handler = RecoveryHandler()
-    tried = ["mixing_beta=0.3", "mixing_mode=local-TF"]
+    tried = ["mixing_beta=0.3", "mixing_mode=local-TF", "mixing_beta=0.1, mixing_ndim=16"]
     assert handler.next_correction(DFTErrorType.SCF_NOT_CONVERGED, fixed, tried).name == "diagonalization=cg"
     assert handler.next_correction(DFTErrorType.WRONG_CHARGE, fixed) is None
     smeared = {**fixed, "system": {"occupations": "smearing", "degauss": 0.02}}

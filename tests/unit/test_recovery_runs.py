@@ -253,3 +253,16 @@ def test_a_stop_request_while_the_job_runs_on_is_no_outcome(fake_runner, scontro
     scontrol("JobId=74 JobName=scf JobState=RUNNING Reason=None Dependency=(null)\n")
     with pytest.raises(Interrupted):
         fake_runner("hang").run(bulk("Si"), uid="stopped")
+
+
+def test_a_hopeless_case_stops_early_with_its_trace(fake_runner, tmp_path):
+    """The same unconverged run again and again: after two rungs that did not improve on the best SCF accuracy the
+    runner gives up (max_retries would allow 6 attempts), naming the accuracy trace."""
+    result = fake_runner("replay:si_unconverged", max_retries=6).run(bulk("Si"), uid="stuck", raise_on_failure=False)
+    assert calls(tmp_path) == 3 and not result.succeeded
+    assert [a.correction for a in result.attempts] == [None, "mixing_beta=0.3", "mixing_mode=local-TF"]
+    assert "none of the last 2 attempts improved on the best SCF accuracy" in result.error_message
+    assert "SCF accuracy at the end of each attempt: 6.5e-05, 6.5e-05, 6.5e-05 Ry" in result.error_message
+    patient = fake_runner("replay:si_unconverged", max_retries=4)
+    patient.recovery = RecoveryHandler(give_up_after=0)
+    assert len(patient.run(bulk("Si"), uid="patient", raise_on_failure=False).attempts) == 4
