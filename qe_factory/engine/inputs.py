@@ -73,19 +73,20 @@ def irreducible_kpoint_count(kpts: tuple[int, int, int]) -> int:
 
 
 def starting_moments(atoms: Atoms, valence: np.ndarray, isolated: bool) -> np.ndarray | None:
-    """Initial moments (μB per atom), or None for a spin-restricted run: the Atoms' own if set; else defaults for
-    magnetic elements; else Hund's-rule moment of a lone atom in vacuum; else 1 μB per atom when the valence
-    electrons are odd in number (an open shell has a spin-polarised ground state)."""
+    """Initial moments (μB per atom), or None for a spin-restricted run: the Atoms' own if set; else a lone atom's
+    Hund's-rule moment (in vacuum: an E0 reference); else defaults for magnetic elements; else 1 μB per atom when the
+    valence electrons are odd in number (an open shell has a spin-polarised ground state)."""
     if atoms.has("initial_magmoms"):
         moments = np.asarray(atoms.get_initial_magnetic_moments(), dtype=float)
         if moments.ndim != 1:
             raise InputError("non-collinear initial magnetic moments are not supported")
         return moments if np.any(moments != 0) else None
+    if isolated and len(atoms) == 1:  # a lone atom: its own Hund's-rule moment (Fe 4, Ni 2, Cr 6, Cu 1 μB)
+        hund = float(ground_state_magnetic_moments[atoms.numbers[0]])
+        return np.array([hund]) if hund > 0 else None
     moments = np.array([MAGNETIC_MOMENTS.get(s, 0.0) for s in atoms.get_chemical_symbols()])
     if np.any(moments):
         return moments
-    if isolated and len(atoms) == 1 and ground_state_magnetic_moments[atoms.numbers[0]] > 0:
-        return np.array([float(ground_state_magnetic_moments[atoms.numbers[0]])])
     if round(float(valence.sum())) % 2 == 1:
         return np.ones(len(atoms))
     return None

@@ -94,15 +94,3 @@ class DFTFatalError(RuntimeError):
         """The report as FireWorks stores it with a FIZZLED launch (`_exception._details`)."""
         return self.result.model_dump(mode="json")
 
-
-def write_training_set(results: list[DFTResult], path, include_marked: bool = False) -> int:
-    """Write labelled structures as extxyz (REF_energy, REF_forces, REF_stress); returns how many.
-
-    Only sanitized results by default; results made with settings other than the nominal ones (label_deviations)
-    are left out unless `include_marked`.
-    """
-    from ase.io import write
-
-    keep = [r.to_atoms() for r in results if r.succeeded and (include_marked or r.nominal_settings)]
-    write(path, keep, format="extxyz")
-    return len(keep)
