@@ -24,8 +24,9 @@ from qe_factory.engine.inputs import InputGenerator
 from qe_factory.engine.pseudos import resolve_pseudos
 from qe_factory.engine.results import DFTResult
 
-# Box edges (Å). Slightly orthorhombic: no cubic symmetry keeps an open shell's degenerate orbitals half-occupied
-# together. 12 Å: the Si E0 moves by < 1 meV from 12 to 14 Å (README, "Isolated-atom references").
+# Box edges (Å). Slightly orthorhombic: no cubic symmetry holds an open shell's degenerate orbitals together.
+# Si E0 vs the 14 Å box (benchmarks/e0s.py box): 8 Å +14.7 meV, 10 Å +1.6 meV, 12 Å +0.2 meV; 10 Å costs 1.7x less
+# than 12 Å at the same cutoff, and 1.6 meV per atom is far below an MLIP's energy error.
 ATOM_BOX = (10.0, 10.5, 11.0)
 BOX_MARGIN = 2.0  # Å beyond the vacuum threshold when a config asks for a wider one than the box gives
 
