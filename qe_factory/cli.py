@@ -280,7 +280,7 @@ def e0s(args: argparse.Namespace) -> int:
     """Compute the isolated-atom energies (E0s) of ELEMENTS with the config's settings (its cutoffs, else each
     element's own), once per element and settings, through the home's workflows (recovery, parallel workers), and
     print them."""
-    from qe_factory.engine.references import Reference, e0_uid, settings_key
+    from qe_factory.engine.references import element_references
     from qe_factory.workflow.coordinator import command_line, coordinate
     from qe_factory.workflow.home import activate
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, status_report
@@ -290,8 +290,7 @@ def e0s(args: argparse.Namespace) -> int:
     home = activate(args.home)
     config = _config(args)
     try:
-        references = [Reference(el, config, key, e0_uid(el, key))
-                      for el, key in ((el, settings_key(el, config)) for el in dict.fromkeys(args.elements))]
+        references = element_references(args.elements, config)
     except (*REFUSALS, ValueError) as exc:
         print(f"qe-factory: {exc}", file=sys.stderr)
         return 2

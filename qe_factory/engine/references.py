@@ -132,6 +132,12 @@ class Reference(NamedTuple):
     uid: str
 
 
+def element_references(elements: Iterable[str], config: DFTConfig) -> list[Reference]:
+    """The Reference of each element with `config` as it is (its cutoffs, or each element's own)."""
+    keys = {element: settings_key(element, config) for element in dict.fromkeys(elements)}
+    return [Reference(element, config, key, e0_uid(element, key)) for element, key in keys.items()]
+
+
 def references_for(structures: Iterable[Atoms], config: DFTConfig) -> dict[str, Reference]:
     """uid → Reference of every E0 the structures' labels need. With cutoffs left to the family (the default), a
     structure's cutoffs are the largest of its elements', so an element gets one E0 per distinct cutoff pair among

@@ -10,7 +10,7 @@ from ase import Atoms
 
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.recovery import RecoveryHandler
-from qe_factory.engine.references import E0, Reference, e0_uid, isolated_atom, references_for, settings_key
+from qe_factory.engine.references import E0, Reference, element_references, isolated_atom, references_for
 from qe_factory.engine.runner import REFUSALS
 from qe_factory.workflow.flows import SubmitReport, submit
 from qe_factory.workflow.jobs import REFERENCE_PRIORITY
@@ -26,9 +26,7 @@ def stored_e0s(store, references: Iterable[Reference]) -> dict[str, E0]:
 def reference_energies(store, config: DFTConfig, elements: Iterable[str]) -> dict[str, float]:
     """{element: E0 eV} of the elements whose isolated atom was computed with `config`'s settings (its cutoffs, or
     the element's own when the config leaves them to the family); elements without one are absent."""
-    references = [Reference(el, config, key, e0_uid(el, key))
-                  for el, key in ((el, settings_key(el, config)) for el in dict.fromkeys(elements))]
-    return {e0.element: e0.energy for e0 in stored_e0s(store, references).values()}
+    return {e0.element: e0.energy for e0 in stored_e0s(store, element_references(elements, config)).values()}
 
 
 def submit_references(

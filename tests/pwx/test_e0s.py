@@ -19,10 +19,14 @@ import pytest
 from ase.build import molecule
 from ase.io import read, write
 
-from qe_factory import QERunner
+from qe_factory import DFTConfig, QERunner
 from qe_factory.engine.references import E0, compute_e0s, e0_uid, isolated_atom, settings_key
+from qe_factory.workflow.home import activate
+from qe_factory.workflow.launchpad import get_jobstore
+from qe_factory.workflow.references import reference_energies
 
 BIN = Path(sys.executable).parent
+FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
 FAST = "ecutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmpi_ranks: 1\n"
 
 
@@ -56,7 +60,7 @@ def mace_e0s_from_training_file(path: Path) -> dict[int, float]:
             if len(a) == 1 and a.info.get("config_type") == "IsolatedAtom"}
 
 
-def test_run_computes_the_e0s_first_exports_them_for_mace_and_never_again(tmp_path):
+def test_run_computes_the_e0s_first_exports_them_for_mace_and_never_again(tmp_path, monkeypatch):
     water = molecule("H2O", vacuum=4.0)
     water.pbc = True
     water.info["uid"] = "water"
@@ -90,3 +94,10 @@ def test_run_computes_the_e0s_first_exports_them_for_mace_and_never_again(tmp_pa
     exported = qe_factory(tmp_path, "export", "-o", "again.extxyz")
     assert exported.returncode == 0 and "1 of 1 results written" in exported.stdout, exported.stdout
     assert mace_e0s_from_training_file(tmp_path / "again.extxyz") == from_file
+
+    for key in FACTORY_ENV:  # activate() below sets them: restored after the test
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    activate(tmp_path / "factory")
+    config = DFTConfig.from_yaml(tmp_path / "fast.yaml")
+    assert reference_energies(get_jobstore(), config, ["O", "H", "Si"]) == {"H": from_file[1], "O": from_file[8]}
