@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from ase import Atoms
-from ase.build import molecule
+from ase.build import bulk, molecule
 
 from qe_factory import DFTConfig, InputGenerator
 from qe_factory.engine.references import (
@@ -16,6 +16,7 @@ from qe_factory.engine.references import (
 )
 from qe_factory.engine.results import DFTResult
 from qe_factory.engine.structure import StructureDoc, check_uid
+from qe_factory.workflow.jobs import PRIORITY, REFERENCE_PRIORITY
 
 
 @pytest.mark.parametrize("element, moment", [("Fe", 4.0), ("Ni", 2.0), ("Cr", 6.0), ("Cu", 1.0), ("O", 2.0)])
@@ -84,3 +85,25 @@ def test_labels_get_the_e0_made_with_exactly_their_settings():
     assert set(found) == {"H"} and "different" in missing["O"]  # O's labels at two cutoffs: no single E0
     found, missing = matching_references([result("fe", "Fe", 65)], e0s)
     assert not found and "no isolated-atom result" in missing["Fe"]
+
+
+def test_references_are_submitted_once_per_uid_and_run_before_the_structures(home, fast_config):
+    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
+    from qe_factory.workflow.references import reference_energies, structure_references, submit_references
+
+    silicon = bulk("Si")
+    silicon.info["uid"] = "si"
+    launchpad = get_launchpad()
+    references = structure_references([silicon, bulk("Si", cubic=True)], fast_config)
+    assert [ref.element for ref in references.values()] == ["Si"]  # one E0 for every Si-only structure
+    (first,) = submit_references(references.values(), launchpad)
+    submit([silicon], fast_config, launchpad=launchpad)
+    assert list(first.fw_ids) == list(references)
+    (again,) = submit_references(references.values(), launchpad)  # already in the LaunchPad: not added twice
+    assert again.fw_ids == {} and list(again.duplicates) == list(references)
+    priority = {fw["spec"]["uid"]: fw["spec"]["_priority"] for fw in launchpad.fireworks.find({"spec.stage": "inputs"})}
+    assert priority == {"si": PRIORITY["inputs"], **dict.fromkeys(references, PRIORITY["inputs"] + REFERENCE_PRIORITY)}
+    scf = [fw["spec"]["_priority"] for fw in launchpad.fireworks.find({"spec.stage": "scf"})]
+    assert max(scf) > PRIORITY["validate"]  # an E0's SCF goes before any structure's stage
+    assert reference_energies(get_jobstore(), fast_config, ["Si"]) == {}  # submitted, not computed yet
