@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from qe_factory.engine.config import NAMELISTS, DFTConfig
 from qe_factory.engine.pseudos import PseudoFamily, ResolvedPseudo, load_family, resolve_pseudos
 
+LONE_ATOM_CONV_THR = 1e-8  # Ry: the tightest SCF threshold asked of a lone atom in a box (see generate)
 # Elements that get a spin-polarised start when the Atoms carry no initial moments (μB per atom).
 MAGNETIC_MOMENTS = {"Cr": 5.0, "Mn": 5.0, "Fe": 5.0, "Co": 5.0, "Ni": 5.0, "Gd": 7.0}
 
@@ -135,9 +136,13 @@ class InputGenerator:
         }
         if any(vacuum):  # gentler mixing across vacuum; local-TF damps a slab's charge sloshing (it stalls atoms)
             electrons.update(mixing_beta=min(cfg.mixing_beta, 0.3), mixing_mode="plain" if all(vacuum) else "local-TF")
-        if all(vacuum) and len(atoms) == 1 and moments is not None and not atoms.has("initial_magmoms"):
-            # a lone atom (an E0 reference): its Hund's-rule spin, fixed — a floating moment stalls its SCF
-            system["tot_magnetization"] = float(moments[0])
+        if all(vacuum) and len(atoms) == 1:  # a lone atom (an E0 reference): only its energy is a label
+            # the SCF noise floor of a large box at high cutoff: Cr (50/460 Ry) and Cu (50/400) in the 10 Å box
+            # stall between 3e-9 and 1e-8 Ry, never reaching 2e-10; 1e-8 Ry is 1.4e-7 eV
+            electrons["conv_thr"] = max(electrons["conv_thr"], LONE_ATOM_CONV_THR)
+            if moments is not None and not atoms.has("initial_magmoms"):
+                # its Hund's-rule spin, fixed — a floating moment stalls its SCF
+                system["tot_magnetization"] = float(moments[0])
         parameters = _merge({"control": control, "system": system, "electrons": electrons}, cfg.pw_parameters)
         parameters = _merge(parameters, params or {})
         if parameters["control"]["calculation"] != "scf":

@@ -107,3 +107,13 @@ def test_references_are_submitted_once_per_uid_and_run_before_the_structures(hom
     scf = [fw["spec"]["_priority"] for fw in launchpad.fireworks.find({"spec.stage": "scf"})]
     assert max(scf) > PRIORITY["validate"]  # an E0's SCF goes before any structure's stage
     assert reference_energies(get_jobstore(), fast_config, ["Si"]) == {}  # submitted, not computed yet
+
+
+def test_a_lone_atom_asks_no_tighter_scf_threshold_than_its_box_allows():
+    config = DFTConfig()
+    atom = InputGenerator(config).generate(isolated_atom("Cr", config))
+    assert atom.parameters["electrons"]["conv_thr"] == 1e-8  # not 2e-10: the big box's noise floor
+    hydroxyl = isolated_atom("O", config) + isolated_atom("H", config)
+    hydroxyl.positions[1, 0] += 0.97
+    pw_input = InputGenerator(config).generate(hydroxyl)
+    assert pw_input.parameters["electrons"]["conv_thr"] == pytest.approx(2 * config.conv_thr_per_atom)  # forces count
