@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,9 @@ def submit_cmd(args: argparse.Namespace) -> int:
     if config.execution.model_fields_set:
         print(f"note: {', '.join(sorted(config.execution.model_fields_set))} are execution settings: they stay with "
               "the workers (qe-factory worker -c FILE, or QE_FACTORY_<KEY>), not with the workflows")
+    structures = [atoms for _, atoms in read_structures(args.structures)] if not args.no_e0s else []
+    for line in _submit_references(structures, config, None, get_jobstore(), _resources(args)):
+        print(line)
     report = submit(args.structures, config, resources=_resources(args), store=get_jobstore(), progress=progress_bar)
     for uid, why in report.refused.items():
         print(f"{uid:<24} REFUSED {why}")
@@ -153,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, home: Path) -> int:
-    from qe_factory.engine.results import write_training_set
+    from qe_factory.engine.references import REFERENCE_UID
     from qe_factory.workflow.flows import submit
     from qe_factory.workflow.home import embedded_file
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, load_results, status_report
@@ -166,6 +170,9 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     launchpad, store = get_launchpad(), get_jobstore()
     uids = [uid for uid, _ in structures]
     print(f"factory home {home}; LaunchPad {embedded_file(home) or 'MongoDB'}; {len(structures)} structures")
+    if not args.no_e0s:
+        for line in _submit_references([atoms for _, atoms in structures], config, launchpad, store):
+            print(line)
     for uid, atoms in structures:
         atoms.info["uid"] = uid
     report = submit([atoms for _, atoms in structures], config, launchpad=launchpad, store=store,
@@ -181,6 +188,8 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     ours, told = set(uids), set()
 
     def finished(uid: str, state: str) -> None:
+        if REFERENCE_UID.match(uid or "") and state == "COMPLETED":  # an isolated-atom reference (E0)
+            tqdm.write(summary_line(load_results(store, [uid])[0]))
         if uid not in ours:
             return
         progress.update(1)
@@ -199,11 +208,42 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     for failure in failures:
         if failure["uid"] not in told:  # failed before this run
             print(failure_line(failure))
-    written = write_training_set(results, args.output, args.include_marked, args.format, args.config_type)
+    written = _export(results + _reference_results(store), args)
     print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(report.refused)} refused; "
           f"{len(uids) - len(results) - len(failures) - len(report.refused)} neither (duplicates of another uid, "
           "or waiting)")
     return 0 if written == len(uids) else 1
+
+
+def _submit_references(structures: list, config: DFTConfig, launchpad, store, resources=None) -> list[str]:
+    """Submit the isolated-atom references (E0s) the structures need and have none yet; lines saying so."""
+    from qe_factory.workflow.references import structure_references, submit_references
+
+    reports = submit_references(structure_references(structures, config).values(), launchpad, store, resources)
+    lines = [f"{uid:<24} REFUSED {why}" for report in reports for uid, why in report.refused.items()]
+    added = sum(len(report.fw_ids) + len(report.queued) for report in reports)
+    return lines + ([f"{added} isolated-atom reference(s) (E0s) submitted ahead of the structures"] if added else [])
+
+
+def _reference_results(store) -> list[DFTResult]:
+    from qe_factory.engine.references import REFERENCE_UID
+    from qe_factory.workflow.launchpad import load_results
+
+    return [r for r in load_results(store) if REFERENCE_UID.match(r.uid)]
+
+
+def _export(results: Iterable[DFTResult], args: argparse.Namespace) -> int:
+    """Write labels and their E0s (references.write_labels), say where the E0s went; the labels written."""
+    from qe_factory.engine.references import mace_e0s, write_labels
+
+    output = args.output
+    export = write_labels(list(results), output, args.include_marked, args.format, args.config_type)
+    if export.e0s_file is not None:
+        print(f"E0s of {', '.join(export.e0s)} as IsolatedAtom frames in {output} and in {export.e0s_file}: "
+              f"mace_run_train ... --E0s='{mace_e0s(export.e0s)}'")
+    for element, why in export.missing.items():
+        print(f"no E0 for {element}: {why}")
+    return export.labels
 
 
 def status(args: argparse.Namespace) -> int:
@@ -287,17 +327,59 @@ def report(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     """Write the validated results as an extxyz training set."""
-    from qe_factory.engine.results import write_training_set
+    from qe_factory.engine.references import is_reference
     from qe_factory.workflow.home import activate
     from qe_factory.workflow.launchpad import get_jobstore, load_results
 
     activate(args.home)
 
     results = load_results(get_jobstore())
-    written = write_training_set(progress_bar(results, "export"), args.output, args.include_marked, args.format,
-                                 args.config_type)
-    print(f"{written} of {len(results)} results written to {args.output} ({args.format})")
+    written = _export(progress_bar(results, "export"), args)
+    print(f"{written} of {sum(not is_reference(r) for r in results)} results written to {args.output} ({args.format})")
     return 0
+
+
+def e0s(args: argparse.Namespace) -> int:
+    """Compute the isolated-atom energies (E0s) of ELEMENTS with the config's settings (its cutoffs, else each
+    element's own), once per element and settings, through the home's workflows (recovery, parallel workers), and
+    print them."""
+    from qe_factory.engine.references import element_references
+    from qe_factory.workflow.coordinator import command_line, coordinate
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, status_report
+    from qe_factory.workflow.references import stored_e0s, submit_references
+    from qe_factory.workflow.worker import local_slots, run_worker
+
+    home = activate(args.home)
+    config = _config(args)
+    try:
+        references = element_references(args.elements, config)
+    except (*REFUSALS, ValueError) as exc:
+        print(f"qe-factory: {exc}", file=sys.stderr)
+        return 2
+    log = None if args.verbose else home / "logs" / "worker.log"
+    with coordinate(home, command_line()):
+        launchpad, store = get_launchpad(), get_jobstore()
+        pending = len(references) - len(stored_e0s(store, references))
+        for report in submit_references(references, launchpad, store):
+            for uid, why in report.refused.items():
+                print(f"{uid:<24} REFUSED {why}")
+        if pending:  # references first (REFERENCE_PRIORITY); no new work once they are done
+            slots = local_slots(config.execution, args.parallel, pending, log)
+            run_worker(launchpad, max_structures=pending, launch_root=home / "launches", execution=config.execution,
+                       log=log, slots=slots)
+        failures = {f["uid"]: f for f in status_report(launchpad)["failures"]}
+    done = stored_e0s(store, references)
+    print(f"{'element':<8} {'E0 (eV)':>16} {'moment':>7} {'attempts':>8}  settings key")
+    for ref in references:
+        if ref.uid in done:
+            e0 = done[ref.uid]
+            moment = "-" if e0.magnetization is None else f"{e0.magnetization:.2f}"
+            print(f"{ref.element:<8} {e0.energy:16.6f} {moment:>7} {e0.attempts:>8}  {ref.key[:12]}")
+        else:
+            why = failures.get(ref.uid, {}).get("message") or "not computed (see qe-factory status)"
+            print(f"{ref.element:<8} {'FAILED':>16} {'':>7} {'':>8}  {ref.key[:12]}  {why}")
+    return 0 if len(done) == len(references) else 1
 
 
 def rerun_lost(args: argparse.Namespace) -> int:
@@ -494,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("submit", submit_cmd, "add workflows to the LaunchPad", True, True)
     p.add_argument("--ntasks", type=int, help="MPI ranks per structure (SLURM, qlaunch -r)")
     p.add_argument("--walltime", help="wall time per SCF job, HH:MM:SS (SLURM, qlaunch -r)")
+    p.add_argument("--no-e0s", action="store_true", help="do not add the isolated-atom references (E0s)")
     p = command("worker", worker, "run READY Fireworks in this process")
     p.add_argument("-c", "--config", help="YAML whose execution settings (command, mpi_ranks, timeout, work_dir, ...) "
                    "this worker uses; what is computed comes with each workflow")
@@ -503,11 +586,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", run, "submit + run locally + export (the whole pipeline)", True, True, True)
     p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     training_set_options(p)
+    p.add_argument("--no-e0s", action="store_true", help="do not compute the isolated-atom references (E0s) first")
+    p = command("e0s", e0s, "isolated-atom energies (E0s) of elements, computed once per settings", config=True)
+    p.add_argument("elements", nargs="+", help="chemical symbols, e.g. Fe O H")
+    p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     command("status", status, "every structure seen, by outcome; failures with reasons")
     command("show", show, "one structure's whole story: every attempt and its label").add_argument("uid")
     command("report", report, "an HTML page of the home's outcomes, labels and recovery").add_argument(
         "-o", "--output", default="report.html", help="the HTML file (default report.html)")
-    training_set_options(command("export", export, "write validated results as a training set", output=True))
+    training_set_options(command("export", export, "write validated results as a training set, and their E0s beside "
+                                 "it", output=True))
     p = command("qlaunch", qlaunch, "SLURM worker jobs for this home, e.g. qe-factory qlaunch rapidfire -m 8")
     p.add_argument("qlaunch_args", nargs=argparse.REMAINDER, help="arguments for qlaunch")
     p = command("launch-offline", launch_offline, "run one reserved Firework offline (what a SLURM job runs)")

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from qe_factory.engine.config import NAMELISTS, DFTConfig
 from qe_factory.engine.pseudos import PseudoFamily, ResolvedPseudo, load_family, resolve_pseudos
 
+LONE_ATOM_CONV_THR = 1e-8  # Ry: the tightest SCF threshold asked of a lone atom in a box (see generate)
 # Elements that get a spin-polarised start when the Atoms carry no initial moments (μB per atom).
 MAGNETIC_MOMENTS = {"Cr": 5.0, "Mn": 5.0, "Fe": 5.0, "Co": 5.0, "Ni": 5.0, "Gd": 7.0}
 
@@ -73,19 +74,20 @@ def irreducible_kpoint_count(kpts: tuple[int, int, int]) -> int:
 
 
 def starting_moments(atoms: Atoms, valence: np.ndarray, isolated: bool) -> np.ndarray | None:
-    """Initial moments (μB per atom), or None for a spin-restricted run: the Atoms' own if set; else defaults for
-    magnetic elements; else Hund's-rule moment of a lone atom in vacuum; else 1 μB per atom when the valence
-    electrons are odd in number (an open shell has a spin-polarised ground state)."""
+    """Initial moments (μB per atom), or None for a spin-restricted run: the Atoms' own if set; else a lone atom's
+    Hund's-rule moment (in vacuum: an E0 reference); else defaults for magnetic elements; else 1 μB per atom when the
+    valence electrons are odd in number (an open shell has a spin-polarised ground state)."""
     if atoms.has("initial_magmoms"):
         moments = np.asarray(atoms.get_initial_magnetic_moments(), dtype=float)
         if moments.ndim != 1:
             raise InputError("non-collinear initial magnetic moments are not supported")
         return moments if np.any(moments != 0) else None
+    if isolated and len(atoms) == 1:  # a lone atom: its own Hund's-rule moment (Fe 4, Ni 2, Cr 6, Cu 1 μB)
+        hund = float(ground_state_magnetic_moments[atoms.numbers[0]])
+        return np.array([hund]) if hund > 0 else None
     moments = np.array([MAGNETIC_MOMENTS.get(s, 0.0) for s in atoms.get_chemical_symbols()])
     if np.any(moments):
         return moments
-    if isolated and len(atoms) == 1 and ground_state_magnetic_moments[atoms.numbers[0]] > 0:
-        return np.array([float(ground_state_magnetic_moments[atoms.numbers[0]])])
     if round(float(valence.sum())) % 2 == 1:
         return np.ones(len(atoms))
     return None
@@ -134,9 +136,13 @@ class InputGenerator:
         }
         if any(vacuum):  # gentler mixing across vacuum; local-TF damps a slab's charge sloshing (it stalls atoms)
             electrons.update(mixing_beta=min(cfg.mixing_beta, 0.3), mixing_mode="plain" if all(vacuum) else "local-TF")
-        if all(vacuum) and len(atoms) == 1 and moments is not None and not atoms.has("initial_magmoms"):
-            # a lone atom (an E0 reference): its Hund's-rule spin, fixed — a floating moment stalls its SCF
-            system["tot_magnetization"] = float(moments[0])
+        if all(vacuum) and len(atoms) == 1:  # a lone atom (an E0 reference): only its energy is a label
+            # the SCF noise floor of a large box at high cutoff: Cr (50/460 Ry) and Cu (50/400) in the 10 Å box
+            # stall between 3e-9 and 1e-8 Ry, never reaching 2e-10; 1e-8 Ry is 1.4e-7 eV
+            electrons["conv_thr"] = max(electrons["conv_thr"], LONE_ATOM_CONV_THR)
+            if moments is not None and not atoms.has("initial_magmoms"):
+                # its Hund's-rule spin, fixed — a floating moment stalls its SCF
+                system["tot_magnetization"] = float(moments[0])
         parameters = _merge({"control": control, "system": system, "electrons": electrons}, cfg.pw_parameters)
         parameters = _merge(parameters, params or {})
         if parameters["control"]["calculation"] != "scf":

@@ -138,7 +138,7 @@ def db_key_value_pairs(result: DFTResult, config_type: str | None = None) -> dic
 
 def write_training_set(
     results: Iterable[DFTResult], path, include_marked: bool = False, format: str = "mace-extxyz",
-    config_type: str | None = None,
+    config_type: str | None = None, references: Iterable[DFTResult] = (),
 ) -> int:
     """Write the labelled structures as a training set (the file is made anew); returns how many.
 
@@ -146,6 +146,8 @@ def write_training_set(
     stress), "ase-db" (an ASE database: ASE's keys, db_key_value_pairs as columns, every pw.x parameter in its data).
     Only sanitized results; those made with settings other than the nominal ones (label_deviations) are left out
     unless `include_marked`. Failures have no label and are not written. `config_type` for structures without one.
+    `references` (isolated-atom results, the E0s) go first as `config_type=IsolatedAtom` frames (MACE's convention:
+    it takes them as its E0s and does not train on them); they are not counted.
     """
     from pathlib import Path
 
@@ -154,19 +156,23 @@ def write_training_set(
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown training-set format {format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     keep = (r for r in results if r.succeeded and (include_marked or r.nominal_settings))
+    isolated = [(reference, "IsolatedAtom") for reference in references]
     Path(path).unlink(missing_ok=True)
     count = 0
     if format == "ase-db":
         from ase.db import connect
 
         with connect(path, type="db", append=False) as db:  # one transaction
-            for result in keep:
-                db.write(training_atoms(result, True, config_type), key_value_pairs=db_key_value_pairs(
-                    result, config_type), data={"parameters": result.parameters})
-                count += 1
+            for result, kind in [*isolated, *((r, config_type) for r in keep)]:
+                db.write(training_atoms(result, True, kind), key_value_pairs=db_key_value_pairs(result, kind),
+                         data={"parameters": result.parameters})
+                count += kind != "IsolatedAtom"
         return count
     with open(path, "w") as handle:
-        for result in keep:
-            write(handle, training_atoms(result, format == "nequip-extxyz", config_type), format="extxyz")
-            count += 1
+        for result, kind in [*isolated, *((r, config_type) for r in keep)]:
+            atoms = training_atoms(result, format == "nequip-extxyz", kind)
+            if kind == "IsolatedAtom":
+                atoms.info["config_type"] = kind
+            write(handle, atoms, format="extxyz")
+            count += kind != "IsolatedAtom"
     return count

@@ -64,12 +64,14 @@ def submit(
     store=None,
     recovery: RecoveryHandler | None = None,
     progress: Progress | None = None,
+    priority: int = 0,
 ) -> SubmitReport:
     """Add one workflow per structure to the LaunchPad in bulk; bad structures are refused one by one.
 
     A structure with the same geometry and settings as one already in the LaunchPad (or with a result in `store`,
     a JobStore) is reported, not added. `config` (its physics; execution settings stay with the workers) and
-    `recovery` (default RecoveryHandler(), or your subclass) travel with every workflow.
+    `recovery` (default RecoveryHandler(), or your subclass) travel with every workflow; `priority` is added to
+    their Fireworks' `_priority` (jobs.REFERENCE_PRIORITY for isolated-atom references).
 
     With the embedded LaunchPad (no MongoDB), the workflows go through the home's inbox (files of POST_FILE_SIZE):
     this process, as the home's coordinator, takes in as many as keep the LaunchPad at LAUNCHPAD_WORKFLOWS
@@ -85,12 +87,14 @@ def submit(
     progress = progress or no_progress
     store = store if store is not None else get_jobstore()
     home = factory_home()
-    report = _submit(structures, config, launchpad, resources, uid_prefix, store, recovery, home, progress)
+    report = _submit(structures, config, launchpad, resources, uid_prefix, store, recovery, home, progress, priority)
     record_refusals(home, report.refused, report.formulas)  # status, show and report tell them later
     return report
 
 
-def _submit(structures, config, launchpad, resources, uid_prefix, store, recovery, home, progress) -> SubmitReport:
+def _submit(
+    structures, config, launchpad, resources, uid_prefix, store, recovery, home, progress, priority
+) -> SubmitReport:
     from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, coordinate, holder, take_in
     from qe_factory.workflow.fireworks_adapter import embedded_store
     from qe_factory.workflow.home import embedded_file
@@ -100,18 +104,18 @@ def _submit(structures, config, launchpad, resources, uid_prefix, store, recover
         launchpad = get_launchpad()
     if launchpad is not None and embedded_store(launchpad) is None:  # MongoDB: straight in, in bulk
         report, workflows = build_workflows(structures, config, launchpad, store, resources, uid_prefix, recovery,
-                                            progress)
+                                            progress, priority)
         add_workflows(launchpad, report, workflows)
         return report
     if launchpad is None and holder(home) is not None:  # another process coordinates the home
         report, planned = plan_workflows(structures, config, get_launchpad(read_only=True), store, uid_prefix,
                                          progress)
-        post_planned(home, report, progress(planned, "workflows"), config, resources, recovery)
+        post_planned(home, report, progress(planned, "workflows"), config, resources, recovery, priority)
         return report
     with coordinate(home, "submit"):
         launchpad = launchpad or get_launchpad()
         report, planned = plan_workflows(structures, config, launchpad, store, uid_prefix, progress)
-        post_planned(home, report, progress(planned, "workflows"), config, resources, recovery)
+        post_planned(home, report, progress(planned, "workflows"), config, resources, recovery, priority)
         intakes = take_in(home, launchpad, save_launchpad, store, LAUNCHPAD_WORKFLOWS)
     added = {uid: ids for intake in intakes for uid, ids in intake.added.items()}
     report.fw_ids = {uid: added[uid] for uid in report.queued if uid in added}
@@ -120,12 +124,13 @@ def _submit(structures, config, launchpad, resources, uid_prefix, store, recover
     return report
 
 
-def post_planned(home: Path, report: SubmitReport, planned: Iterable[Planned], config, resources, recovery) -> None:
+def post_planned(home: Path, report: SubmitReport, planned: Iterable[Planned], config, resources, recovery,
+                 priority: int = 0) -> None:
     """Make the planned workflows and write them to the inbox one at a time (never all in memory)."""
     from qe_factory.workflow.coordinator import post
 
     def workflows() -> Iterator:
-        for uid, workflow in make_workflows(planned, config, resources, recovery):
+        for uid, workflow in make_workflows(planned, config, resources, recovery, priority):
             report.queued.append(uid)
             yield workflow
 
@@ -151,13 +156,13 @@ class Planned(NamedTuple):
 
 def build_workflows(
     structures, config: DFTConfig, launchpad, store, resources=None, uid_prefix: str = "s",
-    recovery: RecoveryHandler | None = None, progress: Progress | None = None,
+    recovery: RecoveryHandler | None = None, progress: Progress | None = None, priority: int = 0,
 ) -> tuple[SubmitReport, list]:
     """The report (refusals, duplicates against the batch, the LaunchPad and the JobStore) and the (uid, Workflow)
     pairs to add, all made at once (`plan_workflows` then `make_workflows` makes them one at a time)."""
     progress = progress or no_progress
     report, planned = plan_workflows(structures, config, launchpad, store, uid_prefix, progress)
-    return report, list(make_workflows(progress(planned, "workflows"), config, resources, recovery))
+    return report, list(make_workflows(progress(planned, "workflows"), config, resources, recovery, priority))
 
 
 def plan_workflows(
@@ -216,7 +221,8 @@ def plan_workflows(
 
 
 def make_workflows(
-    planned: Iterable[Planned], config: DFTConfig, resources=None, recovery: RecoveryHandler | None = None
+    planned: Iterable[Planned], config: DFTConfig, resources=None, recovery: RecoveryHandler | None = None,
+    priority: int = 0,
 ) -> Iterator[tuple[str, Any]]:
     """(uid, Workflow) of each planned structure, made as they are asked for: a bulk submission streamed to the
     inbox (`coordinator.post`) never holds them all."""
@@ -224,6 +230,6 @@ def make_workflows(
 
     maker = LabelMaker(config=config, recovery=recovery or RecoveryHandler())
     for uid, atoms, key in planned:
-        flow = maker.make(atoms, uid, resources, key)
+        flow = maker.make(atoms, uid, resources, key, priority)
         # the Flow's references are all its own (LabelMaker.make): no need for jobflow to serialise it to check
         yield uid, flow_to_workflow(flow, allow_external_references=True, metadata={"uid": uid, "qe_factory_key": key})

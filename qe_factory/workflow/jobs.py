@@ -23,6 +23,7 @@ from qe_factory.engine.structure import StructureDoc
 from qe_factory.workflow.home import worker_execution
 
 PRIORITY = {"inputs": 1, "scf": 2, "validate": 3}  # depth-first: a worker finishes one structure before the next
+REFERENCE_PRIORITY = 10  # added to an isolated-atom reference's (E0) stages: they run before the structures
 
 
 class ScfSetup(Document):
@@ -51,17 +52,19 @@ class LabelMaker(Maker):
         return replace(self)
 
     def make(
-        self, atoms: Atoms, uid: str, resources: dict[str, Any] | None = None, key: str | None = None
+        self, atoms: Atoms, uid: str, resources: dict[str, Any] | None = None, key: str | None = None,
+        priority: int = 0,
     ) -> Flow:
         """inputs → scf → validate for `atoms`. `resources` (e.g. {"ntasks": 4, "walltime": "02:00:00"}) go to the
-        SCF job's `_queueadapter` (qlaunch -r); `key` (the calculation's identity) to every job's metadata."""
+        SCF job's `_queueadapter` (qlaunch -r); `key` (the calculation's identity) to every job's metadata;
+        `priority` is added to every stage's FireWorks `_priority` (REFERENCE_PRIORITY: before the structures)."""
         inputs = self.inputs(StructureDoc.from_atoms(atoms), uid)
         scf = self.scf(inputs.output)
         check = self.validate(inputs.output, scf.output)
         for stage, step in (("inputs", inputs), ("scf", scf), ("validate", check)):
             step.name = f"{stage} {uid}" if stage != "scf" else f"scf {uid} attempt 1"
             step.metadata = {"uid": uid, "stage": stage, "qe_factory_key": key}
-            manager_config: dict[str, Any] = {"_priority": PRIORITY[stage]}
+            manager_config: dict[str, Any] = {"_priority": PRIORITY[stage] + priority}
             if resources and stage == "scf":
                 manager_config["_queueadapter"] = dict(resources)
             step.update_config({"manager_config": manager_config})

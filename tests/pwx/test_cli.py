@@ -52,7 +52,7 @@ def test_compute_labels_good_structures_and_reports_every_one(tmp_path):
 def test_run_again_recomputes_nothing_and_export_gives_the_same_labels(tmp_path):
     write(tmp_path / "in.extxyz", frames(1, 2))
     (tmp_path / "fast.yaml").write_text(FAST)
-    first = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "labels.extxyz")
+    first = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "labels.extxyz", "--no-e0s")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Starting job" not in first.stdout + first.stderr  # FireWorks' and jobflow's lines go to the log
     assert "Starting job - scf si-1 attempt 1" in (tmp_path / "factory" / "logs" / "worker.log").read_text()
@@ -62,7 +62,7 @@ def test_run_again_recomputes_nothing_and_export_gives_the_same_labels(tmp_path)
     # the -c file's execution settings (mpi_ranks: 1) are the in-process worker's, on a machine with more cores
     assert all("running on     1 processors" in p.read_text() for p in outputs)
 
-    again = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "again.extxyz")
+    again = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "again.extxyz", "--no-e0s")
     assert again.returncode == 0, again.stdout + again.stderr
     assert sorted((tmp_path / "factory" / "runs").glob("run_*/attempt_*/pw.out")) == outputs
     assert [p.stat().st_mtime_ns for p in outputs] == stamps  # no pw.x ran the second time
@@ -80,7 +80,7 @@ def test_run_again_recomputes_nothing_and_export_gives_the_same_labels(tmp_path)
         np.testing.assert_array_equal(atoms.info["REF_stress"], reference.info["REF_stress"])
     # the same uids with another smearing: one uid, one label — refused by name, nothing computed
     (tmp_path / "other.yaml").write_text(FAST + "degauss: 0.03\n")
-    other = qe_factory(tmp_path, "run", "in.extxyz", "-c", "other.yaml", "-o", "other.extxyz")
+    other = qe_factory(tmp_path, "run", "in.extxyz", "-c", "other.yaml", "-o", "other.extxyz", "--no-e0s")
     assert other.returncode == 1 and other.stdout.count("already has a label") == 2, other.stdout
     assert sorted((tmp_path / "factory" / "runs").glob("run_*/attempt_*/pw.out")) == outputs
     assert "2 of 2 results written" in qe_factory(tmp_path, "export", "-o", "again.extxyz").stdout

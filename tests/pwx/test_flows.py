@@ -136,7 +136,7 @@ def test_qe_factory_run_on_the_bundled_example(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
     run = subprocess.run(
         [str(BIN / "qe-factory"), "run", str(REPO / "examples" / "structures.extxyz"), "-c", str(config),
-         "-o", "labels.extxyz"],
+         "-o", "labels.extxyz", "--no-e0s"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr

@@ -48,7 +48,8 @@ def test_run_parallel_two_packs_structures_and_keeps_recovery(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in FACTORY_ENV}
     run = subprocess.Popen(
         [str(BIN / "qe-factory"), "--home", str(home), "run", "six.extxyz", "-c", "config.yaml", "-o", "labels.extxyz",
-         "--parallel", "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "--parallel", "2", "--no-e0s"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
     )
     most = 0
     while run.poll() is None:  # watch the process table for as long as the run lasts

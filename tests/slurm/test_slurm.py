@@ -92,7 +92,8 @@ def submit(home: Path, tmp_path: Path, structures: dict[str, Atoms], config: dic
     write(tmp_path / f"{name}.extxyz", frames)
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
     if recovery is None:
-        out = factory(home, "submit", str(tmp_path / f"{name}.extxyz"), "-c", str(tmp_path / f"{name}.yaml"))
+        out = factory(home, "submit", str(tmp_path / f"{name}.extxyz"), "-c", str(tmp_path / f"{name}.yaml"),
+                      "--no-e0s")
     else:
         code = (
             f"from qe_factory.workflow.home import activate; activate({str(home)!r}); "

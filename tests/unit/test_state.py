@@ -50,7 +50,7 @@ def factory(tmp_path) -> Path:
     home = tmp_path / "home"
     write(tmp_path / "two.extxyz", [rattled_si(1), rattled_si(2)])
     (tmp_path / "fast.yaml").write_text(FAST)
-    submitted = qef(home, "submit", str(tmp_path / "two.extxyz"), "-c", str(tmp_path / "fast.yaml"))
+    submitted = qef(home, "submit", str(tmp_path / "two.extxyz"), "-c", str(tmp_path / "fast.yaml"), "--no-e0s")
     assert "2 added" in submitted.stdout, submitted.stdout + submitted.stderr
     return home
 
@@ -87,7 +87,7 @@ def test_writers_beside_a_coordinator_are_refused_or_queued(factory, tmp_path):
         count = qef(factory, "lpad", "get_wflows", "-d", "count")  # reading beside it is fine
         assert count.returncode == 0 and count.stdout.strip() == "2"
         write(tmp_path / "more.extxyz", [rattled_si(3), rattled_si(1)])
-        queued = qef(factory, "submit", str(tmp_path / "more.extxyz"), "-c", str(tmp_path / "fast.yaml"))
+        queued = qef(factory, "submit", str(tmp_path / "more.extxyz"), "-c", str(tmp_path / "fast.yaml"), "--no-e0s")
         assert queued.returncode == 0 and "1 queued in" in queued.stdout and "1 duplicates" in queued.stdout
         status = qef(factory, "status").stdout
         assert f"coordinator: PID {pid}" in status and "inbox: 1 submission(s) waiting" in status

@@ -1,0 +1,105 @@
+"""Isolated-atom references (E0s) with real pw.x: an iron atom at Γ with its Hund moment, the Python call, and the
+factory path — `run` computes the E0s first, exports them as MACE reads them, and never computes them again.
+
+Low cutoffs (25/200 Ry, allow_low_cutoffs) keep these runs short; the nominal-cutoff figures are in
+benchmarks/e0s.py and the README.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ase.build import molecule
+from ase.io import read, write
+
+from qe_factory import DFTConfig, QERunner
+from qe_factory.engine.references import E0, compute_e0s, e0_uid, isolated_atom, settings_key
+from qe_factory.workflow.home import activate
+from qe_factory.workflow.launchpad import get_jobstore
+from qe_factory.workflow.references import reference_energies
+
+BIN = Path(sys.executable).parent
+FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
+FAST = "ecutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmpi_ranks: 1\n"
+
+
+def qe_factory(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
+    return subprocess.run([str(BIN / "qe-factory"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.xfail(reason="not solved yet: the lone Fe atom's SCF bounces between 1e-3 and 2e-2 Ry (s-d occupations) "
+                   "with plain beta 0.3, beta 0.1 (plain or local-TF), nbnd 20 and degauss 0.05 alike (README, E0s)")
+def test_an_isolated_iron_atom_runs_at_gamma_with_its_hund_moment(fast_config):
+    runner = QERunner(fast_config)
+    key = settings_key("Fe", generator=runner.generator)
+    result = runner.run(isolated_atom("Fe", fast_config), uid=e0_uid("Fe", key))
+    assert result.succeeded and result.kpoints == [1, 1, 1] and result.vacuum_axes == ["a", "b", "c"]
+    assert "K_POINTS gamma" in (Path(result.attempts[0].directory) / "pw.in").read_text()
+    assert result.parameters["system"]["nspin"] == 2
+    assert result.total_magnetization == pytest.approx(4.0, abs=0.05)  # 3d6 4s2, not the bulk default of 5 μB
+
+
+def test_compute_e0s_returns_the_e0_record(fast_config):
+    (e0,) = compute_e0s(["H", "H"], fast_config).values()  # asked twice, computed once
+    assert isinstance(e0, E0) and e0.element == "H" and e0.atomic_number == 1
+    assert e0.uid == e0_uid("H", settings_key("H", fast_config)) and e0.settings_key.startswith(e0.uid[-12:])
+    assert -14.5 < e0.energy < -12.5  # the hydrogen atom: -13.6 eV, give or take the PAW set and low cutoff
+    assert e0.magnetization == pytest.approx(1.0, abs=0.01) and e0.attempts >= 1 and e0.scf_iterations > 0
+    assert e0.pseudo_file == "H.pbe-kjpaw.UPF" and len(e0.pseudo_md5) == 32
+
+
+def mace_e0s_from_training_file(path: Path) -> dict[int, float]:
+    """What MACE's data loader takes from a training file: single-atom frames with config_type=IsolatedAtom."""
+    return {int(a.numbers[0]): a.info["REF_energy"] for a in read(path, index=":")
+            if len(a) == 1 and a.info.get("config_type") == "IsolatedAtom"}
+
+
+def test_run_computes_the_e0s_first_exports_them_for_mace_and_never_again(tmp_path, monkeypatch):
+    water = molecule("H2O", vacuum=4.0)
+    water.pbc = True
+    water.info["uid"] = "water"
+    write(tmp_path / "in.extxyz", [water])
+    (tmp_path / "fast.yaml").write_text(FAST)
+    first = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "labels.extxyz")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 isolated-atom reference(s) (E0s) submitted ahead of the structures" in first.stdout
+    log = (tmp_path / "factory" / "logs" / "worker.log").read_text()
+    starts = [m.group(1) for m in re.finditer(r"Starting job - scf (\S+) attempt 1", log)]
+    assert sorted(starts[:2]) == sorted(u for u in starts if u.startswith("e0-")) and starts[2] == "water"
+
+    labels = read(tmp_path / "labels.extxyz", index=":")
+    assert [a.info["uid"] for a in labels if len(a) > 1] == ["water"]
+    from_file = mace_e0s_from_training_file(tmp_path / "labels.extxyz")
+    assert sorted(from_file) == [1, 8] and all(e < 0 for e in from_file.values())
+    as_json = json.loads((tmp_path / "labels.e0s.json").read_text())  # MACE: --E0s=labels.e0s.json
+    assert {int(z): e for z, e in as_json.items()} == from_file
+    printed = re.search(r"--E0s='(\{.*\})'", first.stdout).group(1)  # MACE: --E0s='{1: ..., 8: ...}'
+    assert ast.literal_eval(printed) == from_file
+
+    runs = sorted((tmp_path / "factory" / "runs").glob("run_*/attempt_*/pw.out"))
+    again = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "labels.extxyz")
+    assert again.returncode == 0 and "submitted ahead" not in again.stdout, again.stdout + again.stderr
+    table = qe_factory(tmp_path, "e0s", "O", "H", "-c", "fast.yaml")
+    assert table.returncode == 0, table.stdout + table.stderr
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
+    assert float(rows["H"][1]) == pytest.approx(from_file[1]) and float(rows["O"][2]) == pytest.approx(2.0, abs=0.01)
+    assert sorted((tmp_path / "factory" / "runs").glob("run_*/attempt_*/pw.out")) == runs  # nothing recomputed
+
+    exported = qe_factory(tmp_path, "export", "-o", "again.extxyz")
+    assert exported.returncode == 0 and "1 of 1 results written" in exported.stdout, exported.stdout
+    assert mace_e0s_from_training_file(tmp_path / "again.extxyz") == from_file
+
+    for key in FACTORY_ENV:  # activate() below sets them: restored after the test
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    activate(tmp_path / "factory")
+    config = DFTConfig.from_yaml(tmp_path / "fast.yaml")
+    assert reference_energies(get_jobstore(), config, ["O", "H", "Si"]) == {"H": from_file[1], "O": from_file[8]}
