@@ -42,7 +42,7 @@ def factory(tmp_path) -> Path:
     (tmp_path / "fake.yaml").write_text(
         "kpoint_density: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmax_retries: 1\nmpi_ranks: 1\n"
         f"command: {sys.executable} {FAKE_PW}\n")
-    good = qef(tmp_path, "replay:si_scf", "run", structure_file(tmp_path, "si-good", 1), "-c", "fake.yaml")
+    good = qef(tmp_path, "replay:si_scf", "run", structure_file(tmp_path, "si-good", 1), "-c", "fake.yaml", "--no-e0s")
     assert good.returncode == 0, good.stdout + good.stderr
     return tmp_path / "home"
 
@@ -91,9 +91,9 @@ def test_webgui_shows_uids_states_and_reasons_fresh_beside_a_running_coordinator
 
     # a coordinator runs while the GUI is up: the GUI holds no lock, so it is not refused
     stubborn = structure_file(tmp_path, "si-stubborn", 2)
-    failed = qef(tmp_path, "replay:si_unconverged", "run", stubborn, "-c", "fake.yaml")
+    failed = qef(tmp_path, "replay:si_unconverged", "run", stubborn, "-c", "fake.yaml", "--no-e0s")
     assert failed.returncode == 1 and "FAILED at scf: SCF_NOT_CONVERGED" in failed.stdout, failed.stdout + failed.stderr
-    submitted = qef(tmp_path, "", "submit", structure_file(tmp_path, "si-waiting", 3), "-c", "fake.yaml")
+    submitted = qef(tmp_path, "", "submit", structure_file(tmp_path, "si-waiting", 3), "-c", "fake.yaml", "--no-e0s")
     assert "1 added" in submitted.stdout, submitted.stdout + submitted.stderr
     before = state_files(factory)
 
