@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +15,14 @@ from ase import Atoms
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.document import Document
 from qe_factory.engine.errors import DFTErrorType, Diagnosis, DiskFullError, classify, oom_kill_count
-from qe_factory.engine.inputs import InputError, InputGenerator, PwInput, irreducible_kpoint_count, render
+from qe_factory.engine.inputs import (
+    InputError,
+    InputGenerator,
+    PwInput,
+    high_spin_start,
+    irreducible_kpoint_count,
+    render,
+)
 from qe_factory.engine.parallel import (
     available_ranks,
     choose_pools,
@@ -36,7 +44,7 @@ from qe_factory.engine.recovery import (
     label_deviations,
     merge_parameters,
 )
-from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult
+from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult, MagneticBranch
 from qe_factory.engine.sanitize import cohesive_check, provenance_problems, sanitize, xml_problems
 from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, closest_contact
 
@@ -48,17 +56,7 @@ KEPT_FILES = ("pw.in", "pw.out", "pw.err", "CRASH", XML_NAME)  # what clean_scra
 # What `prepare` raises for input the factory refuses before pw.x runs (one structure, never the batch); InputError
 # includes the known traps and the memory budget (preflight.py).
 REFUSALS = (StructureError, PseudopotentialError, InputError)
-
-
-class RecoveryState(Document):
-    """Where a structure's retry loop stands; a document, so a workflow job can hand it to the next attempt."""
-
-    params: dict[str, dict[str, Any]] = {}  # lasting corrections (namelists, and "run" for the command line)
-    tried: list[str] = []
-    attempts: list[Attempt] = []
-    correction: Correction | None = None  # the correction applied before the next attempt (with its restart)
-    converged_output: PwOutput | None = None  # kept while a converged run is re-done at nominal settings
-    converged_input: PwInput | None = None
+HIGH_SPIN = "high-spin start"  # the magnetic branch check's second run (DFTConfig.magnetic_start)
 
 
 class ScfOutcome(Document):
@@ -68,6 +66,20 @@ class ScfOutcome(Document):
     output: PwOutput | None = None
     pw_input: PwInput | None = None
     failure: str | None = None
+    magnetic_branches: list[MagneticBranch] = []
+
+
+class RecoveryState(Document):
+    """Where a structure's retry loop stands; a document, so a workflow job can hand it to the next attempt."""
+
+    params: dict[str, dict[str, Any]] = {}  # lasting corrections (namelists, and "run": command line, magmoms)
+    tried: list[str] = []
+    attempts: list[Attempt] = []
+    correction: Correction | None = None  # the correction applied before the next attempt (with its restart)
+    converged_output: PwOutput | None = None  # kept while a converged run is re-done at nominal settings
+    converged_input: PwInput | None = None
+    branch: ScfOutcome | None = None  # the run from the Atoms' own moments, while a high-spin start runs
+    branch_start: int = 0  # attempts made before the current magnetic branch (each has its own recovery)
 
 
 def time_budget(timeout: float, allocation_left: float | None, margin: float = 30.0) -> float:
@@ -185,6 +197,9 @@ class QERunner:
         """The input of an attempt with lasting corrections `params` started as `restart` says, and its time budget
         (seconds)."""
         namelists = merge_parameters({nl: v for nl, v in params.items() if nl != "run"}, RESTART_PARAMETERS[restart])
+        if (start := params.get("run", {}).get("magmoms")) is not None:  # a magnetic branch's own start
+            atoms = atoms.copy()
+            atoms.set_initial_magnetic_moments(start)
         budget = time_budget(self.execution.timeout, seconds_left_in_allocation())
         pw_input = self.generator.generate(atoms, namelists)
         control = pw_input.parameters["control"]
@@ -297,6 +312,41 @@ class QERunner:
 
     def step(self, atoms: Atoms, uid: str, nominal: PwInput, state: RecoveryState) -> RecoveryState | ScfOutcome:
         """Run one attempt and decide: the state for the next attempt, or the outcome of the SCF stage."""
+        decided = self._attempt_step(atoms, uid, nominal, state)
+        if isinstance(decided, RecoveryState):  # the same magnetic branch goes on
+            return decided.model_copy(update={"branch": state.branch, "branch_start": state.branch_start})
+        return self._magnetic_check(atoms, uid, state, decided)
+
+    def _magnetic_check(
+        self, atoms: Atoms, uid: str, state: RecoveryState, outcome: ScfOutcome
+    ) -> RecoveryState | ScfOutcome:
+        """After the run from the Atoms' own moments: start a high-spin branch when one is due (magnetic_start='hint',
+        inputs.high_spin_start). After that branch: keep the lower-energy converged one, both recorded."""
+        if state.branch is None:
+            start = None
+            if self.config.magnetic_start == "hint" and outcome.output is not None:
+                start = high_spin_start(atoms, outcome.output.absolute_magnetization)
+            if start is None:
+                return outcome
+            log.warning("uid=%s converged with |M|=%s μB from its own start: checking a high-spin start %s",
+                        uid, outcome.output.absolute_magnetization, start)
+            correction = Correction(name=HIGH_SPIN, changes={"run": {"magmoms": start}})
+            return RecoveryState(params=apply_correction({}, correction), tried=[HIGH_SPIN], attempts=outcome.attempts,
+                                 correction=correction, branch=outcome, branch_start=len(outcome.attempts))
+        first = state.branch
+        keep_second = outcome.output is not None and _energy(outcome) < _energy(first)
+        kept = outcome if keep_second else first
+        branches = [
+            _branch(first, atoms.get_initial_magnetic_moments().tolist(), 1, not keep_second),
+            _branch(outcome, state.params["run"]["magmoms"], state.branch_start + 1, keep_second),
+        ]
+        return ScfOutcome(attempts=outcome.attempts, output=kept.output, pw_input=kept.pw_input,
+                          magnetic_branches=branches)
+
+    def _attempt_step(
+        self, atoms: Atoms, uid: str, nominal: PwInput, state: RecoveryState
+    ) -> RecoveryState | ScfOutcome:
+        """One attempt of the current magnetic branch: the state for its next attempt, or the branch's outcome."""
         correction = state.correction
         attempt, output, pw_input = self.run_attempt(
             atoms, self.run_dir(uid), len(state.attempts) + 1, state.params, correction
@@ -316,7 +366,7 @@ class QERunner:
             return ScfOutcome(attempts=attempts, output=state.converged_output, pw_input=state.converged_input)
         else:
             converged = (state.converged_output, state.converged_input)
-            max_attempts = self.config.max_retries if self.config.recoverable else 1
+            max_attempts = state.branch_start + (self.config.max_retries if self.config.recoverable else 1)
             correction = None
             if len(attempts) < max_attempts:
                 in_effect = {**pw_input.parameters, "run": {"pools": attempt.pools}}
@@ -344,6 +394,7 @@ class QERunner:
         base = dict(
             uid=uid, formula=atoms.get_chemical_formula(), structure=StructureDoc.from_atoms(atoms),
             attempts=attempts, wall_time=round(sum(a.wall_time for a in attempts), 3),
+            magnetic_branches=outcome.magnetic_branches,
         )
         if outcome.failure is not None:
             last = attempts[-1]
@@ -376,6 +427,21 @@ class QERunner:
             cohesive_energy=cohesive.cohesive_energy, not_judged=cohesive.not_judged, warnings=output.warnings,
             label_deviations=label_deviations(pw_input.parameters, nominal.parameters),
         )
+
+
+def _energy(outcome: ScfOutcome) -> float:
+    energy = outcome.output.energy if outcome.output is not None else None
+    return math.inf if energy is None else energy
+
+
+def _branch(outcome: ScfOutcome, start: list[float], first_attempt: int, kept: bool) -> MagneticBranch:
+    """The record of one magnetic branch: its start, attempts and where it converged (or why not)."""
+    output = outcome.output
+    return MagneticBranch(
+        start=start, attempts=list(range(first_attempt, len(outcome.attempts) + 1)), kept=kept,
+        energy=output and output.energy, total_magnetization=output and output.total_magnetization,
+        absolute_magnetization=output and output.absolute_magnetization, failure=outcome.failure,
+    )
 
 
 def deliver(result: DFTResult, raise_on_failure: bool) -> DFTResult:
