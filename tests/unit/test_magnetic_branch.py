@@ -111,3 +111,28 @@ def test_no_check_when_moments_are_given_or_started_high_spin(fe_runner, tmp_pat
     result = fe_runner("replay:fe_magnetic", magnetic_start=magnetic_start).run(atoms, uid="once")
     assert result.succeeded and len(result.attempts) == 1 and result.magnetic_branches == []
     assert (tmp_path / "calls").read_text() == "1"
+
+
+def test_the_high_spin_branch_runs_as_a_detour_firework(home, fast_config, monkeypatch, tmp_path):
+    """Through the workflow, FireWorks in-process: the high-spin run is attempt 2's detour, the result keeps both."""
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import rapidfire
+
+    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, load_results
+
+    monkeypatch.setenv("QE_FACTORY_COMMAND", f"{sys.executable} {FAKE_PW}")  # the worker's execution settings
+    monkeypatch.setenv("QE_FACTORY_MPI_RANKS", "1")
+    monkeypatch.setenv("FAKE_PW_PLAN", "replay:fe_magnetic")
+    monkeypatch.setenv("FAKE_PW_COUNTER", str(tmp_path / "calls"))
+    atoms = weak_fe()
+    atoms.info["uid"] = "fe"
+    launchpad = get_launchpad()
+    submit([atoms], fast_config.with_changes(ecutwfc=30, ecutrho=240), launchpad=launchpad)
+    rapidfire(launchpad, FWorker(), nlaunches=0, strm_lvl="ERROR")
+    detour = launchpad.fireworks.find_one({"name": "scf fe attempt 2"})
+    assert detour["state"] == "COMPLETED" and detour["spec"]["correction"] == "high-spin start"
+    assert detour["spec"]["run"] == {"magmoms": [5.0]}
+    (result,) = load_results(get_jobstore(), ["fe"])
+    assert result.succeeded and [b.start for b in result.magnetic_branches] == [[0.6], [5.0]]
+    assert (tmp_path / "calls").read_text() == "2"
