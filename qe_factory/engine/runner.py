@@ -436,12 +436,10 @@ def _energy(outcome: ScfOutcome) -> float:
 
 def _branch(outcome: ScfOutcome, start: list[float], first_attempt: int, kept: bool) -> MagneticBranch:
     """The record of one magnetic branch: its start, attempts and where it converged (or why not)."""
-    output = outcome.output
-    return MagneticBranch(
-        start=start, attempts=list(range(first_attempt, len(outcome.attempts) + 1)), kept=kept,
-        energy=output and output.energy, total_magnetization=output and output.total_magnetization,
-        absolute_magnetization=output and output.absolute_magnetization, failure=outcome.failure,
-    )
+    found = {} if outcome.output is None else outcome.output.model_dump(
+        include={"energy", "total_magnetization", "absolute_magnetization"})
+    return MagneticBranch(start=start, attempts=list(range(first_attempt, len(outcome.attempts) + 1)), kept=kept,
+                          failure=outcome.failure, **found)
 
 
 def deliver(result: DFTResult, raise_on_failure: bool) -> DFTResult:
