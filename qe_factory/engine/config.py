@@ -121,6 +121,11 @@ class DFTConfig(MSONProtocol, BaseSettings):
         0.5, ge=0, description="refuse atoms closer than this fraction of their covalent radii sum; a "
         "diagonalization failure below 1.5 times it is blamed on the geometry (not retried)"
     )
+    magnetic_start: Literal["hint", "given"] = Field(
+        "hint", description="the Atoms' initial moments: 'given' = run as given; 'hint' = also try a high-spin start "
+        "(same signs) when a start below the element's default moment or a collapsed moment suggests another "
+        "magnetic branch, and keep the lower-energy solution"
+    )
     sanitizer: SanitizerThresholds = Field(default_factory=SanitizerThresholds)
     pw_parameters: dict[Literal["control", "system", "electrons"], dict[str, Any]] = Field(
         default_factory=dict, description="extra pw.x namelist settings, e.g. {'electrons': {'electron_maxstep': 5}}"

@@ -21,6 +21,8 @@ from qe_factory.engine.pseudos import PseudoFamily, ResolvedPseudo, load_family,
 LONE_ATOM_CONV_THR = 1e-8  # Ry: the tightest SCF threshold asked of a lone atom in a box (see generate)
 # Elements that get a spin-polarised start when the Atoms carry no initial moments (μB per atom).
 MAGNETIC_MOMENTS = {"Cr": 5.0, "Mn": 5.0, "Fe": 5.0, "Co": 5.0, "Ni": 5.0, "Gd": 7.0}
+# Below this absolute magnetization per magnetic atom (μB) a converged moment has collapsed.
+COLLAPSED_MOMENT = 0.5
 
 
 class InputError(ValueError):
@@ -91,6 +93,27 @@ def starting_moments(atoms: Atoms, valence: np.ndarray, isolated: bool) -> np.nd
     if round(float(valence.sum())) % 2 == 1:
         return np.ones(len(atoms))
     return None
+
+
+def high_spin_start(atoms: Atoms, absolute_magnetization: float | None) -> list[float] | None:
+    """The start of the magnetic branch check after a run from the Atoms' own moments converged with
+    `absolute_magnetization` (μB per cell; None: spin-restricted), or None when no check is due.
+
+    Due for structures with magnetic elements whose given start was weak (some magnetic atom below its element's
+    default moment) or whose moment collapsed (below COLLAPSED_MOMENT per magnetic atom). The start: each magnetic
+    atom at its element's default moment with the sign it was given (an antiferromagnet stays one), the other atoms
+    as given. Atoms without initial moments already started high-spin (the defaults): no check."""
+    defaults = np.array([MAGNETIC_MOMENTS.get(s, 0.0) for s in atoms.get_chemical_symbols()])
+    magnetic = defaults > 0
+    if not magnetic.any() or not atoms.has("initial_magmoms"):
+        return None
+    given = np.asarray(atoms.get_initial_magnetic_moments(), dtype=float)
+    start = np.where(magnetic, np.where(given < 0, -defaults, defaults), given)
+    weak = bool(np.any(np.abs(given[magnetic]) < defaults[magnetic]))
+    collapsed = absolute_magnetization is None or absolute_magnetization / magnetic.sum() < COLLAPSED_MOMENT
+    if not (weak or collapsed) or np.allclose(start, given):
+        return None
+    return [float(m) for m in start]
 
 
 def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

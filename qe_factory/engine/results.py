@@ -32,6 +32,18 @@ class Attempt(Document):
     cpu_time: float | None = None  # as pw.x reports it (rank 0)
 
 
+class MagneticBranch(Document):
+    """One start of the magnetic branch check (`DFTConfig.magnetic_start='hint'`) and where it converged."""
+
+    start: list[float]  # initial moments, μB per atom
+    attempts: list[int]  # numbers of its attempts
+    energy: float | None = None  # eV
+    total_magnetization: float | None = None  # μB per cell
+    absolute_magnetization: float | None = None
+    failure: str | None = None  # why it gave no energy
+    kept: bool = False  # its output is the label
+
+
 class DFTResult(Document):
     """Energy (eV), forces (eV/Å, N×3) and stress (eV/Å³, 3×3, ASE sign) of one structure, or why not."""
 
@@ -62,6 +74,7 @@ class DFTResult(Document):
     not_judged: list[str] = []  # checks the sanitizer could not make, and why (e.g. no E0 for an element)
     warnings: list[str] = []  # pw.x's non-fatal messages (those that mean trouble are in problems)
     label_deviations: dict[str, tuple[Any, Any]] = {}
+    magnetic_branches: list[MagneticBranch] = []  # the starts tried when a magnetic branch was checked
     attempts: list[Attempt] = []
 
     @property

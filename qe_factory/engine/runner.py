@@ -15,7 +15,14 @@ from ase import Atoms
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.document import Document
 from qe_factory.engine.errors import DFTErrorType, Diagnosis, DiskFullError, classify, oom_kill_count
-from qe_factory.engine.inputs import InputError, InputGenerator, PwInput, irreducible_kpoint_count, render
+from qe_factory.engine.inputs import (
+    InputError,
+    InputGenerator,
+    PwInput,
+    high_spin_start,
+    irreducible_kpoint_count,
+    render,
+)
 from qe_factory.engine.parallel import (
     available_ranks,
     choose_pools,
@@ -45,7 +52,7 @@ from qe_factory.engine.recovery import (
     still_progressing,
     worse,
 )
-from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult
+from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult, MagneticBranch
 from qe_factory.engine.sanitize import cohesive_check, provenance_problems, sanitize, xml_problems
 from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, closest_contact
 
@@ -58,18 +65,7 @@ KEPT_FILES = ("pw.in", "pw.out", "pw.err", "CRASH", XML_NAME)  # what clean_scra
 # includes the known traps and the memory budget (preflight.py).
 REFUSALS = (StructureError, PseudopotentialError, InputError)
 SCF_ERRORS = (DFTErrorType.SCF_NOT_CONVERGED.name, DFTErrorType.BROYDEN_MIXING.name, DFTErrorType.PW_WALLTIME.name)
-
-
-class RecoveryState(Document):
-    """Where a structure's retry loop stands; a document, so a workflow job can hand it to the next attempt."""
-
-    params: dict[str, dict[str, Any]] = {}  # lasting corrections (namelists, and "run" for the command line)
-    tried: list[str] = []
-    attempts: list[Attempt] = []
-    correction: Correction | None = None  # the correction applied before the next attempt (with its restart)
-    before: dict[str, dict[str, Any]] = {}  # the lasting corrections before `correction` (dropped if it made worse)
-    converged_output: PwOutput | None = None  # kept while a converged run is re-done at nominal settings
-    converged_input: PwInput | None = None
+HIGH_SPIN = "high-spin start"  # the magnetic branch check's second run (DFTConfig.magnetic_start)
 
 
 class ScfOutcome(Document):
@@ -79,6 +75,21 @@ class ScfOutcome(Document):
     output: PwOutput | None = None
     pw_input: PwInput | None = None
     failure: str | None = None
+    magnetic_branches: list[MagneticBranch] = []
+
+
+class RecoveryState(Document):
+    """Where a structure's retry loop stands; a document, so a workflow job can hand it to the next attempt."""
+
+    params: dict[str, dict[str, Any]] = {}  # lasting corrections (namelists, and "run": command line, magmoms)
+    tried: list[str] = []
+    attempts: list[Attempt] = []
+    correction: Correction | None = None  # the correction applied before the next attempt (with its restart)
+    before: dict[str, dict[str, Any]] = {}  # the lasting corrections before `correction` (dropped if it made worse)
+    converged_output: PwOutput | None = None  # kept while a converged run is re-done at nominal settings
+    converged_input: PwInput | None = None
+    branch: ScfOutcome | None = None  # the run from the Atoms' own moments, while a high-spin start runs
+    branch_start: int = 0  # attempts made before the current magnetic branch (each has its own recovery)
 
 
 def time_budget(timeout: float, allocation_left: float | None, margin: float = 30.0) -> float:
@@ -236,6 +247,9 @@ class QERunner:
         """The input of an attempt with lasting corrections `params` started as `restart` says, and its time budget
         (seconds)."""
         namelists = merge_parameters({nl: v for nl, v in params.items() if nl != "run"}, RESTART_PARAMETERS[restart])
+        if (start := params.get("run", {}).get("magmoms")) is not None:  # a magnetic branch's own start
+            atoms = atoms.copy()
+            atoms.set_initial_magnetic_moments(start)
         budget = time_budget(self.execution.timeout, seconds_left_in_allocation())
         pw_input = self.generator.generate(atoms, namelists)
         control = pw_input.parameters["control"]
@@ -358,6 +372,42 @@ class QERunner:
 
     def step(self, atoms: Atoms, uid: str, nominal: PwInput, state: RecoveryState) -> RecoveryState | ScfOutcome:
         """Run one attempt and decide: the state for the next attempt, or the outcome of the SCF stage."""
+        decided = self._attempt_step(atoms, uid, nominal, state)
+        if isinstance(decided, RecoveryState):  # the same magnetic branch goes on
+            return decided.model_copy(update={"branch": state.branch, "branch_start": state.branch_start})
+        return self._magnetic_check(atoms, uid, state, decided)
+
+    def _magnetic_check(
+        self, atoms: Atoms, uid: str, state: RecoveryState, outcome: ScfOutcome
+    ) -> RecoveryState | ScfOutcome:
+        """After the run from the Atoms' own moments: start a high-spin branch when one is due (magnetic_start='hint',
+        inputs.high_spin_start). After that branch: keep the lower-energy converged one, both recorded."""
+        if state.branch is None:
+            start = None
+            if self.config.magnetic_start == "hint" and outcome.output is not None:
+                start = high_spin_start(atoms, outcome.output.absolute_magnetization)
+            if start is None:
+                return outcome
+            log.warning("uid=%s converged with |M|=%s μB from its own start: checking a high-spin start %s",
+                        uid, outcome.output.absolute_magnetization, start)
+            correction = Correction(name=HIGH_SPIN, changes={"run": {"magmoms": start}})
+            start_params = apply_correction({}, correction)  # (also `before`: a rung dropped never drops the start)
+            return RecoveryState(params=start_params, before=start_params, tried=[HIGH_SPIN], attempts=outcome.attempts,
+                                 correction=correction, branch=outcome, branch_start=len(outcome.attempts))
+        first = state.branch
+        keep_second = outcome.output is not None and _energy(outcome) < _energy(first)
+        kept = outcome if keep_second else first
+        branches = [
+            _branch(first, atoms.get_initial_magnetic_moments().tolist(), 1, not keep_second),
+            _branch(outcome, state.params["run"]["magmoms"], state.branch_start + 1, keep_second),
+        ]
+        return ScfOutcome(attempts=outcome.attempts, output=kept.output, pw_input=kept.pw_input,
+                          magnetic_branches=branches)
+
+    def _attempt_step(
+        self, atoms: Atoms, uid: str, nominal: PwInput, state: RecoveryState
+    ) -> RecoveryState | ScfOutcome:
+        """One attempt of the current magnetic branch: the state for its next attempt, or the branch's outcome."""
         correction = state.correction
         previous = state.attempts[-1] if state.attempts else None
         attempt, output, pw_input = self.run_attempt(
@@ -378,7 +428,8 @@ class QERunner:
             converged = (output, pw_input)
         elif finishing:  # the nominal-settings run failed: more steps if it was converging, else keep the converged
             converged = (state.converged_output, state.converged_input)  # result, marked with its settings
-            correction, _ = self._next_correction(atoms, error_type, params, state.tried, attempts, output)
+            correction, _ = self._next_correction(atoms, error_type, params, state.tried, attempts, output,
+                                                  state.branch_start)
             if correction is None or correction.name != STEPS:
                 return ScfOutcome(attempts=attempts, output=converged[0], pw_input=converged[1])
             correction = correction.model_copy(update={"restores_nominal": True})
@@ -393,7 +444,8 @@ class QERunner:
                 output.scf_accuracy, continued.final_scf_accuracy if continued else None
             ):
                 error_type = DFTErrorType.SCF_NOT_CONVERGED  # stalled: a restart would stall again; change the mixing
-            correction, why = self._next_correction(atoms, error_type, params, state.tried, attempts, output)
+            correction, why = self._next_correction(atoms, error_type, params, state.tried, attempts, output,
+                                                     state.branch_start)
             if correction is None:
                 return ScfOutcome(attempts=attempts, failure=f"{attempt.message} [gave up: {why}]")
             log.warning(
@@ -409,10 +461,12 @@ class QERunner:
 
     def _next_correction(
         self, atoms: Atoms, error_type: DFTErrorType, params: dict[str, dict[str, Any]], tried: list[str],
-        attempts: list[Attempt], output: PwOutput,
+        attempts: list[Attempt], output: PwOutput, branch_start: int = 0,
     ) -> tuple[Correction | None, str]:
         """The recovery handler's next correction for a failed attempt (None: give up, and why), never restarting
-        from a density that is not usable (restart_from)."""
+        from a density that is not usable (restart_from). Attempts before `branch_start` belong to another magnetic
+        branch: each branch has its own max_retries and trace."""
+        attempts = attempts[branch_start:]
         finals = [a.final_scf_accuracy for a in attempts if a.error_type in SCF_ERRORS and a.final_scf_accuracy]
         trace = f"; SCF accuracy at the end of each attempt: {', '.join(f'{a:.1e}' for a in finals)} Ry"
         trace = trace if finals else ""
@@ -441,6 +495,7 @@ class QERunner:
         base = dict(
             uid=uid, formula=atoms.get_chemical_formula(), structure=StructureDoc.from_atoms(atoms),
             attempts=attempts, wall_time=round(sum(a.wall_time for a in attempts), 3),
+            magnetic_branches=outcome.magnetic_branches,
         )
         if outcome.failure is not None:
             last = attempts[-1]
@@ -473,6 +528,19 @@ class QERunner:
             cohesive_energy=cohesive.cohesive_energy, not_judged=cohesive.not_judged, warnings=output.warnings,
             label_deviations=label_deviations(pw_input.parameters, nominal.parameters),
         )
+
+
+def _energy(outcome: ScfOutcome) -> float:
+    energy = outcome.output.energy if outcome.output is not None else None
+    return math.inf if energy is None else energy
+
+
+def _branch(outcome: ScfOutcome, start: list[float], first_attempt: int, kept: bool) -> MagneticBranch:
+    """The record of one magnetic branch: its start, attempts and where it converged (or why not)."""
+    found = {} if outcome.output is None else outcome.output.model_dump(
+        include={"energy", "total_magnetization", "absolute_magnetization"})
+    return MagneticBranch(start=start, attempts=list(range(first_attempt, len(outcome.attempts) + 1)), kept=kept,
+                          failure=outcome.failure, **found)
 
 
 def deliver(result: DFTResult, raise_on_failure: bool) -> DFTResult:
