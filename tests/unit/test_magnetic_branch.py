@@ -33,6 +33,16 @@ def test_a_weak_start_gets_a_high_spin_check_whatever_it_converged_to():
     assert high_spin_start(fe2([5.0, 0.0]), absolute_magnetization=4.3) == [5.0, 5.0]  # one weak atom is enough
 
 
+def test_ase_bulk_starts_are_not_weak():
+    """ase.build.bulk's own moments (Fe 2.3, Co 1.2, Ni 0.6 μB) hold their branch: no second run when they converge
+    magnetic; they still get one when the moment collapsed."""
+    for element in ("Fe", "Co", "Ni"):
+        atoms = bulk(element)
+        assert atoms.has("initial_magmoms"), element
+        assert high_spin_start(atoms, absolute_magnetization=atoms.get_initial_magnetic_moments().sum()) is None
+        assert high_spin_start(atoms, absolute_magnetization=0.0) == [5.0] * len(atoms)
+
+
 def test_a_collapsed_moment_gets_a_check_a_strong_start_that_held_none():
     strong = fe2([6.0, 6.0])
     assert high_spin_start(strong, absolute_magnetization=2 * COLLAPSED_MOMENT - 0.01) == [5.0, 5.0]
