@@ -38,9 +38,9 @@ from qe_factory.engine.parallel import available_ranks, choose_pools, pw_command
 BIN = Path(sys.executable).parent
 ENV = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
 # Debian PBE Si at its table cutoffs (45/360 Ry): a 2-atom cell (5x5x5 k-points) takes ~8 s of 1-rank pw.x
-SMALL = "kpoint_density: 0.45\n"
+SMALL = "kpoint_spacing: 0.45\n"
 # 32-atom cells at Γ; at the table cutoffs one takes ~15 min of 1-rank pw.x, so lower ones for the benchmark
-LARGE = "kpoint_density: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
+LARGE = "kpoint_spacing: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
 
 
 def cells(count: int, repeat: int, seed0: int = 0) -> list:
@@ -176,7 +176,7 @@ def p5(workdir: Path, submitted: int, fireworks: int) -> None:
         frames.append(atoms)
     write(workdir / "structures.extxyz", frames)
     # the fixture's settings (4x4x4 k-points, 25/200 Ry): the XML check compares what pw.x says it used with them
-    (workdir / "config.yaml").write_text("kpoint_density: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n")
+    (workdir / "config.yaml").write_text("kpoint_spacing: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n")
     (workdir / "exec.yaml").write_text(f"command: {standin}\nmpi_ranks: 1\n")
     env = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
     for home in ("home", "home2"):  # two like homes (a copied home would point at the first one's files)

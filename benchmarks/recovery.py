@@ -140,7 +140,7 @@ class Case:
     kind: str  # one of KINDS
     description: str
     build: Callable[[], Atoms]
-    kpoint_density: float  # 1/Å, 2π included
+    kpoint_spacing: float  # 1/Å, 2π included
     ecutwfc: float = 25.0
     ecutrho: float = 200.0
     quick: bool = False
@@ -289,7 +289,7 @@ def attempt_cpu(result: DFTResult) -> list[float]:
 
 def config_for(case: Case, args: argparse.Namespace, work_dir: Path, **changes: Any) -> DFTConfig:
     values: dict[str, Any] = dict(
-        kpoint_density=case.kpoint_density, ecutwfc=case.ecutwfc, ecutrho=case.ecutrho, allow_low_cutoffs=True,
+        kpoint_spacing=case.kpoint_spacing, ecutwfc=case.ecutwfc, ecutrho=case.ecutrho, allow_low_cutoffs=True,
         mpi_ranks=args.ranks,
         max_retries=args.max_retries, timeout=args.timeout, work_dir=work_dir,
         pw_parameters={"electrons": {"electron_maxstep": args.maxstep}},
@@ -487,7 +487,7 @@ def header(args: argparse.Namespace, cases: list[Case], strategies: list[str], w
         f"Work dir: {work_dir}"
     )
     for c in cases:
-        print(f"  {c.name:12s} {c.description}; {c.ecutwfc:g}/{c.ecutrho:g} Ry, k-density {c.kpoint_density} 1/Å")
+        print(f"  {c.name:12s} {c.description}; {c.ecutwfc:g}/{c.ecutrho:g} Ry, k-density {c.kpoint_spacing} 1/Å")
     print()
 
 

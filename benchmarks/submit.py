@@ -45,7 +45,7 @@ def run(workdir: Path, count: int, held: bool, profile: Path | None) -> None:
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
 
     home = activate(workdir / "home")
-    launchpad, store, config = get_launchpad(), get_jobstore(), DFTConfig(kpoint_density=0.3)
+    launchpad, store, config = get_launchpad(), get_jobstore(), DFTConfig(kpoint_spacing=0.3)
     frames = structures(count)
     print(f"setup: {count} structures, peak RSS {peak_rss_mb():.0f} MB")
     profiler = cProfile.Profile() if profile else None

@@ -208,7 +208,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     for failure in failures:
         if failure["uid"] not in told:  # failed before this run
             print(failure_line(failure))
-    written = _export(results + _reference_results(store), args)
+    written = _export(results + _reference_results(store), args, config)
     print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(report.refused)} refused; "
           f"{len(uids) - len(results) - len(failures) - len(report.refused)} neither (duplicates of another uid, "
           "or waiting)")
@@ -232,12 +232,17 @@ def _reference_results(store) -> list[DFTResult]:
     return [r for r in load_results(store) if REFERENCE_UID.match(r.uid)]
 
 
-def _export(results: Iterable[DFTResult], args: argparse.Namespace) -> int:
-    """Write labels and their E0s (references.write_labels), say where the E0s went; the labels written."""
+def _export(results: Iterable[DFTResult], args: argparse.Namespace, config: DFTConfig | None = None) -> int:
+    """Write labels and their E0s (references.write_labels; labels validated before their E0s existed are judged
+    against them, with `config`'s sanitizer thresholds or the defaults), say where the E0s went and what was left
+    out; the labels written."""
     from qe_factory.engine.references import mace_e0s, write_labels
 
     output = args.output
-    export = write_labels(list(results), output, args.include_marked, args.format, args.config_type)
+    export = write_labels(list(results), output, args.include_marked, args.format, args.config_type,
+                          config.sanitizer if config else None)
+    for uid, why in export.unphysical.items():
+        print(f"{uid:<24} LEFT OUT: {why}")
     if export.e0s_file is not None:
         print(f"E0s of {', '.join(export.e0s)} as IsolatedAtom frames in {output} and in {export.e0s_file}: "
               f"mace_run_train ... --E0s='{mace_e0s(export.e0s)}'")

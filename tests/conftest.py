@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 def fast_config(tmp_path) -> DFTConfig:
     """Coarse k-points and low cutoffs: a 2-atom Si SCF takes about a second."""
     return DFTConfig(
-        kpoint_density=0.8, ecutwfc=25, ecutrho=200, allow_low_cutoffs=True, mpi_ranks=1, work_dir=tmp_path / "runs",
+        kpoint_spacing=0.8, ecutwfc=25, ecutrho=200, allow_low_cutoffs=True, mpi_ranks=1, work_dir=tmp_path / "runs",
         timeout=300,
     )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from qe_factory.engine.document import MSONProtocol
 
 NAMELISTS = ("control", "system", "electrons")
+DEPRECATED_KPOINT_KEY = "kpoint_density"  # the old name of DFTConfig.kpoint_spacing
 # pw.x keys the factory sets itself: given in pw_parameters they would make the recorded provenance untrue
 OWNED_KEYS = {
     "control": ("calculation", "pseudo_dir", "outdir", "prefix", "wfcdir", "restart_mode", "tstress", "tprnfor"),
@@ -99,7 +102,10 @@ class DFTConfig(MSONProtocol, BaseSettings):
         "debian-pbe", description="family name (bundled, or installed by `qe-factory pseudos install`) or SSSP JSON"
     )
     pseudo_dir: Path | None = Field(None, description="directory of the UPF files; None = the family's default")
-    kpoint_density: PositiveFloat = Field(0.15, description="max reciprocal-space spacing, 1/Å, 2π included")
+    kpoint_spacing: PositiveFloat = Field(
+        0.15, description="largest reciprocal-space spacing between k-points, 1/Å, 2π included (smaller: denser); "
+        "was kpoint_density, still accepted with a DeprecationWarning"
+    )
     vacuum_threshold: PositiveFloat = Field(
         6.0, description="Å; along an axis where the atoms leave a wider gap (vacuum), 1 k-point; all three: Γ"
     )
@@ -142,6 +148,33 @@ class DFTConfig(MSONProtocol, BaseSettings):
                 "work_dir; calculation is always 'scf'; restarts: the recovery) and cannot be given in pw_parameters"
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_kpoint_density(cls, values: Any) -> Any:
+        """`kpoint_density` (keyword, YAML, a stored workflow, QE_FACTORY_KPOINT_DENSITY) was a spacing under a name
+        that said the opposite: it is read as `kpoint_spacing`, with a DeprecationWarning."""
+        if not isinstance(values, dict):
+            return values
+        old = values.get(DEPRECATED_KPOINT_KEY)
+        if old is None and "kpoint_spacing" not in values:
+            old = os.environ.get(f"QE_FACTORY_{DEPRECATED_KPOINT_KEY.upper()}")
+        if old is None:
+            return values
+        values = {key: value for key, value in values.items() if key != DEPRECATED_KPOINT_KEY}
+        if "kpoint_spacing" in values and float(values["kpoint_spacing"]) != float(old):
+            raise ValueError(f"kpoint_density={old} and kpoint_spacing={values['kpoint_spacing']} disagree: give "
+                             "kpoint_spacing only (kpoint_density is its old name)")
+        warnings.warn("kpoint_density is deprecated: it is a spacing (1/Å, smaller is denser); call it "
+                      "kpoint_spacing", DeprecationWarning, stacklevel=2)
+        values.setdefault("kpoint_spacing", old)
+        return values
+
+    @property
+    def kpoint_density(self) -> float:
+        """Deprecated name of kpoint_spacing."""
+        warnings.warn("kpoint_density is deprecated: use kpoint_spacing", DeprecationWarning, stacklevel=2)
+        return self.kpoint_spacing
 
     @model_validator(mode="before")
     @classmethod

@@ -181,7 +181,7 @@ class InputGenerator:
         magnetization = None
         if moments is not None and parameters["system"]["nspin"] == 2:
             magnetization = [round(float(m), 6) for m in np.clip(moments / valence, -1.0, 1.0)]
-        mesh = kpoint_mesh(atoms, cfg.kpoint_density)
+        mesh = kpoint_mesh(atoms, cfg.kpoint_spacing)
         return PwInput(
             parameters=parameters,
             kpts=tuple(1 if empty else n for n, empty in zip(mesh, vacuum)),

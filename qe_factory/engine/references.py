@@ -18,11 +18,12 @@ from typing import NamedTuple
 from ase import Atoms
 from ase.data import atomic_numbers
 
-from qe_factory.engine.config import DFTConfig
+from qe_factory.engine.config import DFTConfig, SanitizerThresholds
 from qe_factory.engine.document import Document
 from qe_factory.engine.inputs import InputGenerator
 from qe_factory.engine.pseudos import resolve_pseudos
 from qe_factory.engine.results import DFTResult, write_training_set
+from qe_factory.engine.sanitize import cohesive_check
 
 # Box edges (Å). Slightly orthorhombic: no cubic symmetry holds an open shell's degenerate orbitals together.
 # Si E0 vs the 14 Å box (benchmarks/e0s.py box): 8 Å +14.7 meV, 10 Å +1.6 meV, 12 Å +0.2 meV; 10 Å costs 1.7x less
@@ -214,28 +215,51 @@ def write_e0s(training_file: str | Path, energies: dict[str, float]) -> Path:
 
 
 class Export(NamedTuple):
-    """What `write_labels` wrote: labels, the E0s beside them (element → eV), elements left without one (why), and
-    the E0 file (None when there is no E0)."""
+    """What `write_labels` wrote: labels, the E0s beside them (element → eV), elements left without one (why), the
+    E0 file (None when there is no E0), and the labels left out because their cohesive energy, judged here against
+    those E0s, is outside the sanitizer's window (uid → why)."""
 
     labels: int
     e0s: dict[str, float]
     missing: dict[str, str]
     e0s_file: Path | None
+    unphysical: dict[str, str] = {}
+
+
+def judge_cohesive(
+    labels: list[DFTResult], e0s: dict[str, float], limits: SanitizerThresholds | None = None,
+) -> tuple[list[DFTResult], dict[str, str]]:
+    """The labels whose cohesive energy was not judged at validation (their E0s came later) judged now against
+    `e0s`: (those that pass or still cannot be judged, uid → why for those outside the window)."""
+    kept, unphysical = [], {}
+    for label in labels:
+        if label.cohesive_energy is not None:
+            kept.append(label)
+            continue
+        check = cohesive_check(label.energy, label.structure.to_atoms().get_chemical_symbols(), e0s, limits)
+        if check.problems:
+            unphysical[label.uid] = "; ".join(check.problems)
+        else:
+            kept.append(label)
+    return kept, unphysical
 
 
 def write_labels(
     results: list[DFTResult], path: str | Path, include_marked: bool = False, format: str = "mace-extxyz",
-    config_type: str | None = None,
+    config_type: str | None = None, limits: SanitizerThresholds | None = None,
 ) -> Export:
     """Write the labelled structures as a training set (results.write_training_set's rules and formats) and the E0s
     made with exactly their settings: first in the file as MACE's `config_type=IsolatedAtom` frames (MACE takes them
-    as its E0s and does not train on them), and as `<name>.e0s.json` beside it (MACE's `--E0s=<file>`)."""
+    as its E0s and does not train on them), and as `<name>.e0s.json` beside it (MACE's `--E0s=<file>`). Labels
+    validated before their E0s existed are judged against them here (judge_cohesive, `limits`: the sanitizer's
+    thresholds) and left out when outside the window."""
     labels = [r for r in results if not is_reference(r) and r.succeeded and (include_marked or r.nominal_settings)]
     found, missing = matching_references(labels, [r for r in results if is_reference(r)])
+    energies = {element: float(result.energy) for element, result in found.items()}
+    labels, unphysical = judge_cohesive(labels, energies, limits)
     references = [found[element] for element in sorted(found, key=atomic_numbers.get)]
     written = write_training_set(labels, path, include_marked, format, config_type, references)
-    energies = {element: float(result.energy) for element, result in found.items()}
     e0s_file = write_e0s(path, energies) if energies else None
     if e0s_file is None:
         e0s_path(path).unlink(missing_ok=True)  # never leave an older data set's E0s beside this one
-    return Export(written, energies, missing, e0s_file)
+    return Export(written, energies, missing, e0s_file, unphysical)

@@ -109,8 +109,14 @@ class LabelMaker(Maker):
 
     @job
     def validate(self, setup: ScfSetup, outcome: ScfOutcome) -> DFTResult:
-        """Sanitize the converged output and write the final DFTResult (raises DFTFatalError if unphysical)."""
-        result = self.runner().build_result(setup.uid, setup.structure.to_atoms(), outcome, setup.nominal)
+        """Sanitize the converged output and write the final DFTResult (raises DFTFatalError if unphysical). The
+        cohesive energy is judged against the isolated-atom energies (E0s) in the JobStore made with this label's
+        settings; without them it is `not_judged` here, and `export` judges it once they exist."""
+        from qe_factory.workflow.references import structure_e0s
+
+        atoms = setup.structure.to_atoms()
+        e0s = structure_e0s(CURRENT_JOB.store, atoms, self.config) if CURRENT_JOB.store is not None else {}
+        result = self.runner().build_result(setup.uid, atoms, outcome, setup.nominal, e0s)
         if not result.succeeded:
             raise DFTFatalError(result)
         return result

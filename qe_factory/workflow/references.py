@@ -29,6 +29,16 @@ def reference_energies(store, config: DFTConfig, elements: Iterable[str]) -> dic
     return {e0.element: e0.energy for e0 in stored_e0s(store, element_references(elements, config)).values()}
 
 
+def structure_e0s(store, atoms: Atoms, config: DFTConfig) -> dict[str, float]:
+    """{element: E0 eV} of the structure's elements computed with exactly its label's settings (its cutoffs: the
+    largest of its elements' when the config leaves them to the family); elements without one yet are absent."""
+    try:
+        references = references_for([atoms], config)
+    except (*REFUSALS, ValueError):
+        return {}
+    return {e0.element: e0.energy for e0 in stored_e0s(store, references.values()).values()}
+
+
 def submit_references(
     references: Iterable[Reference], launchpad=None, store=None, resources=None,
     recovery: RecoveryHandler | None = None,

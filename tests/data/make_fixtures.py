@@ -52,7 +52,7 @@ LAUNCHER = "mpirun"
 TIMEOUT = 300  # seconds per pw.x run: a safety net only, every run here takes a few seconds
 KEEP = ("pw.in", "pw.out", "pw.err", "CRASH", XML_NAME, "meta.json")
 
-SI_SETTINGS = dict(ecutwfc=25.0, ecutrho=200.0, kpoint_density=0.6)
+SI_SETTINGS = dict(ecutwfc=25.0, ecutrho=200.0, kpoint_spacing=0.6)
 SI_PSEUDO = "Si.pbe-nl-rrkjus_psl.1.0.0.UPF"
 
 
@@ -147,7 +147,7 @@ def si_scf() -> dict:
 
 def fe_magnetic() -> dict:
     atoms = bulk("Fe", "bcc", a=2.83)
-    config = DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_density=0.8, degauss=0.02)
+    config = DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_spacing=0.8, degauss=0.02)
     text = InputGenerator(config).create_input_string(atoms, {"electrons": {"conv_thr": 1e-8}})
     purpose = "converged spin-polarised 1-atom bcc Fe with a non-zero total magnetization"
     return run_pw("fe_magnetic", text, purpose, keep_xml=True)
@@ -183,7 +183,7 @@ def si_bad_input() -> dict:
 
 def si_too_many_pools() -> dict:
     atoms = Atoms("Si2", positions=[[2.0, 3.0, 3.0], [4.25, 3.0, 3.0]], cell=[6.0, 6.0, 6.0], pbc=True)
-    config = DFTConfig(ecutwfc=25.0, ecutrho=200.0, kpoint_density=10.0)  # -> 1x1x1 mesh: a single k-point
+    config = DFTConfig(ecutwfc=25.0, ecutrho=200.0, kpoint_spacing=10.0)  # -> 1x1x1 mesh: a single k-point
     text = InputGenerator(config).create_input_string(atoms)
     purpose = "one k-point run with 2 MPI ranks and -nk 2 (pw.x 6.7 only prints an info message and converges)"
     return run_pw("si_too_many_pools", text, purpose, ranks=2, pools=2)
@@ -192,7 +192,7 @@ def si_too_many_pools() -> dict:
 def si_pools_out_of_range() -> dict:
     # Added because si_too_many_pools is NOT fatal in pw.x 6.7 (only an info message): this is the real pool error.
     atoms = Atoms("Si2", positions=[[2.0, 3.0, 3.0], [4.25, 3.0, 3.0]], cell=[6.0, 6.0, 6.0], pbc=True)
-    config = DFTConfig(ecutwfc=25.0, ecutrho=200.0, kpoint_density=10.0)
+    config = DFTConfig(ecutwfc=25.0, ecutrho=200.0, kpoint_spacing=10.0)
     text = InputGenerator(config).create_input_string(atoms)
     return run_pw("si_pools_out_of_range", text, "2 MPI ranks with -nk 3: more pools than ranks", ranks=2, pools=3)
 
@@ -230,7 +230,7 @@ def si_killed_sigsegv() -> dict:
 
 def h2_overlap() -> dict:
     atoms = Atoms("H2", positions=[[3.0, 3.0, 2.85], [3.0, 3.0, 3.15]], cell=[6.0, 6.0, 6.0], pbc=True)
-    config = DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_density=10.0)
+    config = DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_spacing=10.0)
     text = InputGenerator(config).create_input_string(atoms)
     return run_pw("h2_overlap", text, "two H atoms 0.3 A apart in a 6 A box: what pw.x does with overlapping atoms")
 
@@ -255,7 +255,7 @@ def si_atom() -> dict:
 
 def h_atom() -> dict:
     atoms = Atoms("H", positions=[[3.0, 3.0, 3.0]], cell=[6.0, 6.0, 6.0], pbc=True)
-    text = InputGenerator(DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_density=10.0)).create_input_string(atoms)
+    text = InputGenerator(DFTConfig(ecutwfc=30.0, ecutrho=240.0, kpoint_spacing=10.0)).create_input_string(atoms)
     return run_pw("h_atom", text, "one H atom in h2_overlap's 6 A box at its settings: the E0 of its cohesive energy")
 
 
@@ -362,12 +362,12 @@ def mem_box60() -> dict:
 
 def mem_fe16() -> dict:
     atoms = bulk("Fe", "bcc", a=2.87, cubic=True) * (2, 2, 2)
-    return estimate_only("mem_fe16", atoms, "16-atom bcc Fe, spin-polarised, default cutoffs", kpoint_density=0.3)
+    return estimate_only("mem_fe16", atoms, "16-atom bcc Fe, spin-polarised, default cutoffs", kpoint_spacing=0.3)
 
 
 def mem_cu4() -> dict:
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-    return estimate_only("mem_cu4", atoms, "4-atom fcc Cu (PAW), many k-points", kpoint_density=0.3)
+    return estimate_only("mem_cu4", atoms, "4-atom fcc Cu (PAW), many k-points", kpoint_spacing=0.3)
 
 
 def mem_h2o() -> dict:

@@ -15,7 +15,7 @@ from ase.build import bulk
 from ase.io import read, write
 
 BIN = Path(sys.executable).parent
-FAST = "kpoint_density: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmpi_ranks: 1\n"
+FAST = "kpoint_spacing: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmpi_ranks: 1\n"
 
 
 def qe_factory(cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ from ase.io import read, write
 from qe_factory import DFTConfig, QERunner
 from qe_factory.engine.references import E0, compute_e0s, e0_uid, isolated_atom, settings_key
 from qe_factory.workflow.home import activate
-from qe_factory.workflow.launchpad import get_jobstore
+from qe_factory.workflow.launchpad import get_jobstore, load_results
 from qe_factory.workflow.references import reference_energies
 
 BIN = Path(sys.executable).parent
@@ -68,7 +68,8 @@ def test_run_computes_the_e0s_first_exports_them_for_mace_and_never_again(tmp_pa
     water.info["uid"] = "water"
     write(tmp_path / "in.extxyz", [water])
     (tmp_path / "fast.yaml").write_text(FAST)
-    first = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "labels.extxyz")
+    # one worker: the E0s (first by priority) are validated before the water's SCF runs, so its label is judged
+    first = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "labels.extxyz", "--parallel", "1")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "2 isolated-atom reference(s) (E0s) submitted ahead of the structures" in first.stdout
     log = (tmp_path / "factory" / "logs" / "worker.log").read_text()
@@ -103,3 +104,6 @@ def test_run_computes_the_e0s_first_exports_them_for_mace_and_never_again(tmp_pa
     activate(tmp_path / "factory")
     config = DFTConfig.from_yaml(tmp_path / "fast.yaml")
     assert reference_energies(get_jobstore(), config, ["O", "H", "Si"]) == {"H": from_file[1], "O": from_file[8]}
+    (water_label,) = load_results(get_jobstore(), ["water"])  # judged against the E0s at validation
+    assert water_label.cohesive_energy == pytest.approx((water_label.energy - from_file[8] - 2 * from_file[1]) / 3)
+    assert -10 < water_label.cohesive_energy < 0 and not water_label.not_judged

@@ -108,7 +108,7 @@ def test_killed_worker_is_detected_and_rerun_without_duplicates(home, fast_confi
     slow.rattle(0.05, seed=3)
     slow.info["uid"] = "slow"
     launchpad = get_launchpad()
-    submit([slow], fast_config.with_changes(**{"kpoint_density": 0.6}), launchpad=launchpad)
+    submit([slow], fast_config.with_changes(**{"kpoint_spacing": 0.6}), launchpad=launchpad)
     release_launchpad(launchpad)
     qe_factory = [str(BIN / "qe-factory"), "--home", str(home)]
     worker = subprocess.Popen([*qe_factory, "worker"], cwd=home, start_new_session=True)
@@ -132,7 +132,7 @@ def test_killed_worker_is_detected_and_rerun_without_duplicates(home, fast_confi
 
 def test_qe_factory_run_on_the_bundled_example(tmp_path):
     config = tmp_path / "fast.yaml"
-    config.write_text("kpoint_density: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n")
+    config.write_text("kpoint_spacing: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n")
     env = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
     run = subprocess.run(
         [str(BIN / "qe-factory"), "run", str(REPO / "examples" / "structures.extxyz"), "-c", str(config),

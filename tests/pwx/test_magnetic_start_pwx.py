@@ -21,7 +21,7 @@ def weak_iron() -> Atoms:
 
 
 def test_a_weak_start_of_rattled_bcc_iron_ends_on_the_ferromagnetic_branch(fast_config):
-    config = fast_config.with_changes(ecutwfc=30, ecutrho=240, timeout=1200)  # kpoint_density 0.8: 3×3×3
+    config = fast_config.with_changes(ecutwfc=30, ecutrho=240, timeout=1200)  # kpoint_spacing 0.8: 3×3×3
     given = QERunner(config.with_changes(magnetic_start="given")).run(weak_iron(), uid="fe2")
     assert len(given.attempts) == 1 and given.magnetic_branches == []
     assert abs(given.total_magnetization) < 0.1 and given.pw_xml["absolute_magnetization"] > 1  # antiparallel

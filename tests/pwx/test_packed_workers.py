@@ -20,7 +20,7 @@ FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONG
 # tiny and quick. electron_maxstep 10 (pw.x 6.7): the 2-atom cells converge in 7 iterations; the strongly rattled
 # 8-atom chain needs 16 with an erratic trace, so its attempt 1 fails and the recovery detour (mixing_beta 0.3) runs
 CONFIG = (
-    "kpoint_density: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
+    "kpoint_spacing: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
     "pw_parameters:\n  electrons:\n    electron_maxstep: 10\n"
 )
 

@@ -19,7 +19,7 @@ from browser import page_dom, screenshot
 from structures import rattled_si
 
 BIN = Path(sys.executable).parent
-FAST = "kpoint_density: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
+FAST = "kpoint_spacing: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
 FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
 PNG = b"\x89PNG\r\n\x1a\n"
 

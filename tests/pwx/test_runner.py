@@ -169,7 +169,7 @@ def test_recovered_label_equals_a_direct_run_at_nominal_settings(fast_config):
 
     copper = bulk("Cu", "fcc", a=3.5) * (2, 1, 1)
     copper.rattle(0.08, seed=1)
-    config = fast_config.with_changes(**{"ecutwfc": 25, "ecutrho": 200, "kpoint_density": 0.9, "mpi_ranks": 2})
+    config = fast_config.with_changes(**{"ecutwfc": 25, "ecutrho": 200, "kpoint_spacing": 0.9, "mpi_ranks": 2})
     direct = QERunner(config).run(copper, uid="direct")
     hard = config.with_changes(**{"pw_parameters": {"electrons": {"electron_maxstep": 6}}})
     smearing_only = RecoveryHandler(ladders={DFTErrorType.SCF_NOT_CONVERGED: [MORE_SMEARING]}, read_trend=True)

@@ -81,7 +81,7 @@ def test_installed_package_creates_a_home_from_its_package_data(venv, tmp_path):
 
 def test_installed_package_runs_the_bundled_example(venv, tmp_path):
     config = tmp_path / "fast.yaml"
-    config.write_text("kpoint_density: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n")
+    config.write_text("kpoint_spacing: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n")
     shutil.copy(REPO / "examples" / "structures.extxyz", tmp_path)
     result = run(venv, tmp_path, "qe-factory", "run", "structures.extxyz", "-c", "fast.yaml", "-o", "labels.extxyz")
     assert "4 labelled structures in labels.extxyz; 0 failed" in result.stdout

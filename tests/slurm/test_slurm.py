@@ -211,13 +211,13 @@ def test_six_structures_through_offline_jobs_three_in_the_queue(slurm, tmp_path,
     """
     walltime_s = 120
     home = make_home(tmp_path, walltime="00:02:00", signal="B:USR1@30")
-    config = {"kpoint_density": 0.8, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True,
+    config = {"kpoint_spacing": 0.8, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True,
               "timeout": 300,  # mpi_ranks: SLURM_NTASKS
               "pw_parameters": {"electrons": {"electron_maxstep": 10}}}
     structures = {"si-0": rattled_si(0), "si-1": rattled_si(1), "si-2": rattled_si(2), "si-3": rattled_si(3),
                   "si-hard": rattled_si(0, 0.2, (1, 1, 4))}
     submit(home, tmp_path, structures, config)
-    endless = {"kpoint_density": 0.5, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True, "timeout": 600,
+    endless = {"kpoint_spacing": 0.5, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True, "timeout": 600,
                "max_retries": 3,
                "pw_parameters": {"electrons": {"conv_thr": 1e-30, "electron_maxstep": 100000}}}
     submit(home, tmp_path, {"si-walltime": rattled_si(4)}, endless, recovery="RestartToConverge(conv_thr=1e-8)")

@@ -21,18 +21,18 @@ def refusal(atoms: Atoms, **settings) -> str | None:
 
 def test_cutoffs_below_the_family_values_are_refused_with_the_numbers():
     fe = bulk("Fe", "bcc", a=2.87, cubic=True)  # the case: 25/200 Ry against the family's 65/785
-    message = refusal(fe, ecutwfc=25, ecutrho=200, kpoint_density=0.8)
+    message = refusal(fe, ecutwfc=25, ecutrho=200, kpoint_spacing=0.8)
     assert "ecutwfc=25 < 65 for Fe" in message and "ecutrho=200 < 785 for Fe" in message
     assert "allow_low_cutoffs" in message
-    assert refusal(fe, ecutwfc=25, ecutrho=200, kpoint_density=0.8, allow_low_cutoffs=True) is None
-    assert refusal(fe, kpoint_density=0.8) is None  # the family's own values
+    assert refusal(fe, ecutwfc=25, ecutrho=200, kpoint_spacing=0.8, allow_low_cutoffs=True) is None
+    assert refusal(fe, kpoint_spacing=0.8) is None  # the family's own values
     sio = Atoms("SiO", positions=[(0, 0, 0), (1.6, 0, 0)], cell=[8, 8, 8], pbc=True)
     message = refusal(sio, ecutwfc=42, ecutrho=360)  # enough for O (40/320), not for Si (45/360)
     assert "ecutwfc=42 < 45 for Si" in message and "for O" not in message
 
 
 def test_fixed_occupations_are_refused_for_a_likely_metal():
-    fixed = {"pw_parameters": {"system": {"occupations": "fixed"}}, "kpoint_density": 0.8}
+    fixed = {"pw_parameters": {"system": {"occupations": "fixed"}}, "kpoint_spacing": 0.8}
     message = refusal(bulk("Cu", "fcc", a=3.6), **fixed)  # 11 valence electrons
     assert "occupations='fixed' refused for Cu" in message and "odd" in message
     fe = bulk("Fe", "bcc", a=2.87, cubic=True)
@@ -44,7 +44,7 @@ def test_fixed_occupations_are_refused_for_a_likely_metal():
     assert refusal(cuprite, **fixed) is None  # a metal with a non-metal, 56 electrons: may be an insulator (it is)
     water = molecule("H2O", vacuum=4.0, pbc=True)
     assert refusal(water, **fixed) is None
-    assert refusal(bulk("Cu", "fcc", a=3.6), kpoint_density=0.8) is None  # smeared: the default
+    assert refusal(bulk("Cu", "fcc", a=3.6), kpoint_spacing=0.8) is None  # smeared: the default
 
 
 def test_odd_electrons_with_a_fixed_moment_may_keep_fixed_occupations():
@@ -77,6 +77,6 @@ def test_upf_headers_give_the_type_and_projectors():
 def test_memory_budget_is_a_config_field(budget):
     config = DFTConfig.create(memory_budget_gb=budget)
     assert config.memory_budget_gb == budget and DFTConfig().memory_budget_gb == 16.0
-    assert ("small" if refusal(bulk("Si"), memory_budget_gb=budget, kpoint_density=0.8) is None else "big") == (
+    assert ("small" if refusal(bulk("Si"), memory_budget_gb=budget, kpoint_spacing=0.8) is None else "big") == (
         "small" if budget == 16.0 else "big"
     )

@@ -41,7 +41,7 @@ def structures(tmp_path: Path, *uids: str) -> str:
 
 def test_run_shows_one_bar_and_a_line_per_structure_and_library_logs_only_with_v(tmp_path):
     (tmp_path / "fake.yaml").write_text(
-        "kpoint_density: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmax_retries: 1\nmpi_ranks: 1\n"
+        "kpoint_spacing: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmax_retries: 1\nmpi_ranks: 1\n"
         f"command: {sys.executable} {FAKE_PW}\n")
     quiet = run(tmp_path, "replay:si_scf", structures(tmp_path, "si-a", "si-b"), "-o", "labels.extxyz",
                 "--format", "nequip-extxyz", "--config-type", "md")

@@ -195,7 +195,7 @@ def scratch_of_si_scf(tmp_path):
 
 def test_wavefunctions_are_reused_only_when_they_fit(tmp_path):
     scratch = scratch_of_si_scf(tmp_path)
-    config = DFTConfig(kpoint_density=0.6, ecutwfc=25, ecutrho=200, allow_low_cutoffs=True)
+    config = DFTConfig(kpoint_spacing=0.6, ecutwfc=25, ecutrho=200, allow_low_cutoffs=True)
     si = InputGenerator(config).generate(bulk("Si"))
     assert si.kpts == (4, 4, 4)
     previous = Attempt(number=1, directory="", parameters=si.parameters, ranks=1, pools=1, error_type="OK",
@@ -205,7 +205,7 @@ def test_wavefunctions_are_reused_only_when_they_fit(tmp_path):
     assert available_restart(wfc, scratch, si, 1, 1, previous) is wfc
     assert available_restart(wfc, scratch, si, 2, 1, previous) is rho  # other ranks: pw.x's files are per rank
     assert available_restart(wfc, scratch, si, 1, 1, None) is rho  # who left them is unknown
-    other_mesh = InputGenerator(config.with_changes(kpoint_density=0.9)).generate(bulk("Si"))
+    other_mesh = InputGenerator(config.with_changes(kpoint_spacing=0.9)).generate(bulk("Si"))
     assert available_restart(wfc, scratch, other_mesh, 1, 1, previous) is rho
     spin = InputGenerator(config).generate(bulk("Si"), {"system": {"nspin": 2, "starting_magnetization(1)": 0.5}})
     assert available_restart(wfc, scratch, spin, 1, 1, previous) is scratch_start  # another spin: not even rho

@@ -3,7 +3,7 @@
 pw.x is replaced by tests/fake_pw.py, which replays real pw.x outputs from tests/data/ (made by
 tests/data/make_fixtures.py) or dies the way a node does: segfault, SIGKILL by the OOM killer, a hang, garbage.
 A replay leaves the fixture's data-file-schema.xml, which the runner checks against the input it asked for: the
-runners here ask for the fixtures' settings (bulk Si at kpoint_density 0.6 has the fixtures' 4×4×4 mesh).
+runners here ask for the fixtures' settings (bulk Si at kpoint_spacing 0.6 has the fixtures' 4×4×4 mesh).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def fake_runner(fast_config, monkeypatch, tmp_path):
         monkeypatch.setenv("FAKE_PW_PLAN", plan)
         monkeypatch.setenv("FAKE_PW_COUNTER", str(tmp_path / "calls"))
         command = f"{sys.executable} {FAKE_PW}"
-        return QERunner(fast_config.with_changes(**{"command": command, "kpoint_density": 0.6, **changes}))
+        return QERunner(fast_config.with_changes(**{"command": command, "kpoint_spacing": 0.6, **changes}))
 
     return make
 

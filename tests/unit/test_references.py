@@ -3,6 +3,8 @@ which E0 goes with which labels."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
@@ -42,7 +44,7 @@ def test_unknown_element_is_refused_by_name():
 def test_settings_key_follows_what_changes_the_energy_only():
     base = settings_key("O", DFTConfig())
     assert base == settings_key("O", DFTConfig(ecutwfc=40, ecutrho=320))  # O's own cutoffs, written out
-    assert base == settings_key("O", DFTConfig(mixing_beta=0.2, conv_thr_per_atom=1e-9, kpoint_density=0.3))
+    assert base == settings_key("O", DFTConfig(mixing_beta=0.2, conv_thr_per_atom=1e-9, kpoint_spacing=0.3))
     others = [
         DFTConfig(degauss=0.01), DFTConfig(smearing="gaussian"), DFTConfig(ecutwfc=65, ecutrho=785),
         DFTConfig(pw_parameters={"system": {"input_dft": "pbesol"}}),
@@ -117,3 +119,30 @@ def test_a_lone_atom_asks_no_tighter_scf_threshold_than_its_box_allows():
     hydroxyl.positions[1, 0] += 0.97
     pw_input = InputGenerator(config).generate(hydroxyl)
     assert pw_input.parameters["electrons"]["conv_thr"] == pytest.approx(2 * config.conv_thr_per_atom)  # forces count
+
+
+def test_export_judges_labels_validated_before_their_e0s_and_leaves_out_the_unphysical(tmp_path):
+    """Energies from real runs (tests/data): the Si pair 0.6 Å apart in the diamond cell, the Si crystal and the lone
+    Si atom at the same settings. Validated before the E0 existed (cohesive energy not judged), the pair is judged at
+    export and left out by cause; the crystal is written, and so is the E0."""
+    from ase.io import read
+
+    from qe_factory.engine.parsers import parse_pw_output
+    from qe_factory.engine.references import write_labels
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    energy = {name: parse_pw_output((data / name / "pw.out").read_text()).energy
+              for name in ("si_pair_overlap", "si_scf", "si_atom")}
+    def label(uid: str, symbols: str, energy: float) -> DFTResult:
+        made = result(uid, symbols, 25, energy)
+        return made.model_copy(update={"forces": [[0.0] * 3] * len(Atoms(symbols)), "stress": [[0.0] * 3] * 3,
+                                       "kpoints": [1, 1, 1]})
+
+    labels = [label("pair", "Si2", energy["si_pair_overlap"]), label("crystal", "Si2", energy["si_scf"])]
+    e0 = label("e0-Si-aaaaaaaaaaaa", "Si", energy["si_atom"])
+    export = write_labels([*labels, e0], tmp_path / "labels.extxyz")
+    assert export.labels == 1 and list(export.unphysical) == ["pair"]
+    assert "cohesive energy +88" in export.unphysical["pair"] and "overlapping cores" in export.unphysical["pair"]
+    frames = read(tmp_path / "labels.extxyz", index=":")
+    assert [a.info.get("config_type") for a in frames] == ["IsolatedAtom", None]
+    assert frames[1].info["uid"] == "crystal" and export.e0s == {"Si": energy["si_atom"]}

@@ -325,7 +325,7 @@ def built(name: str, e0s: dict[str, float] | None = None, output: PwOutput | Non
     from qe_factory import DFTConfig, QERunner
     from qe_factory.engine.runner import ScfOutcome
 
-    fixture_settings = {"ecutwfc": 25.0, "ecutrho": 200.0, "kpoint_density": 0.6, "allow_low_cutoffs": True}
+    fixture_settings = {"ecutwfc": 25.0, "ecutrho": 200.0, "kpoint_spacing": 0.6, "allow_low_cutoffs": True}
     config = DFTConfig(**{**fixture_settings, **settings})
     runner, atoms = QERunner(config), fixture_atoms(name)
     pw_input = runner.generator.generate(atoms)
@@ -361,7 +361,7 @@ def test_the_wrong_element_pseudo_is_refused_by_name():
 
 
 def test_warnings_are_kept_and_the_fatal_ones_refuse_the_label():
-    kept = built("si_too_many_pools", E0S, kpoint_density=10.0)
+    kept = built("si_too_many_pools", E0S, kpoint_spacing=10.0)
     assert kept.succeeded and any("divide_et_impera" in w for w in kept.warnings)
     # Mocked: no cheap real pw.x input prints Davidson's message in its last SCF iteration; si_scf's real output with
     # the message added as the parser would record it.

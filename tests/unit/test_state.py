@@ -15,7 +15,7 @@ from structures import rattled_si
 
 BIN = Path(sys.executable).parent
 FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
-FAST = "kpoint_density: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
+FAST = "kpoint_spacing: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
 
 
 def env() -> dict[str, str]:

@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 def results(fast_config, monkeypatch, tmp_path):
     """Two labels (one from a structure with its own config_type), one marked label, one failure."""
     monkeypatch.setenv("FAKE_PW_COUNTER", str(tmp_path / "calls"))
-    runner = QERunner(fast_config.with_changes(command=f"{sys.executable} {FAKE_PW}", kpoint_density=0.6))
+    runner = QERunner(fast_config.with_changes(command=f"{sys.executable} {FAKE_PW}", kpoint_spacing=0.6))
     monkeypatch.setenv("FAKE_PW_PLAN", "replay:si_scf")
     bulk_si = bulk("Si")
     bulk_si.info["config_type"] = "bulk"

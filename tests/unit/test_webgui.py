@@ -38,9 +38,9 @@ def structure_file(tmp_path: Path, uid: str, seed: int) -> str:
 
 @pytest.fixture
 def factory(tmp_path) -> Path:
-    """A home where si-good was labelled; the fixtures' settings (bulk Si at kpoint_density 0.6), one attempt."""
+    """A home where si-good was labelled; the fixtures' settings (bulk Si at kpoint_spacing 0.6), one attempt."""
     (tmp_path / "fake.yaml").write_text(
-        "kpoint_density: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmax_retries: 1\nmpi_ranks: 1\n"
+        "kpoint_spacing: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmax_retries: 1\nmpi_ranks: 1\n"
         f"command: {sys.executable} {FAKE_PW}\n")
     good = qef(tmp_path, "replay:si_scf", "run", structure_file(tmp_path, "si-good", 1), "-c", "fake.yaml", "--no-e0s")
     assert good.returncode == 0, good.stdout + good.stderr

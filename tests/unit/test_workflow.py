@@ -96,7 +96,7 @@ def test_the_calculation_key_follows_geometry_and_physics_only(fast_config):
     same_physics = fast_config.with_changes(mpi_ranks=2, timeout=9, work_dir="elsewhere", max_retries=1)
     assert structure_key(atoms, InputGenerator(same_physics)) == key
     assert structure_key(atoms, InputGenerator(fast_config.with_changes(degauss=0.03))) != key
-    assert structure_key(atoms, InputGenerator(fast_config.with_changes(kpoint_density=0.5))) != key
+    assert structure_key(atoms, InputGenerator(fast_config.with_changes(kpoint_spacing=0.5))) != key
     moved = atoms.copy()
     moved.positions[0, 0] += 1e-4
     assert structure_key(moved, InputGenerator(fast_config)) != key
