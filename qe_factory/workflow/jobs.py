@@ -67,7 +67,8 @@ class LabelMaker(Maker):
             manager_config: dict[str, Any] = {"_priority": PRIORITY[stage] + priority}
             if resources and stage == "scf":
                 manager_config["_queueadapter"] = dict(resources)
-            step.update_config({"manager_config": manager_config})
+            # the validation reads the E0s from the JobStore: jobflow hands a job the store only when asked
+            step.update_config({"manager_config": manager_config, "expose_store": stage == "validate"})
         return Flow([inputs, scf, check], name=uid)  # the workflow is named by its uid (lpad, web GUI)
 
     def runner(self) -> QERunner:
