@@ -69,7 +69,7 @@ def test_execution_settings_stay_on_the_machine(monkeypatch):
     document = cfg.as_dict()
     assert not set(document) & {"execution", "mpi_ranks", "work_dir", "command", "timeout"}
     monkeypatch.setenv("QE_FACTORY_MPI_RANKS", "7")
-    monkeypatch.setenv("QE_FACTORY_KPOINT_DENSITY", "0.9")  # the worker's physics settings do not count
+    monkeypatch.setenv("QE_FACTORY_KPOINT_SPACING", "0.9")  # the worker's physics settings do not count
     rebuilt = DFTConfig.from_dict(document)
     assert (rebuilt.kpoint_spacing, rebuilt.execution.mpi_ranks, rebuilt.execution.command) == (0.3, 7, "pw.x")
     assert cfg.with_changes(keep_files=True, degauss=0.01).execution.keep_files
