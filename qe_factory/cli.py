@@ -253,6 +253,7 @@ def _export(results: Iterable[DFTResult], args: argparse.Namespace, config: DFTC
 
 def status(args: argparse.Namespace) -> int:
     """Every structure the home has seen by outcome, Fireworks per state, and every failure with its reason."""
+    from qe_factory.engine.references import REFERENCE_UID
     from qe_factory.workflow.coordinator import holder, waiting
     from qe_factory.workflow.history import cause, home_history, outcome_counts
     from qe_factory.workflow.home import activate, embedded_file
@@ -271,10 +272,15 @@ def status(args: argparse.Namespace) -> int:
         if inbox := waiting(home):
             print(f"  inbox: {len(inbox)} submission(s) waiting for the coordinator")
     stories = home_history(home, launchpad, get_jobstore())
-    counts = outcome_counts(stories)
-    print(f"structures seen: {len(stories)}: {counts['labelled']} labelled ({counts['marked']} of them with settings "
-          f"other than the nominal ones), {counts['failed']} failed, {counts['refused']} refused, "
+    references = [story for story in stories if REFERENCE_UID.match(story.uid)]
+    counts = outcome_counts([story for story in stories if not REFERENCE_UID.match(story.uid)])
+    print(f"structures seen: {len(stories) - len(references)}: {counts['labelled']} labelled ({counts['marked']} of "
+          f"them with settings other than the nominal ones), {counts['failed']} failed, {counts['refused']} refused, "
           f"{counts['waiting']} waiting, {counts['running']} running")
+    if references:
+        done = outcome_counts(references)
+        print(f"isolated-atom references (E0s): {done['labelled']} computed, {done['failed']} failed, "
+              f"{done['waiting'] + done['running']} to do")
     print("workflows in the LaunchPad (labelled ones leave it): "
           + (", ".join(f"{n} {state}" for state, n in sorted(report["workflows"].items())) or "none"))
     if runs := pending_runs(launchpad):

@@ -85,6 +85,9 @@ def test_run_computes_the_e0s_first_exports_them_for_mace_and_never_again(tmp_pa
     printed = re.search(r"--E0s='(\{.*\})'", first.stdout).group(1)  # MACE: --E0s='{1: ..., 8: ...}'
     assert ast.literal_eval(printed) == from_file
 
+    status = qe_factory(tmp_path, "status").stdout  # the references are counted apart from the structures
+    assert "structures seen: 1: 1 labelled" in status and "isolated-atom references (E0s): 2 computed" in status
+
     runs = sorted((tmp_path / "factory" / "runs").glob("run_*/attempt_*/pw.out"))
     again = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "labels.extxyz")
     assert again.returncode == 0 and "submitted ahead" not in again.stdout, again.stdout + again.stderr
