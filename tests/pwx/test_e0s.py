@@ -35,7 +35,8 @@ def qe_factory(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "qe-factory"), *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
-@pytest.mark.xfail(reason="not solved yet: the lone Fe atom's density breaks its spherical symmetry and its minority "
+@pytest.mark.xfail(run=False, reason="not run (5 attempts × the timeout: ~25 min); not solved yet: the lone Fe "
+                   "atom's density breaks its spherical symmetry and its minority "
                    "occupation stays fractional over near-degenerate 4s/3d levels; no mixing, symmetry, diagonalisation"
                    " or restart setting tried converged it (benchmarks/README.md, e0s.py, 'Lone Fe and Ni atoms')")
 def test_an_isolated_iron_atom_runs_at_gamma_with_its_hund_moment(fast_config):
