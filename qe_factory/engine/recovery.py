@@ -69,7 +69,8 @@ DAMPED = Correction(
     restart=REUSE,
 )
 MORE_SMEARING = Correction(name="degauss=0.05", changes={"system": {"degauss": 0.05}}, restart=REUSE)
-CG = Correction(name="diagonalization=cg", changes={"electrons": {"diagonalization": "cg"}})
+CG = Correction(name="diagonalization=cg", changes={"electrons": {"diagonalization": "cg"}})  # after a crash in it
+CG_SCF = CG.model_copy(update={"restart": REUSE})  # an SCF rung: from the last density like the rungs above it
 RESTART = Correction(name="restart_mode=restart", restart=RestartType.FULL, repeatable=True)
 ONE_POOL = Correction(name="pools=1", changes={"run": {"pools": 1}})
 RERUN = Correction(name="rerun unchanged")
@@ -78,8 +79,8 @@ RERUN = Correction(name="rerun unchanged")
 NEW_ALLOCATION = Correction(name="rerun in a new allocation", restart=RestartType.FROM_CHARGE_DENSITY)
 
 LADDERS: dict[DFTErrorType, list[Correction]] = {
-    DFTErrorType.SCF_NOT_CONVERGED: [LOWER_BETA, LOCAL_TF, DAMPED, MORE_SMEARING, CG],
-    DFTErrorType.BROYDEN_MIXING: [LOWER_BETA, LOCAL_TF, DAMPED, CG],
+    DFTErrorType.SCF_NOT_CONVERGED: [LOWER_BETA, LOCAL_TF, DAMPED, MORE_SMEARING, CG_SCF],
+    DFTErrorType.BROYDEN_MIXING: [LOWER_BETA, LOCAL_TF, DAMPED, CG_SCF],
     DFTErrorType.DIAGONALIZATION: [CG],
     DFTErrorType.WRONG_CHARGE: [MORE_SMEARING],
     DFTErrorType.PW_WALLTIME: [RESTART],
@@ -127,20 +128,30 @@ def _log_tail(accuracy: Sequence[float], count: int) -> list[float]:
     return [math.log10(a) for a in accuracy[-count:] if a > 0]
 
 
+def _reaches(logs: Sequence[float], conv_thr: float, maxstep: int) -> bool:
+    """Whether the least-squares line through `logs` (log10 accuracy per iteration) falls and reaches conv_thr
+    within `maxstep` more steps from the last iteration."""
+    mean_x, mean_y = (len(logs) - 1) / 2, statistics.fmean(logs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(logs)) / sum(
+        (x - mean_x) ** 2 for x in range(len(logs))
+    )
+    return slope < 0 and (math.log10(conv_thr) - logs[-1]) / slope <= maxstep
+
+
 def scf_converging(accuracy: Sequence[float], conv_thr: float, maxstep: int) -> bool:
     """True when the SCF is worth more steps from its own state: its last 3 iterations got within NEAR × conv_thr,
-    or its last 6 fell to the end (the last is their minimum, at most one rise among them: a bounce is not a fall)
-    at a least-squares slope that reaches conv_thr within another `maxstep` steps."""
+    or it fell to the end at a least-squares slope that reaches conv_thr within another `maxstep` steps — over its
+    last 6 iterations (the last is their minimum, at most one rise among them), or over the whole attempt when the
+    last iteration is the attempt's minimum (a steady fall with small rises on the way is progress; a bounce ends
+    above its minimum)."""
     if any(a <= NEAR * conv_thr for a in accuracy[-3:]):
         return True
-    tail = _log_tail(accuracy, 6)
-    if len(tail) < 4 or tail[-1] > min(tail) or sum(b > a for a, b in zip(tail, tail[1:])) > 1:
+    tail, whole = _log_tail(accuracy, 6), _log_tail(accuracy, len(accuracy))
+    if len(tail) < 4 or tail[-1] > min(tail):
         return False
-    mean_x, mean_y = (len(tail) - 1) / 2, statistics.fmean(tail)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(tail)) / sum(
-        (x - mean_x) ** 2 for x in range(len(tail))
-    )
-    return slope < 0 and (math.log10(conv_thr) - tail[-1]) / slope <= maxstep
+    if sum(b > a for a, b in zip(tail, tail[1:])) <= 1 and _reaches(tail, conv_thr, maxstep):
+        return True
+    return whole[-1] <= min(whole) and _reaches(whole, conv_thr, maxstep)
 
 
 def density_usable(accuracy: Sequence[float]) -> bool:
