@@ -27,6 +27,7 @@ class RestartToConverge(RecoveryHandler):
     """
 
     conv_thr: float = 1e-8
+    restart_only_while_progressing: bool = False  # attempt 1 stalls at its unreachable conv_thr on purpose
 
     def next_correction(self, error_type, parameters, tried=(), output=None):
         if error_type is DFTErrorType.PW_WALLTIME and RESTART.name not in tried:

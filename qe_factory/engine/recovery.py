@@ -227,6 +227,10 @@ class RecoveryHandler(Document):
     more_steps: int = 2
     drop_worse: bool = True
     give_up_after: int = 2
+    # PW_WALLTIME (pw.x stopped at max_seconds) is restarted only while the SCF still progresses; a stalled one is
+    # treated as SCF_NOT_CONVERGED. False: the handler sees PW_WALLTIME whatever the trend (e.g. a policy that
+    # restarts with another conv_thr).
+    restart_only_while_progressing: bool = True
 
     @field_validator("ladders", mode="before")
     @classmethod

@@ -440,7 +440,8 @@ class QERunner:
             ):
                 params = state.before  # the SCF ended worse after this rung: not carried into the next ones
             continued = previous if attempt.restart == RestartType.FULL.value else None
-            if error_type is DFTErrorType.PW_WALLTIME and not still_progressing(
+            if error_type is DFTErrorType.PW_WALLTIME and self.recovery.restart_only_while_progressing and not \
+                    still_progressing(
                 output.scf_accuracy, continued.final_scf_accuracy if continued else None
             ):
                 error_type = DFTErrorType.SCF_NOT_CONVERGED  # stalled: a restart would stall again; change the mixing

@@ -54,7 +54,8 @@ def test_failed_scf_becomes_a_detour_and_validation_reads_the_recovered_result(h
     launchpad = get_launchpad(read_only=True)
     detour = launchpad.fireworks.find_one({"name": "scf si-1 attempt 2"})
     assert detour is not None and detour["state"] == "COMPLETED"
-    assert detour["spec"]["electrons"]["mixing_beta"] == 0.3 and detour["spec"]["correction"] == "mixing_beta=0.3"
+    # recovery v2: a steadily converging SCF first gets more steps from its own state, else mixing_beta 0.3
+    assert detour["spec"]["correction"] in ("more electron steps", "mixing_beta=0.3"), detour["spec"]["correction"]
     assert (detour["spec"]["stage"], detour["spec"]["uid"], detour["spec"]["attempt"]) == ("scf", "si-1", 2)
     assert launchpad.workflows.find_one({"metadata.uid": "si-1"})["state"] == "COMPLETED"
     (result,) = load_results(get_jobstore(), ["si-1"])

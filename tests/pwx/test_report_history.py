@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -82,7 +83,7 @@ def test_show_tells_a_recovered_structure_attempt_by_attempt_with_its_label(seen
     assert "deviations   none: the nominal settings" in out.stdout
     first, second = (line for line in lines if line.startswith(("  #1 ", "  #2 ")))
     assert first.startswith("  #1  SCF_NOT_CONVERGED (410)  start from_scratch, 4 SCF iterations"), first
-    assert second.startswith("  #2  OK (0)  correction mixing_beta=0.3, start from_charge_density"), second
+    assert re.match(r"  #2  OK \(0\)  correction (more electron steps|mixing_beta=0\.3), start from_", second), second
     assert "convergence NOT achieved after   4 iterations" in out.stdout  # the key line of pw.x's output
     directories = [Path(line.strip()) for line in lines if line.strip().startswith(str(seen / "runs"))]
     assert [d.name for d in directories] == ["attempt_1", "attempt_2"] and all(d.is_dir() for d in directories)
@@ -92,7 +93,7 @@ def test_show_tells_a_failure_a_refusal_and_a_waiting_structure(seen):
     failed = qef(seen, "show", "si-4")
     assert failed.returncode == 0, failed.stderr
     assert failed.stdout.startswith("si-4  Si2  failed\n  cause        at scf: SCF_NOT_CONVERGED (410)")
-    assert "[gave up: 2 attempt(s) made]" in failed.stdout and "attempts: 2 (" in failed.stdout
+    assert "[gave up: 2 attempt(s) made" in failed.stdout and "attempts: 2 (" in failed.stdout
     files = [Path(line.split(": ", 1)[1]) for line in failed.stdout.splitlines() if line.startswith("files: ")]
     assert files[0] == seen / "runs" / "run_si-4" and all(path.is_dir() for path in files) and len(files) == 2
     refused = qef(seen, "show", "overlap")
@@ -140,7 +141,7 @@ class Page(HTMLParser):
 def test_report_page_shows_outcomes_labels_recovery_and_failures(seen, tmp_path):
     out = qef(seen, "report", "-o", str(tmp_path / "report.html"))
     assert out.returncode == 0, out.stderr
-    assert "report on 6 structure(s) written to" in out.stdout
+    assert "report on 8 structure(s) written to" in out.stdout  # 6 structures and the E0s of Si and Ge
     url = (tmp_path / "report.html").as_uri()
     page = Page(page_dom(url))
     text = " ".join(" ".join(page.text).split())
