@@ -161,6 +161,7 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     from qe_factory.workflow.flows import submit
     from qe_factory.workflow.home import embedded_file
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, load_results, status_report
+    from qe_factory.workflow.references import structure_references
     from qe_factory.workflow.worker import local_slots, run_worker
 
     config = _config(args)
@@ -208,7 +209,8 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     for failure in failures:
         if failure["uid"] not in told:  # failed before this run
             print(failure_line(failure))
-    written = _export(results + _reference_results(store), args, config)
+    references = list(structure_references([atoms for _, atoms in structures], config))  # their E0s' uids
+    written = _export(results + load_results(store, references), args, config)
     print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(report.refused)} refused; "
           f"{len(uids) - len(results) - len(failures) - len(report.refused)} neither (duplicates of another uid, "
           "or waiting)")
@@ -223,13 +225,6 @@ def _submit_references(structures: list, config: DFTConfig, launchpad, store, re
     lines = [f"{uid:<24} REFUSED {why}" for report in reports for uid, why in report.refused.items()]
     added = sum(len(report.fw_ids) + len(report.queued) for report in reports)
     return lines + ([f"{added} isolated-atom reference(s) (E0s) submitted ahead of the structures"] if added else [])
-
-
-def _reference_results(store) -> list[DFTResult]:
-    from qe_factory.engine.references import REFERENCE_UID
-    from qe_factory.workflow.launchpad import load_results
-
-    return [r for r in load_results(store) if REFERENCE_UID.match(r.uid)]
 
 
 def _export(results: Iterable[DFTResult], args: argparse.Namespace, config: DFTConfig | None = None) -> int:
@@ -253,9 +248,8 @@ def _export(results: Iterable[DFTResult], args: argparse.Namespace, config: DFTC
 
 def status(args: argparse.Namespace) -> int:
     """Every structure the home has seen by outcome, Fireworks per state, and every failure with its reason."""
-    from qe_factory.engine.references import REFERENCE_UID
     from qe_factory.workflow.coordinator import holder, waiting
-    from qe_factory.workflow.history import cause, home_history, outcome_counts
+    from qe_factory.workflow.history import cause, home_history, outcome_counts, split_references
     from qe_factory.workflow.home import activate, embedded_file
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, status_report
     from qe_factory.workflow.offline import pending_runs
@@ -272,9 +266,9 @@ def status(args: argparse.Namespace) -> int:
         if inbox := waiting(home):
             print(f"  inbox: {len(inbox)} submission(s) waiting for the coordinator")
     stories = home_history(home, launchpad, get_jobstore())
-    references = [story for story in stories if REFERENCE_UID.match(story.uid)]
-    counts = outcome_counts([story for story in stories if not REFERENCE_UID.match(story.uid)])
-    print(f"structures seen: {len(stories) - len(references)}: {counts['labelled']} labelled ({counts['marked']} of "
+    structures, references = split_references(stories)
+    counts = outcome_counts(structures)
+    print(f"structures seen: {len(structures)}: {counts['labelled']} labelled ({counts['marked']} of "
           f"them with settings other than the nominal ones), {counts['failed']} failed, {counts['refused']} refused, "
           f"{counts['waiting']} waiting, {counts['running']} running")
     if references:
@@ -332,7 +326,9 @@ def report(args: argparse.Namespace) -> int:
         page = report_html(stories, str(home), step)
         Path(args.output).write_text(page)
         progress.update(progress.total - progress.n)
-    print(f"report on {len(stories)} structure(s) written to {args.output}")
+    references = sum(story.is_reference for story in stories)
+    print(f"report on {len(stories) - references} structure(s) and {references} isolated-atom reference(s) written "
+          f"to {args.output}")
     return 0
 
 

@@ -24,10 +24,11 @@ class RestartToConverge(RecoveryHandler):
 
     With an unreachable conv_thr in the input, attempt 1 iterates until pw.x's max_seconds on any machine, however
     fast; the restart then converges: a walltime stop and restart that does not depend on the machine's speed.
+    (Attempt 1 stalls at its unreachable conv_thr on purpose: this policy restarts it before the default handler
+    would call the stall SCF_NOT_CONVERGED.)
     """
 
     conv_thr: float = 1e-8
-    restart_only_while_progressing: bool = False  # attempt 1 stalls at its unreachable conv_thr on purpose
 
     def next_correction(self, error_type, parameters, tried=(), output=None):
         if error_type is DFTErrorType.PW_WALLTIME and RESTART.name not in tried:

@@ -60,6 +60,11 @@ class SanitizerThresholds(BaseModel):
     min_contact_ratio: float = Field(
         0.7, ge=0, le=1, description="fraction of the covalent radii sum below which the bound grows no further"
     )
+    davidson_noise: PositiveFloat = Field(
+        1e-13, description="Ry: 'eigenvalues not converged' in the final SCF iteration is a note, not trouble, when "
+        "that iteration's diagonalization threshold (ethr) was at most this (1e-13: pw.x's floor, reached after a "
+        "restart or with a very tight conv_thr, where Davidson misses by numerical noise)"
+    )
 
 
 class ExecutionSettings(BaseSettings):

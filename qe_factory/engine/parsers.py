@@ -43,6 +43,7 @@ class PwOutput(BaseModel):
     job_done: bool = False
     warnings: list[str] = []  # pw.x's non-fatal messages, each once
     final_warnings: list[str] = []  # those printed in or after the last SCF iteration (judged by the sanitizer)
+    final_ethr: float | None = None  # Ry: the diagonalization threshold of the last SCF iteration ("ethr = ...")
     errors: list[str] = []
     crash: str | None = None
     wall_time: float | None = None
@@ -176,6 +177,8 @@ def parse_pw_output(text: str, crash: str | None = None) -> PwOutput:
     last_iteration = max((i for i, line in enumerate(lines) if _ITERATION.match(line)), default=-1)
     out["warnings"] = sorted({text for _, text in warnings})
     out["final_warnings"] = sorted({text for at, text in warnings if at > last_iteration})
+    if ethr := re.findall(rf"^\s*ethr\s*=\s*({_FLOAT})", text, re.MULTILINE):
+        out["final_ethr"] = _number(ethr[-1])
     out["errors"] = _error_blocks(text) + (_error_blocks(crash) if crash else [])
     if m := re.search(r"PWSCF\s*:\s*(.*?)CPU\s*(.*?)WALL", text):
         out["cpu_time"], out["wall_time"] = _seconds(m.group(1)), _seconds(m.group(2))

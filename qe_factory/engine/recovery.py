@@ -167,14 +167,11 @@ def restart_from(restart: RestartType, accuracy: Sequence[float]) -> RestartType
     return restart
 
 
-def still_progressing(accuracy: Sequence[float], previous: float | None = None, factor: float = 10.0) -> bool:
+def still_progressing(accuracy: Sequence[float], factor: float = 10.0) -> bool:
     """After pw.x stopped at max_seconds: whether the SCF made progress worth a full restart — its best accuracy in
-    this run fell `factor` below where it stood before (the `previous` run's last accuracy when this run continued
-    one, else its own first). Too short a trace to judge counts as progress (max_retries bounds the restarts)."""
-    reference = previous if previous is not None else (accuracy[0] if len(accuracy) > 1 else None)
-    if reference is None or not accuracy:
-        return True
-    return min(accuracy) < reference / factor
+    this run fell `factor` below its first (a restarted run's first is about where the run it continued stopped).
+    Too short a trace to judge counts as progress (max_retries and `stalled` bound the restarts)."""
+    return len(accuracy) < 2 or min(accuracy) < accuracy[0] / factor
 
 
 def worse(after: float | None, before: float | None) -> bool:
@@ -227,10 +224,6 @@ class RecoveryHandler(Document):
     more_steps: int = 2
     drop_worse: bool = True
     give_up_after: int = 2
-    # PW_WALLTIME (pw.x stopped at max_seconds) is restarted only while the SCF still progresses; a stalled one is
-    # treated as SCF_NOT_CONVERGED. False: the handler sees PW_WALLTIME whatever the trend (e.g. a policy that
-    # restarts with another conv_thr).
-    restart_only_while_progressing: bool = True
 
     @field_validator("ladders", mode="before")
     @classmethod
@@ -251,7 +244,16 @@ class RecoveryHandler(Document):
     ) -> Correction | None:
         """First untried correction for `error_type` below the last one tried in its ladder that changes something
         in the effective `parameters` (namelists, and "run" for the command line, e.g. {"run": {"pools": 1}}; see
-        changes_anything); None = give up."""
+        changes_anything); None = give up. `output`: the failed run's.
+
+        A run that pw.x stopped at max_seconds is restarted only while its SCF still progresses (still_progressing);
+        a stalled one would stall again, so it gets the SCF_NOT_CONVERGED ladder."""
+        if (
+            error_type is DFTErrorType.PW_WALLTIME
+            and output is not None
+            and not still_progressing(output.scf_accuracy)
+        ):
+            error_type = DFTErrorType.SCF_NOT_CONVERGED
         electrons = parameters.get("electrons", {})
         maxstep = int(electrons.get("electron_maxstep", 100))
         if (

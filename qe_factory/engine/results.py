@@ -159,7 +159,8 @@ def write_training_set(
     stress), "ase-db" (an ASE database: ASE's keys, db_key_value_pairs as columns, every pw.x parameter in its data).
     Only sanitized results; those made with settings other than the nominal ones (label_deviations) are left out
     unless `include_marked`. Failures have no label and are not written. `config_type` for structures without one.
-    `references` (isolated-atom results, the E0s) go first as `config_type=IsolatedAtom` frames (MACE's convention:
+    `references` (isolated-atom results, the E0s, whose structures carry no config_type) go first as
+    `config_type=IsolatedAtom` frames (MACE's convention:
     it takes them as its E0s and does not train on them); they are not counted.
     """
     from pathlib import Path
@@ -183,9 +184,6 @@ def write_training_set(
         return count
     with open(path, "w") as handle:
         for result, kind in [*isolated, *((r, config_type) for r in keep)]:
-            atoms = training_atoms(result, format == "nequip-extxyz", kind)
-            if kind == "IsolatedAtom":
-                atoms.info["config_type"] = kind
-            write(handle, atoms, format="extxyz")
+            write(handle, training_atoms(result, format == "nequip-extxyz", kind), format="extxyz")
             count += kind != "IsolatedAtom"
     return count

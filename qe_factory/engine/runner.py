@@ -49,7 +49,6 @@ from qe_factory.engine.recovery import (
     merge_parameters,
     restart_from,
     stalled,
-    still_progressing,
     worse,
 )
 from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult, MagneticBranch
@@ -439,12 +438,6 @@ class QERunner:
                 attempt.final_scf_accuracy, previous.final_scf_accuracy if previous else None
             ):
                 params = state.before  # the SCF ended worse after this rung: not carried into the next ones
-            continued = previous if attempt.restart == RestartType.FULL.value else None
-            if error_type is DFTErrorType.PW_WALLTIME and self.recovery.restart_only_while_progressing and not \
-                    still_progressing(
-                output.scf_accuracy, continued.final_scf_accuracy if continued else None
-            ):
-                error_type = DFTErrorType.SCF_NOT_CONVERGED  # stalled: a restart would stall again; change the mixing
             correction, why = self._next_correction(atoms, error_type, params, state.tried, attempts, output,
                                                      state.branch_start)
             if correction is None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from qe_factory.engine.references import REFERENCE_UID
 from qe_factory.engine.results import DFTResult
 from qe_factory.workflow.coordinator import waiting
 from qe_factory.workflow.launchpad import failure_reason, load_results
@@ -42,6 +43,16 @@ class Story(BaseModel):
     files: list[str] = []  # launch and run directories of a failure or refusal
     fireworks: list[tuple[int, str, str]] = []  # (fw_id, name, state) of its workflow in the LaunchPad
     refusals: list[dict[str, str]] = []  # every refused submission of this uid: {time, reason}
+
+    @property
+    def is_reference(self) -> bool:
+        """An isolated-atom reference (E0) the factory computed, not a structure the user submitted."""
+        return bool(REFERENCE_UID.match(self.uid))
+
+
+def split_references(stories: list[Story]) -> tuple[list[Story], list[Story]]:
+    """(the user's structures, the isolated-atom references)."""
+    return [s for s in stories if not s.is_reference], [s for s in stories if s.is_reference]
 
 
 def refusals_file(home: Path) -> Path:

@@ -201,14 +201,6 @@ def load_results(store: JobStore, uids: list[str] | None = None) -> list[DFTResu
     return sorted(results, key=lambda r: r.uid)
 
 
-def result_counts(store: JobStore) -> dict[str, int]:
-    """Structures with a validated result in the JobStore (finished workflows may have left the LaunchPad), and how
-    many of those were labelled with settings other than the nominal ones."""
-    docs = list(store.query({"metadata.stage": "validate"}, properties=["output.label_deviations"]))
-    marked = sum(bool((doc.get("output") or {}).get("label_deviations")) for doc in docs)
-    return {"validated": len(docs), "marked": marked}
-
-
 def qlaunch_command(args: list[str], home: Path) -> tuple[list[str], dict[str, str]]:
     """argv and environment for stock `qlaunch` on a MongoDB home (an embedded home's qlaunch is the offline
     coordinator: `qe-factory qlaunch`)."""

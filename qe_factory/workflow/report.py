@@ -19,7 +19,7 @@ from ase.formula import Formula
 from ase.units import GPa
 
 from qe_factory.engine.results import Attempt, DFTResult
-from qe_factory.workflow.history import Story, outcome_counts
+from qe_factory.workflow.history import Story, cause, outcome_counts, split_references
 
 MAX_GROUPS = 30  # compositions or elements per figure (the most frequent)
 MAX_POINTS = 3000  # points drawn per group (the box uses all)
@@ -94,9 +94,9 @@ def _hours(attempts: Iterable[Attempt]) -> tuple[int, float, float]:
     return len(attempts), core, cpu
 
 
-def cost_rows(stories: list[Story]) -> list[list[Any]]:
+def cost_rows(stories: list[Story], references: list[Story] = ()) -> list[list[Any]]:
     """pw.x runs and hours: the attempts that made labels, failed attempts that recovery got past, the attempts
-    of structures that failed (all wasted), and the total."""
+    of structures that failed (all wasted), those of the isolated-atom references (E0s), and the total."""
     good, recovered, lost = [], [], []
     for story in stories:
         attempts = story.result.attempts if story.result else []
@@ -105,9 +105,11 @@ def cost_rows(stories: list[Story]) -> list[list[Any]]:
             recovered += [a for a in attempts if a.error_type != "OK"]
         else:
             lost += attempts
+    e0s = [a for story in references if story.result for a in story.result.attempts]
     return [[name, *_hours(group)] for name, group in (
         ("attempts that made labels", good), ("failed attempts before a label", recovered),
-        ("attempts of structures that failed (wasted)", lost), ("all pw.x runs", good + recovered + lost))]
+        ("attempts of structures that failed (wasted)", lost), ("isolated-atom references (E0s)", e0s),
+        ("all pw.x runs", good + recovered + lost + e0s))]
 
 
 def settings_rows(results: list[DFTResult]) -> list[list[Any]]:
@@ -243,6 +245,16 @@ def _cell(value: Any) -> str:
     return f"<td>{html.escape(str(value))}</td>"
 
 
+def reference_rows(references: list[Story]) -> list[list[Any]]:
+    """element, outcome, energy (eV) or cause, and uid of each isolated-atom reference."""
+    rows = []
+    for story in references:
+        labelled = story.outcome == "labelled" and story.result is not None
+        what = story.result.energy if labelled else cause(story) if story.outcome == "failed" else ""
+        rows.append([story.formula or story.uid.split("-")[1], story.outcome, what, story.uid])
+    return rows
+
+
 def table(header: list[str], rows: list[list[Any]], empty: str = "none") -> str:
     if not rows:
         return f'<p class="note">{html.escape(empty)}</p>'
@@ -254,14 +266,15 @@ def table(header: list[str], rows: list[list[Any]], empty: str = "none") -> str:
 def report_html(stories: list[Story], home: str, progress: Callable[[str], None] = lambda step: None) -> str:
     """The report page of a home's stories (with their results loaded); `progress(step)` is called before each
     slow step."""
-    counts = outcome_counts(stories)
-    results = [s.result for s in stories if s.outcome == "labelled" and s.result is not None]
+    structures, references = split_references(stories)
+    counts = outcome_counts(structures)
+    results = [s.result for s in structures if s.outcome == "labelled" and s.result is not None]
     tiles = "".join(f'<div class="tile {name}"><b>{counts[name]}</b>{label}</div>' for name, label in (
         ("labelled", "labelled"), ("marked", "of them non-nominal"), ("failed", "failed"), ("refused", "refused"),
         ("waiting", "waiting"), ("running", "running")))
     parts = [
         f"<h1>qe_factory report</h1><p class='meta'>factory home <code>{html.escape(home)}</code> · "
-        f"{len(stories)} structures seen · made {time.strftime('%Y-%m-%d %H:%M')}</p>",
+        f"{len(structures)} structures seen · made {time.strftime('%Y-%m-%d %H:%M')}</p>",
         f'<div class="tiles">{tiles}</div>',
         '<p class="note">non-nominal: labelled with settings other than the data set\'s (e.g. a larger smearing '
         "that recovery needed); <code>qe-factory export</code> leaves them out unless "
@@ -282,13 +295,18 @@ def report_html(stories: list[Story], home: str, progress: Callable[[str], None]
         '<p class="note">Each row: an error pw.x ended with, the correction applied for the next attempt, and how '
         "often that attempt then succeeded.</p>",
         table(["error seen", "correction applied next", "tried", "next attempt succeeded", "structures then labelled"],
-              recovery_rows(stories), "no structure needed a second attempt"),
-        table(["pw.x attempts", "structures labelled", "structures failed"], attempts_rows(stories), "no pw.x runs"),
+              recovery_rows(structures), "no structure needed a second attempt"),
+        table(["pw.x attempts", "structures labelled", "structures failed"], attempts_rows(structures),
+              "no pw.x runs"),
         '<p class="note">Core-hours: wall time × MPI ranks; CPU hours: pw.x\'s own CPU time × ranks.</p>',
-        table(["pw.x runs", "runs", "core-hours", "CPU hours"], cost_rows(stories)),
+        table(["pw.x runs", "runs", "core-hours", "CPU hours"], cost_rows(structures, references)),
         f"<h2>Failures and refusals ({counts['failed']} failed, {counts['refused']} refused)</h2>",
         table(["uid", "formula", "outcome", "stage", "error type", "cause", "attempts", "files"],
-              problem_rows(stories), "none"),
+              problem_rows(structures), "none"),
+        "<h2>Isolated-atom references (E0s)</h2>",
+        '<p class="note">Each element\'s lone-atom energy at the data set\'s settings (computed by the factory; '
+        "not counted above); the sanitizer judges cohesive energies against them and the export writes them.</p>",
+        table(["element", "outcome", "E0 (eV), or the cause", "uid"], reference_rows(references), "none computed"),
         "<h2>Settings of the labels</h2>",
         '<p class="note">Every value and how many labels have it.</p>',
         table(["setting", "values (labels)"], settings_rows(results), "no labels yet"),

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qe_factory.workflow.coordinator import holder, waiting
+from qe_factory.workflow.history import home_history, outcome_counts, split_references
 from qe_factory.workflow.home import embedded_file
 from qe_factory.workflow.launchpad import (
     StateError,
     failure_reason,
     get_jobstore,
     get_launchpad,
-    result_counts,
     status_report,
 )
 
@@ -82,8 +82,12 @@ def home_summary(home: Path, launchpad: LaunchPad) -> dict[str, Any]:
         "completed_at", "output.uid", "output.formula", "output.energy", "output.attempts.number",
         "output.label_deviations"])
     labelled = [{**doc["output"], "completed_at": doc.get("completed_at", "")} for doc in latest if doc.get("output")]
+    structures, references = split_references(home_history(home, launchpad, store))
+    counts = outcome_counts(structures)
+    results = {"validated": counts["labelled"], "marked": counts["marked"],
+               "references": outcome_counts(references)["labelled"]}
     return {"home": home, "coordinator": holder(home) if embedded_file(home) else None, "inbox": len(waiting(home)),
-            "results": result_counts(store), "labelled": labelled, "failures": status_report(launchpad)["failures"]}
+            "results": results, "labelled": labelled, "failures": status_report(launchpad)["failures"]}
 
 
 def make_app(home: Path) -> Flask:

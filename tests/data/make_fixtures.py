@@ -90,17 +90,23 @@ def observed(text: str) -> list[str]:
 
 def run_pw(
     name: str, text: str, purpose: str, ranks: int = 1, pools: int = 1, command: str = PW_COMMAND,
-    outdir_kb: int | None = None, keep_xml: bool = False, **extra,
+    outdir_kb: int | None = None, keep_xml: bool = False, first: str | None = None, **extra,
 ) -> dict:
     """Run pw.x on `text` in a fresh tests/data/<name>/, keep its outputs, delete its scratch, write meta.json.
 
     `outdir_kb`: pw.x's outdir (./out) is a tmpfs of that size, mounted for the run (needs root). `keep_xml`: keep
-    the data-file-schema.xml pw.x wrote in its outdir beside pw.out.
+    the data-file-schema.xml pw.x wrote in its outdir beside pw.out. `first`: an input run before `text` in the same
+    directory (its scratch is what `text` restarts from); only the lines worth reading of its stdout are kept, in
+    meta.json.
     """
     directory = HERE / name
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir()
+    if first is not None:
+        (directory / "pw.in").write_text(first)
+        execute(pw_command(command, LAUNCHER, ranks, pools), directory, pw_environment(1), TIMEOUT)
+        extra["first_run_observed"] = observed((directory / "pw.out").read_text(errors="replace"))
     (directory / "pw.in").write_text(text)
     argv = pw_command(command, LAUNCHER, ranks, pools)
     if outdir_kb:
@@ -169,6 +175,16 @@ def si_walltime() -> dict:
     # max_seconds is checked once per SCF iteration: a tiny limit stops the run after the first iteration(s).
     text = si_input({"control": {"max_seconds": 1.0}})
     return run_pw("si_walltime", text, "max_seconds=1: 'Maximum CPU time exceeded' (also exit code 2)")
+
+
+def si_restart_noise() -> dict:
+    # attempt 1 iterates toward an unreachable conv_thr until max_seconds (ethr reaches pw.x's floor, 1e-13 Ry, in
+    # ~10 iterations, ~3 s here); the restart starts Davidson at that floor, which it misses by noise
+    first = si_input({"control": {"max_seconds": 8.0}, "electrons": {"conv_thr": 1e-30, "electron_maxstep": 1000}})
+    text = si_input({"control": {"restart_mode": "restart"}, "electrons": {"conv_thr": 1e-8}})
+    purpose = ("restart_mode='restart' after a max_seconds stop at conv_thr=1e-30: converged, with Davidson's "
+               "'eigenvalues not converged' in its final iteration at ethr=1e-13 (noise, not trouble)")
+    return run_pw("si_restart_noise", text, purpose, first=first)
 
 
 def si_missing_pseudo() -> dict:
@@ -381,6 +397,7 @@ FIXTURES: dict[str, Callable[[], dict]] = {
     "si_unconverged": si_unconverged,
     "si_smeared": si_smeared,
     "si_walltime": si_walltime,
+    "si_restart_noise": si_restart_noise,
     "si_missing_pseudo": si_missing_pseudo,
     "si_bad_input": si_bad_input,
     "si_too_many_pools": si_too_many_pools,

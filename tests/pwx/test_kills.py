@@ -20,7 +20,7 @@ from ase.build import bulk
 from qe_factory import QERunner
 from qe_factory.engine import runner as runner_module
 
-ENDLESS = {"electrons": {"conv_thr": 1e-30, "electron_maxstep": 100000}}  # pw.x iterates until stopped
+ENDLESS = {"electrons": {"conv_thr": 0.0, "electron_maxstep": 100000}}  # pw.x iterates until stopped
 
 
 def pw_pids(attempt_dir: Path) -> list[int]:

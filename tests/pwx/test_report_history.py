@@ -141,7 +141,7 @@ class Page(HTMLParser):
 def test_report_page_shows_outcomes_labels_recovery_and_failures(seen, tmp_path):
     out = qef(seen, "report", "-o", str(tmp_path / "report.html"))
     assert out.returncode == 0, out.stderr
-    assert "report on 8 structure(s) written to" in out.stdout  # 6 structures and the E0s of Si and Ge
+    assert "report on 6 structure(s) and 2 isolated-atom reference(s) written to" in out.stdout  # E0s: Si, Ge
     url = (tmp_path / "report.html").as_uri()
     page = Page(page_dom(url))
     text = " ".join(" ".join(page.text).split())
@@ -153,9 +153,16 @@ def test_report_page_shows_outcomes_labels_recovery_and_failures(seen, tmp_path)
     assert all(png.startswith(PNG) and len(png) > 5000 for png in pngs)
     rows = {(row[0], len(row)): row[1:] for row in page.cells() if row}  # (first cell, cells) → the other cells
     assert rows[("Si", 11)][:2] == ["2", "4"] and rows[("Ge", 11)][:2] == ["1", "2"]  # structures, atoms
-    assert rows[("SCF_NOT_CONVERGED", 5)] == ["mixing_beta=0.3", "2", "1", "1"]  # tried twice, fixed once
+    # recovery: si-3's and si-4's first attempts, one fixed (recovery v2: more steps or mixing_beta=0.3)
+    recovery = [row[1:] for row in page.cells() if len(row) == 5 and row[0] == "SCF_NOT_CONVERGED"]
+    assert [sum(int(row[i]) for row in recovery) for i in (1, 2, 3)] == [2, 1, 1], recovery
+    assert {row[0] for row in recovery} <= {"more electron steps", "mixing_beta=0.3"}, recovery
     assert rows[("1", 3)] == ["2", "0"] and rows[("2", 3)] == ["1", "1"]  # attempts per structure: labelled, failed
-    assert rows[("all pw.x runs", 4)][0] == "6"
+    assert rows[("isolated-atom references (E0s)", 4)][0] == "2"
+    assert rows[("all pw.x runs", 4)][0] == "8"  # 6 for the structures, 2 for the E0s
+    e0s = [row for row in page.cells() if len(row) == 4 and row[3].startswith("e0-")]
+    assert sorted((row[0], row[1]) for row in e0s) == [("Ge", "labelled"), ("Si", "labelled")], e0s
+    assert all(-5000 < float(row[2]) < -100 for row in e0s)
     failure = rows[("si-4", 8)]
     assert failure[:4] == ["Si2", "failed", "scf", "SCF_NOT_CONVERGED"] and "gave up" in failure[4]
     assert str(seen / "runs" / "run_si-4") in failure[6]

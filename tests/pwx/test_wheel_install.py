@@ -90,5 +90,5 @@ def test_installed_package_runs_the_bundled_example(venv, tmp_path):
     frames = read(tmp_path / "labels.extxyz", index=":")
     labels = sorted(a.info["uid"] for a in frames if a.info.get("config_type") != "IsolatedAtom")  # E0s first
     assert labels == ["ge-rattled", "si-compressed", "si-hot", "si-rattled"]
-    assert all(a.arrays["REF_forces"].shape == (2, 3) for a in frames)
+    assert all(a.arrays["REF_forces"].shape == (len(a), 3) for a in frames)
     assert (tmp_path / "factory" / "fw_config" / "FW_config.yaml").is_file()

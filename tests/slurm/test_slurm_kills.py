@@ -81,7 +81,7 @@ def run_until_done(home: Path, tmp_path: Path, on_iterating, limit: float = 600)
 def test_scancel_while_pw_runs_is_slurm_cancelled_and_not_rerun(slurm, tmp_path):
     home = make_home(tmp_path, walltime="00:10:00")
     endless = {"kpoint_spacing": 0.5, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True, "timeout": 600,
-               "max_retries": 3, "pw_parameters": {"electrons": {"conv_thr": 1e-30, "electron_maxstep": 100000}}}
+               "max_retries": 3, "pw_parameters": {"electrons": {"conv_thr": 0.0, "electron_maxstep": 100000}}}
     submit(home, tmp_path, {"si-cancel": rattled_si(5)}, endless)
     cancelled = []
     output = run_until_done(home, tmp_path, lambda job_id: cancelled.append(job_id) or subprocess.run(
@@ -111,7 +111,7 @@ def test_slurms_time_limit_is_slurm_walltime_and_reruns_in_a_new_job(slurm, tmp_
     workflow's policy (tests/recovery_policies.py) reruns it in a new job with a reachable conv_thr."""
     home = make_home(tmp_path, walltime="00:10:00")
     endless = {"kpoint_spacing": 0.5, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True, "timeout": 900,
-               "max_retries": 3, "pw_parameters": {"electrons": {"conv_thr": 1e-30, "electron_maxstep": 100000}}}
+               "max_retries": 3, "pw_parameters": {"electrons": {"conv_thr": 0.0, "electron_maxstep": 100000}}}
     submit(home, tmp_path, {"si-limit": rattled_si(6)}, endless, recovery="RestartToConverge(conv_thr=1e-8)")
     cut = []
     output = run_until_done(home, tmp_path, lambda job_id: cut.append(job_id) or subprocess.run(

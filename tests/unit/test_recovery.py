@@ -176,9 +176,15 @@ def test_a_rung_after_which_the_scf_ended_worse_is_dropped():
 def test_walltime_restarts_only_while_progressing():
     from_scratch = [0.2, 5e-2, 1e-2, 2e-3, 4e-4, 1e-4]  # attempt 1, stopped at max_seconds: fell 3 decades
     assert still_progressing(from_scratch)
-    assert still_progressing([9e-5, 4e-5, 8e-6, 1e-6], previous=1e-4)  # the restart fell another 2 decades
-    assert not still_progressing([1.1e-4, 8e-5, 1.3e-4, 9e-5, 1.2e-4], previous=1e-4)  # stalled
+    assert still_progressing([1.1e-4, 4e-5, 8e-6, 1e-6])  # the restart fell another 2 decades
+    assert not still_progressing([1.1e-4, 8e-5, 1.3e-4, 9e-5, 1.2e-4])  # stalled
     assert still_progressing([0.3])  # too short to judge: restart
+    # the handler: a restart while progressing, the SCF ladder once stalled (a policy may override either)
+    handler, walltime = RecoveryHandler(), DFTErrorType.PW_WALLTIME
+    progressing = handler.next_correction(walltime, NOMINAL, output=PwOutput(scf_accuracy=from_scratch))
+    assert progressing.name == "restart_mode=restart"
+    stuck = PwOutput(scf_accuracy=[1.1e-4, 8e-5, 1.3e-4, 9e-5, 1.2e-4])
+    assert handler.next_correction(walltime, NOMINAL, ["restart_mode=restart"], stuck).name == "mixing_beta=0.3"
 
 
 def test_a_hopeless_case_is_recognised_by_its_trace():

@@ -15,7 +15,7 @@ from ase.units import Bohr, GPa, Ry
 
 from qe_factory import SanitizerThresholds
 from qe_factory.engine.parsers import PwOutput, parse_pw_output
-from qe_factory.engine.sanitize import cohesive_check, contact_force_bound, sanitize
+from qe_factory.engine.sanitize import cohesive_check, contact_force_bound, sanitize, warning_problems
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 # two Si atoms 3 Å apart in a box: no contact within their covalent radii sum (2.22 Å), so the force bound is
@@ -358,6 +358,21 @@ def test_the_wrong_element_pseudo_is_refused_by_name():
     assert not result.succeeded
     assert any("as a pseudopotential for C" in p for p in result.problems)
     assert any("more bound than any known solid" in p for p in result.problems)
+
+
+def test_davidson_noise_at_pw_xs_threshold_floor_is_a_note():
+    """A real restart at ethr 1e-13 (pw.x's floor: tests/data/si_restart_noise) prints Davidson's message in its final
+    iteration: noise, kept as a note. Above the floor (si_scf ends at ethr 1.4e-11) the same message refuses."""
+    noisy = fixture_output("si_restart_noise")
+    assert noisy.converged and noisy.final_ethr == 1e-13
+    assert any("eigenvalues not converged" in w for w in noisy.final_warnings)
+    kept = built("si_restart_noise", E0S, output=noisy)
+    assert kept.succeeded, kept.error_message
+    assert any("eigenvalues not converged" in w for w in kept.warnings)
+    assert fixture_output("si_scf").final_ethr == pytest.approx(1.39e-11)
+    warning = "c_bands:  1 eigenvalues not converged"
+    assert warning_problems([warning], 1.39e-11) and not warning_problems([warning], 1e-13)
+    assert warning_problems([warning], 1e-13, davidson_noise=1e-14)  # configurable
 
 
 def test_warnings_are_kept_and_the_fatal_ones_refuse_the_label():
