@@ -171,11 +171,6 @@ class InputGenerator:
             if moments is not None and not atoms.has("initial_magmoms"):
                 # its Hund's-rule spin, fixed — a floating moment stalls its SCF
                 system["tot_magnetization"] = float(moments[0])
-            if pseudos[atoms.get_chemical_symbols()[0]].header.paw:
-                # pw.x's default start (atomic+random) adds random noise to a PAW atom's starting occupations
-                # (PAW_atomic_becsum) that only symmetrisation removes: under nosym a lone Ni atom's first step
-                # splits its 3d levels by ~7 eV (SCF accuracy 185 Ry, |M| 20 μB); from 'atomic', 0.46 Ry
-                electrons["startingwfc"] = "atomic"
         parameters = _merge({"control": control, "system": system, "electrons": electrons}, cfg.pw_parameters)
         parameters = _merge(parameters, params or {})
         if parameters["control"]["calculation"] != "scf":

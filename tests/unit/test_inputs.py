@@ -114,12 +114,6 @@ def test_open_shells_in_vacuum_start_spin_polarised(generator):
     assert water.parameters["system"]["nspin"] == 1
     oxygen = generator.generate(boxed(Atoms("O")))  # a lone atom: Hund's rule, 2 μB, held fixed
     assert oxygen.parameters["system"]["nspin"] == 2 and oxygen.parameters["system"]["tot_magnetization"] == 2.0
-    # PAW lone atoms (Debian's O and Ni are PAW) start from atomic wavefunctions without pw.x's random part
-    assert oxygen.parameters["electrons"]["startingwfc"] == "atomic"
-    assert generator.generate(boxed(Atoms("Ni"))).parameters["electrons"]["startingwfc"] == "atomic"
-    for ultrasoft in ("Si", "Fe"):  # ultrasoft: pw.x's default start
-        assert "startingwfc" not in generator.generate(boxed(Atoms(ultrasoft))).parameters["electrons"]
-    assert "startingwfc" not in water.parameters["electrons"]  # only lone atoms
     given = boxed(Atoms("O"))
     given.set_initial_magnetic_moments([0.0])  # the user's own (here: none) stands
     assert generator.generate(given).parameters["system"]["nspin"] == 1
