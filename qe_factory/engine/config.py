@@ -65,6 +65,10 @@ class SanitizerThresholds(BaseModel):
         "that iteration's diagonalization threshold (ethr) was at most this (1e-13: pw.x's floor, reached after a "
         "restart or with a very tight conv_thr, where Davidson misses by numerical noise)"
     )
+    davidson_fraction: float = Field(
+        0.01, ge=0, le=1, description="and when at most this fraction of the Kohn-Sham eigenvalues (states × k-points) "
+        "was left unconverged (pw.x's user guide: trouble when they are a significant part of the total)"
+    )
 
 
 class ExecutionSettings(BaseSettings):

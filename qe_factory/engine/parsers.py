@@ -44,6 +44,8 @@ class PwOutput(BaseModel):
     warnings: list[str] = []  # pw.x's non-fatal messages, each once
     final_warnings: list[str] = []  # those printed in or after the last SCF iteration (judged by the sanitizer)
     final_ethr: float | None = None  # Ry: the diagonalization threshold of the last SCF iteration ("ethr = ...")
+    final_unconverged: int = 0  # eigenvalues Davidson left unconverged in the last SCF iteration (all k-points)
+    eigenvalues: int | None = None  # Kohn-Sham states × k-points (pw.x's counts), what Davidson solves per iteration
     errors: list[str] = []
     crash: str | None = None
     wall_time: float | None = None
@@ -134,6 +136,9 @@ _WARNING = re.compile(
 )
 
 
+_UNCONVERGED = re.compile(r"c_bands:\s*(\d+) eigenvalues not converged")
+
+
 def _warnings(lines: list[str]) -> list[tuple[int, str]]:
     """(line number, text) of every non-fatal message pw.x printed."""
     return [
@@ -179,6 +184,13 @@ def parse_pw_output(text: str, crash: str | None = None) -> PwOutput:
     out["final_warnings"] = sorted({text for at, text in warnings if at > last_iteration})
     if ethr := re.findall(rf"^\s*ethr\s*=\s*({_FLOAT})", text, re.MULTILINE):
         out["final_ethr"] = _number(ethr[-1])
+    out["final_unconverged"] = sum(
+        int(m.group(1)) for line in lines[last_iteration + 1 :] if (m := _UNCONVERGED.search(line))
+    )
+    states = re.search(r"number of Kohn-Sham states=\s*(\d+)", text)
+    kpoints = re.search(r"number of k points=\s*(\d+)", text)
+    if states and kpoints:
+        out["eigenvalues"] = int(states.group(1)) * int(kpoints.group(1))
     out["errors"] = _error_blocks(text) + (_error_blocks(crash) if crash else [])
     if m := re.search(r"PWSCF\s*:\s*(.*?)CPU\s*(.*?)WALL", text):
         out["cpu_time"], out["wall_time"] = _seconds(m.group(1)), _seconds(m.group(2))

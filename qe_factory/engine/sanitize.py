@@ -55,7 +55,7 @@ def sanitize(output: PwOutput, atoms: Atoms, limits: SanitizerThresholds | None 
             f"{output.negative_rho:.3g} electrons of negative density (limit {limits.max_negative_rho}): "
             "overlapping cores or too low a cutoff"
         )
-    return problems + warning_problems(output.final_warnings, output.final_ethr, limits.davidson_noise)
+    return problems + warning_problems(output, limits)
 
 
 def contact_force_bound(ratio: float | None, limits: SanitizerThresholds) -> float:
@@ -108,18 +108,19 @@ TROUBLE = {
 }
 
 
-def warning_problems(
-    final_warnings: list[str], final_ethr: float | None = None, davidson_noise: float = 1e-13
-) -> list[str]:
+def warning_problems(output: PwOutput, limits: SanitizerThresholds | None = None) -> list[str]:
     """The pw.x messages printed in or after the final SCF iteration that refuse the label (TROUBLE), each with why.
-    Davidson's message is a note when the final iteration's threshold `final_ethr` was at most `davidson_noise`: pw.x
-    asks for 1e-13 Ry at the least, which Davidson may miss by noise after a restart or with a very tight conv_thr."""
-    noise = final_ethr is not None and final_ethr <= davidson_noise
+    Davidson's message is a note when that iteration's threshold was pw.x's floor (`davidson_noise`: missed by
+    noise after a restart) or when its unconverged eigenvalues are a small part of all (`davidson_fraction`; pw.x's
+    user guide: trouble when "a significant part of the total")."""
+    limits = limits or SanitizerThresholds()
+    noise = output.final_ethr is not None and output.final_ethr <= limits.davidson_noise
+    few = bool(output.eigenvalues) and output.final_unconverged <= limits.davidson_fraction * output.eigenvalues
     return [
         f"pw.x printed '{warning}' in the final SCF iteration: {why}"
-        for warning in final_warnings
+        for warning in output.final_warnings
         for text, why in TROUBLE.items()
-        if text in warning.lower() and not (noise and text == "eigenvalues not converged")
+        if text in warning.lower() and not ((noise or few) and text == "eigenvalues not converged")
     ]
 
 
