@@ -116,9 +116,12 @@ def submit_cmd(args: argparse.Namespace) -> int:
     if config.execution.model_fields_set:
         print(f"note: {', '.join(sorted(config.execution.model_fields_set))} are execution settings: they stay with "
               "the workers (qe-factory worker -c FILE, or QE_FACTORY_<KEY>), not with the workflows")
-    structures = [atoms for _, atoms in read_structures(args.structures)] if not args.no_e0s else []
-    for line in _submit_references(structures, config, None, get_jobstore(), _resources(args)):
-        print(line)
+    if not args.no_e0s:
+        from qe_factory.workflow.references import structure_references
+
+        references = structure_references([atoms for _, atoms in read_structures(args.structures)], config)
+        for line in _submit_references(references.values(), None, get_jobstore(), _resources(args)):
+            print(line)
     report = submit(args.structures, config, resources=_resources(args), store=get_jobstore(), progress=progress_bar)
     for uid, why in report.refused.items():
         print(f"{uid:<24} REFUSED {why}")
@@ -171,8 +174,9 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     launchpad, store = get_launchpad(), get_jobstore()
     uids = [uid for uid, _ in structures]
     print(f"factory home {home}; LaunchPad {embedded_file(home) or 'MongoDB'}; {len(structures)} structures")
+    references = structure_references([atoms for _, atoms in structures], config)  # uid → Reference (E0)
     if not args.no_e0s:
-        for line in _submit_references([atoms for _, atoms in structures], config, launchpad, store):
+        for line in _submit_references(references.values(), launchpad, store):
             print(line)
     for uid, atoms in structures:
         atoms.info["uid"] = uid
@@ -209,19 +213,18 @@ def _run(args: argparse.Namespace, home: Path) -> int:
     for failure in failures:
         if failure["uid"] not in told:  # failed before this run
             print(failure_line(failure))
-    references = list(structure_references([atoms for _, atoms in structures], config))  # their E0s' uids
-    written = _export(results + load_results(store, references), args, config)
+    written = _export(results + load_results(store, list(references)), args, config)
     print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(report.refused)} refused; "
           f"{len(uids) - len(results) - len(failures) - len(report.refused)} neither (duplicates of another uid, "
           "or waiting)")
     return 0 if written == len(uids) else 1
 
 
-def _submit_references(structures: list, config: DFTConfig, launchpad, store, resources=None) -> list[str]:
-    """Submit the isolated-atom references (E0s) the structures need and have none yet; lines saying so."""
-    from qe_factory.workflow.references import structure_references, submit_references
+def _submit_references(references: Iterable, launchpad, store, resources=None) -> list[str]:
+    """Submit the isolated-atom references (E0s) that have no result yet; lines saying so."""
+    from qe_factory.workflow.references import submit_references
 
-    reports = submit_references(structure_references(structures, config).values(), launchpad, store, resources)
+    reports = submit_references(references, launchpad, store, resources)
     lines = [f"{uid:<24} REFUSED {why}" for report in reports for uid, why in report.refused.items()]
     added = sum(len(report.fw_ids) + len(report.queued) for report in reports)
     return lines + ([f"{added} isolated-atom reference(s) (E0s) submitted ahead of the structures"] if added else [])
@@ -309,7 +312,7 @@ def show(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """Write one self-contained HTML page about the home: outcomes, label distributions, recovery, failures,
     settings and pseudopotentials."""
-    from qe_factory.workflow.history import home_history
+    from qe_factory.workflow.history import home_history, split_references
     from qe_factory.workflow.home import activate
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
     from qe_factory.workflow.report import report_html
@@ -326,8 +329,8 @@ def report(args: argparse.Namespace) -> int:
         page = report_html(stories, str(home), step)
         Path(args.output).write_text(page)
         progress.update(progress.total - progress.n)
-    references = sum(story.is_reference for story in stories)
-    print(f"report on {len(stories) - references} structure(s) and {references} isolated-atom reference(s) written "
+    structures, references = split_references(stories)
+    print(f"report on {len(structures)} structure(s) and {len(references)} isolated-atom reference(s) written "
           f"to {args.output}")
     return 0
 

@@ -160,8 +160,8 @@ def write_training_set(
     Only sanitized results; those made with settings other than the nominal ones (label_deviations) are left out
     unless `include_marked`. Failures have no label and are not written. `config_type` for structures without one.
     `references` (isolated-atom results, the E0s, whose structures carry no config_type) go first as
-    `config_type=IsolatedAtom` frames (MACE's convention:
-    it takes them as its E0s and does not train on them); they are not counted.
+    `config_type=IsolatedAtom` frames (MACE's convention: it takes them as its E0s and does not train on them); they
+    are not counted.
     """
     from pathlib import Path
 

@@ -18,6 +18,7 @@ import numpy as np
 from ase.formula import Formula
 from ase.units import GPa
 
+from qe_factory.engine.references import REFERENCE_UID
 from qe_factory.engine.results import Attempt, DFTResult
 from qe_factory.workflow.history import Story, cause, outcome_counts, split_references
 
@@ -94,7 +95,7 @@ def _hours(attempts: Iterable[Attempt]) -> tuple[int, float, float]:
     return len(attempts), core, cpu
 
 
-def cost_rows(stories: list[Story], references: list[Story] = ()) -> list[list[Any]]:
+def cost_rows(stories: list[Story], references: Iterable[Story] = ()) -> list[list[Any]]:
     """pw.x runs and hours: the attempts that made labels, failed attempts that recovery got past, the attempts
     of structures that failed (all wasted), those of the isolated-atom references (E0s), and the total."""
     good, recovered, lost = [], [], []
@@ -251,7 +252,7 @@ def reference_rows(references: list[Story]) -> list[list[Any]]:
     for story in references:
         labelled = story.outcome == "labelled" and story.result is not None
         what = story.result.energy if labelled else cause(story) if story.outcome == "failed" else ""
-        rows.append([story.formula or story.uid.split("-")[1], story.outcome, what, story.uid])
+        rows.append([REFERENCE_UID.match(story.uid).group(1), story.outcome, what, story.uid])
     return rows
 
 
