@@ -10,4 +10,5 @@ if ! command -v chromium >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+# two workers (the CI machine's 2 cores); the SLURM tests stay together on one of them (tests/conftest.py)
+.venv/bin/python -m pytest -q --numprocesses=2 --dist=loadgroup "$@"

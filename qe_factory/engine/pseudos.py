@@ -54,6 +54,7 @@ class UpfHeader:
     suggested_wfc: float | None
     suggested_rho: float | None
     ultrasoft: bool = False  # US or PAW: augmentation charges (pw.x's okvan)
+    paw: bool = False  # PAW: one-centre occupations (pw.x's becsum) on top of the augmentation
     beta_l: tuple[int, ...] = ()  # angular momentum of each projector (beta function)
 
     @property
@@ -268,6 +269,7 @@ def parse_upf_header(text: str) -> UpfHeader:
         suggested_wfc=float(wfc.group(1)) or None if wfc else None,
         suggested_rho=float(rho.group(1)) or None if rho else None,
         ultrasoft=pseudo_type in ("US", "USPP", "PAW"),
+        paw=pseudo_type == "PAW",
         beta_l=tuple(int(momentum) for momentum in beta_l),
     )
 

@@ -22,7 +22,7 @@ from structures import rattled_si
 BIN = Path(sys.executable).parent
 FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
 FAST = "kpoint_spacing: 0.8\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmpi_ranks: 1\n"
-ENDLESS = FAST + "pw_parameters:\n  electrons:\n    conv_thr: 1.0e-30\n    electron_maxstep: 100000\n"
+ENDLESS = FAST + "pw_parameters:\n  electrons:\n    conv_thr: 0.0\n    electron_maxstep: 100000\n"
 
 
 def env() -> dict[str, str]:
