@@ -18,7 +18,11 @@ from pydantic import BaseModel
 from qe_factory.engine.config import NAMELISTS, DFTConfig
 from qe_factory.engine.pseudos import PseudoFamily, ResolvedPseudo, load_family, resolve_pseudos
 
-LONE_ATOM_CONV_THR = 1e-6  # Ry: the tightest SCF threshold asked of a lone atom in a box (see generate)
+# Ry: the tightest SCF threshold asked of a lone atom in a box, by whether its pseudopotential has d projectors:
+# the big box's SCF noise floor (GGA in the density's tail). H, O and Si reach 1e-8; Cr (50/460 Ry) and Cu (50/400)
+# stall at 3e-9-1e-8, Ni (75/600) at 7e-7. 1e-6 Ry is 14 μeV, far below what an E0 needs; s/p atoms keep 1e-8
+# (at 1e-6 a lone H atom's last iteration comes early and ends with Davidson's empty bands unconverged).
+LONE_ATOM_CONV_THR = {False: 1e-8, True: 1e-6}
 # Elements that get a spin-polarised start when the Atoms carry no initial moments (μB per atom).
 MAGNETIC_MOMENTS = {"Cr": 5.0, "Mn": 5.0, "Fe": 5.0, "Co": 5.0, "Ni": 5.0, "Gd": 7.0}
 # Below this absolute magnetization per magnetic atom (μB) a converged moment has collapsed.
@@ -165,10 +169,8 @@ class InputGenerator:
         if any(vacuum):  # gentler mixing across vacuum; local-TF damps a slab's charge sloshing (it stalls atoms)
             electrons.update(mixing_beta=min(cfg.mixing_beta, 0.3), mixing_mode="plain" if all(vacuum) else "local-TF")
         if all(vacuum) and len(atoms) == 1:  # a lone atom (an E0 reference): only its energy is a label
-            # the SCF noise floor of a large box at high cutoff (GGA in the density's tail): Cr (50/460 Ry) and Cu
-            # (50/400) stall at 3e-9-1e-8 Ry, Ni (75/600) at 7e-7; 1e-6 Ry is 14 μeV, far below what an E0 needs
-            electrons["conv_thr"] = max(electrons["conv_thr"], LONE_ATOM_CONV_THR)
             pseudo = pseudos[atoms.get_chemical_symbols()[0]].header
+            electrons["conv_thr"] = max(electrons["conv_thr"], LONE_ATOM_CONV_THR[2 in pseudo.beta_l])
             if pseudo.paw and 2 in pseudo.beta_l:
                 # pw.x's default 'atomic+random' adds random noise to the PAW d occupations, which nosym never
                 # averages out: a lone Ni atom's first step gave 185 Ry and 20 μB (from 'atomic': 0.46 Ry, 2 μB)

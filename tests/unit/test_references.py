@@ -114,7 +114,9 @@ def test_references_are_submitted_once_per_uid_and_run_before_the_structures(hom
 def test_a_lone_atom_asks_no_tighter_scf_threshold_than_its_box_allows():
     config = DFTConfig()
     atom = InputGenerator(config).generate(isolated_atom("Cr", config))
-    assert atom.parameters["electrons"]["conv_thr"] == 1e-6  # not 2e-10: the big box's noise floor
+    assert atom.parameters["electrons"]["conv_thr"] == 1e-6  # not 2e-10: the big box's noise floor (d shells)
+    silicon = InputGenerator(config).generate(isolated_atom("Si", config))
+    assert silicon.parameters["electrons"]["conv_thr"] == 1e-8
     hydroxyl = isolated_atom("O", config) + isolated_atom("H", config)
     hydroxyl.positions[1, 0] += 0.97
     pw_input = InputGenerator(config).generate(hydroxyl)
