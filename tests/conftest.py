@@ -29,8 +29,9 @@ def pytest_collection_modifyitems(config, items):
         folder = Path(item.fspath).resolve().relative_to(TESTS).parts[0]
         for name in MARKERS.get(folder, ()):
             item.add_marker(name)
-        if folder == "slurm":  # one xdist worker runs them all, in order, on the one cluster
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        # xdist (scripts/test.sh): one worker runs all the SLURM tests, in order, on the one cluster; a module's
+        # tests stay together on one worker, so a module-scoped fixture (a home full of runs) is built once
+        item.add_marker(pytest.mark.xdist_group("slurm" if folder == "slurm" else item.nodeid.split("::")[0]))
         if no_pw and "pwx" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="pw.x not installed (run scripts/setup.sh)"))
 
