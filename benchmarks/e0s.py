@@ -41,10 +41,11 @@ def main() -> None:
     parser.add_argument("--elements", default="Fe,Ni,Cr,Cu,O,H,Si")
     parser.add_argument("--low-cutoffs", action="store_true", help="box study at 30/240 Ry (allow_low_cutoffs)")
     parser.add_argument("--json", help="append each row as a JSON line to this file")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per pw.x attempt")
     parser.add_argument("--work-dir", help="keep pw.x's runs here (default: a temporary directory)")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="e0s-"))
-    base = DFTConfig(mpi_ranks=1, timeout=3600, work_dir=work)
+    base = DFTConfig(mpi_ranks=1, timeout=args.timeout, work_dir=work)
     if args.what == "box":
         config = base.with_changes(ecutwfc=30, ecutrho=240, allow_low_cutoffs=True) if args.low_cutoffs else base
         rows = []
