@@ -26,7 +26,7 @@ from qe_factory.engine.pseudos import PseudoFamily, ResolvedPseudo, load_family,
 LONE_ATOM_CONV_THR = {False: 1e-8, True: 1e-5}
 # Lone PAW atoms measured to need a start without the random noise pw.x's default 'atomic+random' adds to PAW's d
 # occupations, which nosym never averages out: a lone Ni atom's first step gave 185 Ry and 20 μB (from 'atomic':
-# 0.46 Ry, 2 μB, converged in 35 steps). Not every d shell: from 'atomic', a lone Cu atom's SCF bounced (0.6-1e-4 Ry
+# 0.46 Ry, 2 μB, below 1e-5 Ry at step 30). Not every d shell: from 'atomic', a lone Cu atom's SCF bounced (0.6-1e-4 Ry
 # over 12 steps) where the default converges (benchmarks/README.md, lone atoms).
 QUIET_START = {"Ni"}
 # Elements that get a spin-polarised start when the Atoms carry no initial moments (μB per atom).
