@@ -175,9 +175,10 @@ class InputGenerator:
         if any(vacuum):  # gentler mixing across vacuum; local-TF damps a slab's charge sloshing (it stalls atoms)
             electrons.update(mixing_beta=min(cfg.mixing_beta, 0.3), mixing_mode="plain" if all(vacuum) else "local-TF")
         if all(vacuum) and len(atoms) == 1:  # a lone atom (an E0 reference): only its energy is a label
-            pseudo = pseudos[atoms.get_chemical_symbols()[0]].header
+            (element,) = atoms.get_chemical_symbols()
+            pseudo = pseudos[element].header
             electrons["conv_thr"] = max(electrons["conv_thr"], LONE_ATOM_CONV_THR[2 in pseudo.beta_l])
-            if pseudo.paw and atoms.get_chemical_symbols()[0] in QUIET_START:
+            if pseudo.paw and element in QUIET_START:
                 electrons["startingwfc"] = "atomic"
             if moments is not None and not atoms.has("initial_magmoms"):
                 # its Hund's-rule spin, fixed — a floating moment stalls its SCF
