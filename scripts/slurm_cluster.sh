@@ -165,7 +165,7 @@ SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 MailProg=/bin/true
 ReturnToService=2
-KillWait=5
+KillWait=30
 MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout=60
@@ -271,12 +271,12 @@ cmd_start() {
     if ((n == ${#DAEMONS[@]})); then
         local st
         st="$(node_state)"
-        if [[ "$st" =~ ^(idle|mixed|allocated|completing)$ ]]; then
+        if [[ "$st" =~ ^(idle|mixed|allocated|completing)$ ]] && ! write_config; then
             log "already running (node $(node_name): $st); nothing to do"
             print_logs_hint
             return 0
         fi
-        log "daemons run but node state is '${st:-no answer}'; restarting"
+        log "daemons run but node state is '${st:-no answer}' or the configuration changed; restarting"
         stop_daemons
     elif ((n > 0)); then
         log "only $n of ${#DAEMONS[@]} daemons run; restarting all"
@@ -358,8 +358,8 @@ cancel_jobs() {
     log "cancelling jobs: $jobs"
     # shellcheck disable=SC2086
     timeout 10 scancel $jobs 2>/dev/null || true
-    # Give slurmd time to kill the job steps (SIGTERM, SIGKILL after KillWait=5).
-    wait_for 15 no_active_jobs || log "some jobs did not finish cancelling: $(squeue -h -o %A 2>/dev/null | xargs)"
+    # Give slurmd time to kill the job steps (SIGTERM, SIGKILL after KillWait=30).
+    wait_for 45 no_active_jobs || log "some jobs did not finish cancelling: $(squeue -h -o %A 2>/dev/null | xargs)"
 }
 
 no_active_jobs() {
