@@ -18,12 +18,13 @@ from pydantic import BaseModel
 from qe_factory.engine.config import NAMELISTS, DFTConfig
 from qe_factory.engine.pseudos import PseudoFamily, ResolvedPseudo, load_family, resolve_pseudos
 
-# Ry: the tightest SCF threshold asked of a lone atom in a box, by whether its pseudopotential has d projectors:
-# the big box's SCF noise floor. H, O and Si reach 1e-8; Cr (50/460 Ry) and Cu (50/400) stall at 3e-9-1e-8, Ni
-# (75/600) at 0.8-2.5e-6 and Fe (40/480) at 1e-5-1e-4 (its d shell's occupations bounce at 0.02 Ry smearing).
-# 1e-5 Ry is 0.14 meV, ten times below an MLIP's energy error; s/p atoms keep 1e-8 (at a looser threshold a lone H
-# atom's last iteration comes early and ends with Davidson's empty bands unconverged).
-LONE_ATOM_CONV_THR = {False: 1e-8, True: 1e-5}
+# Ry: the tightest SCF threshold asked of a lone atom in a box, the big box's SCF noise floor. H, O and Si reach
+# 1e-8 (at a looser threshold a lone H atom's last iteration comes early and ends with Davidson's empty bands
+# unconverged). With d projectors: Cr (50/460 Ry) and Cu (50/400) stall at 3e-9-1e-8, Ni (75/600) at 0.8-2.5e-6
+# and Fe (40/480) at 1e-5-1e-4 (its d shell's occupations bounce at 0.02 Ry smearing); 1e-5 Ry is 0.14 meV, ten
+# times below an MLIP's energy error.
+LONE_ATOM_CONV_THR = 1e-8
+LONE_D_ATOM_CONV_THR = 1e-5
 # Lone PAW atoms measured to need a start without the random noise pw.x's default 'atomic+random' adds to PAW's d
 # occupations, which nosym never averages out: a lone Ni atom's first step gave 185 Ry and 20 μB (from 'atomic':
 # 0.46 Ry, 2 μB, below 1e-5 Ry at step 30). Not every d shell: from 'atomic', a lone Cu atom's SCF bounced (0.6-1e-4 Ry
@@ -177,7 +178,8 @@ class InputGenerator:
         if all(vacuum) and len(atoms) == 1:  # a lone atom (an E0 reference): only its energy is a label
             (element,) = atoms.get_chemical_symbols()
             pseudo = pseudos[element].header
-            electrons["conv_thr"] = max(electrons["conv_thr"], LONE_ATOM_CONV_THR[2 in pseudo.beta_l])
+            d_shell = 2 in pseudo.beta_l  # a projector of angular momentum l = 2
+            electrons["conv_thr"] = max(electrons["conv_thr"], LONE_D_ATOM_CONV_THR if d_shell else LONE_ATOM_CONV_THR)
             if pseudo.paw and element in QUIET_START:
                 electrons["startingwfc"] = "atomic"
             if moments is not None and not atoms.has("initial_magmoms"):
