@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from qe_factory.engine.outcomes import CarriesOutcome, Outcome
 from qe_factory.engine.parsers import PwOutput
 
 
@@ -105,9 +106,11 @@ def scheduler_error(said: str) -> DFTErrorType:
     return next((error for error, pattern in SLURM_CAUSES if pattern.search(said)), DFTErrorType.KILLED)
 
 
-class DiskFullError(OSError):
+class DiskFullError(CarriesOutcome, OSError):
     """A file could not be written for lack of space or quota (pw.x's scratch, or the factory's state); the message
     names what. Not a failure of the structure: run it again once space is back."""
+
+    outcome = Outcome.DISK_FULL
 
 
 def oom_kill_count() -> int | None:

@@ -16,6 +16,7 @@ from ase.io.espresso import write_espresso_in
 from pydantic import BaseModel
 
 from qe_factory.engine.config import NAMELISTS, DFTConfig
+from qe_factory.engine.outcomes import CarriesOutcome, Outcome
 from qe_factory.engine.pseudos import PseudoFamily, ResolvedPseudo, load_family, resolve_pseudos
 
 # Ry: the tightest SCF threshold asked of a lone atom in a box, the big box's SCF noise floor. H, O and Si reach
@@ -40,8 +41,10 @@ COLLAPSED_MOMENT = 0.5
 WEAK_START = {"Cr": 0.5, "Mn": 0.5, "Fe": 1.1, "Co": 0.8, "Ni": 0.3, "Gd": 3.5}
 
 
-class InputError(ValueError):
+class InputError(CarriesOutcome, ValueError):
     """The requested calculation is not one the factory runs (e.g. a relaxation)."""
+
+    outcome = Outcome.REFUSED
 
 
 class PwInput(BaseModel):

@@ -37,6 +37,22 @@ def pw_command(command: str, launcher: str, ranks: int, pools: int, input_name: 
     return [*argv, "-in", input_name]
 
 
+# mpirun (OpenMPI) when it cannot start the program it was given: a fault of the machine, not of the structure
+UNLAUNCHABLE = re.compile(r"mpirun was unable to (?:launch the specified application|find the specified executable)"
+                          r"|execvp error|(?:srun|mpiexec): error: .*(?:No such file|cannot execute|execve)")
+
+
+def missing_program(command: str, launcher: str, ranks: int) -> str | None:
+    """The program of `command` (pw.x), or the MPI launcher pw_command puts before it, that is not on PATH or not
+    executable here; None when they are."""
+    import shutil
+
+    programs = [shlex.split(command)[0]]
+    if ranks > 1 and os.path.basename(programs[0]) not in LAUNCHERS:
+        programs.append(shlex.split(launcher)[0])
+    return next((p for p in programs if shutil.which(p) is None), None)
+
+
 def pw_environment(omp_threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for pw.x: fixed thread count, unbuffered Fortran output, OpenMPI allowed to run as root."""
     env = dict(os.environ if base is None else base)

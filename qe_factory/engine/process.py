@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qe_factory.engine.outcomes import CarriesOutcome, EnvironmentFault, Outcome
+
 # Set (by a signal handler of the process that runs pw.x) to stop the running pw.x and take no further attempt.
 STOP = threading.Event()
 POLL_SECONDS = 0.5  # how often a running pw.x is checked for a stop request
@@ -37,13 +39,15 @@ for sig in (signal.SIGTERM, signal.SIGKILL):
 """
 
 
-class ExecutableNotFoundError(RuntimeError):
-    """pw.x (or the MPI launcher) is not installed or not on PATH."""
+class ExecutableNotFoundError(EnvironmentFault):
+    """pw.x (or the MPI launcher) is not installed, not on PATH or cannot be launched."""
 
 
-class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt: a request, not an error
+class Interrupted(CarriesOutcome, BaseException):  # noqa: N818 - like KeyboardInterrupt: a request, not an error
     """The owner was asked to stop (STOP set, e.g. on SIGTERM/SIGINT): pw.x was stopped; the attempt is nobody's
     failure and must be run again later. `execution`: how the pw.x run ended, when one was running."""
+
+    outcome = Outcome.INTERRUPTED
 
     def __init__(self, message: str, execution: Execution | None = None):
         super().__init__(message)

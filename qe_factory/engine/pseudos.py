@@ -19,9 +19,13 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from qe_factory.engine.outcomes import CarriesOutcome, Outcome
 
-class PseudopotentialError(ValueError):
+
+class PseudopotentialError(CarriesOutcome, ValueError):
     """A pseudopotential is missing, corrupt or inconsistent with the structure or the family."""
+
+    outcome = Outcome.REFUSED
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ import numpy as np
 from ase import Atoms
 
 from qe_factory.engine.document import Document
+from qe_factory.engine.outcomes import Outcome, outcome_details
 from qe_factory.engine.structure import StructureDoc
+
+UNPHYSICAL = "UNPHYSICAL"  # DFTResult.error_type of a converged result the sanitizer refused
 
 
 class Attempt(Document):
@@ -107,9 +110,16 @@ class DFTFatalError(RuntimeError):
         super().__init__(f"{result.uid}: {result.error_message}")
         self.result = result
 
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.UNPHYSICAL if self.result.error_type == UNPHYSICAL else Outcome.FAILED
+
     def to_dict(self) -> dict[str, Any]:
-        """The report as FireWorks stores it with a FIZZLED launch (`_exception._details`)."""
-        return self.result.model_dump(mode="json")
+        """The report as FireWorks stores it with a FIZZLED launch (`_exception._details`): the DFTResult's fields
+        and its outcome (outcomes.outcome_details)."""
+        result = self.result
+        return outcome_details(self.outcome, result.error_type or "UNKNOWN", result.error_message or "",
+                               **result.model_dump(mode="json"))
 
 
 EXPORT_FORMATS = ("mace-extxyz", "nequip-extxyz", "ase-db")

@@ -7,12 +7,13 @@ import logging
 import math
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 from ase import Atoms
 
-from qe_factory.engine.config import DFTConfig
+from qe_factory.engine.config import DFTConfig, ExecutionSettings
 from qe_factory.engine.document import Document
 from qe_factory.engine.errors import DFTErrorType, Diagnosis, DiskFullError, classify, oom_kill_count
 from qe_factory.engine.inputs import (
@@ -23,9 +24,12 @@ from qe_factory.engine.inputs import (
     irreducible_kpoint_count,
     render,
 )
+from qe_factory.engine.outcomes import EnvironmentFault
 from qe_factory.engine.parallel import (
+    UNLAUNCHABLE,
     available_ranks,
     choose_pools,
+    missing_program,
     pw_command,
     pw_environment,
     seconds_left_in_allocation,
@@ -33,7 +37,7 @@ from qe_factory.engine.parallel import (
 )
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_run_texts
 from qe_factory.engine.preflight import nominal_input
-from qe_factory.engine.process import STOP, Execution, Interrupted, execute
+from qe_factory.engine.process import STOP, ExecutableNotFoundError, Execution, Interrupted, execute
 from qe_factory.engine.pseudos import PseudopotentialError
 from qe_factory.engine.pwxml import XML_NAME, XmlError, read_pw_xml, xml_path
 from qe_factory.engine.recovery import (
@@ -51,7 +55,7 @@ from qe_factory.engine.recovery import (
     stalled,
     worse,
 )
-from qe_factory.engine.results import Attempt, DFTFatalError, DFTResult, MagneticBranch
+from qe_factory.engine.results import UNPHYSICAL, Attempt, DFTFatalError, DFTResult, MagneticBranch
 from qe_factory.engine.sanitize import cohesive_check, provenance_problems, sanitize, xml_problems
 from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, closest_contact
 
@@ -169,6 +173,20 @@ def finished_run(attempt_dir: Path, text: str) -> RunEnded | None:
     except (OSError, ValueError):
         return None
     return ended if finished and not ended.timed_out else None
+
+
+def check_environment(execution: ExecutionSettings, ranks: int, pw_input: PwInput) -> None:
+    """Raise EnvironmentFault (ExecutableNotFoundError) when this machine cannot run the attempt at all: pw.x or
+    the MPI launcher missing, or the pseudopotential directory absent here. Nobody's fault but the machine's."""
+    if (program := missing_program(execution.command, execution.mpi_launcher, ranks)) is not None:
+        raise ExecutableNotFoundError(
+            f"cannot run {program!r} on {socket.gethostname()}: not found or not executable. Install Quantum "
+            "ESPRESSO (apt-get install quantum-espresso) or set DFTConfig.command / QE_FACTORY_COMMAND")
+    pseudo_dir = Path(pw_input.namelist_value("control", "pseudo_dir", "."))
+    if missing := [name for name in pw_input.pseudopotentials.values() if not (pseudo_dir / name).is_file()]:
+        raise EnvironmentFault(f"{socket.gethostname()} has no {', '.join(sorted(set(missing)))} in the "
+                               f"pseudopotential directory {pseudo_dir}: install the family there (qe-factory "
+                               "pseudos) or point pseudo_dir at a shared copy")
 
 
 def run_pw(argv: list[str], cwd: Path, env: dict[str, str], budget: float) -> tuple[Execution, str | None]:
@@ -290,6 +308,7 @@ class QERunner:
             if available != restart:
                 restart = available
                 pw_input, budget = self.attempt_input(atoms, params, restart)
+            check_environment(execution, ranks, pw_input)
             if attempt_dir.exists():
                 shutil.rmtree(attempt_dir)
             attempt_dir.mkdir(parents=True)
@@ -304,6 +323,9 @@ class QERunner:
                              ended_by=ended_by)
             (attempt_dir / ENDED).write_text(ended.model_dump_json())
         stdout, stderr, crash = read_run_texts(attempt_dir)
+        if (unlaunchable := UNLAUNCHABLE.search(stderr)) and not stdout.strip():
+            raise ExecutableNotFoundError(f"{execution.mpi_launcher} could not start {execution.command!r} on "
+                                          f"{socket.gethostname()}: {unlaunchable.group(0)} (see {attempt_dir}/pw.err)")
         output = parse_pw_output(stdout, crash)
         diagnosis = classify(output, stdout, stderr, ended.returncode, ended.timed_out, ended.oom_killed,
                              ended.ended_by)
@@ -507,7 +529,7 @@ class QERunner:
             energy=output.energy, forces=output.forces, stress=output.stress,
             succeeded=not problems,
             error_message=f"unphysical result: {'; '.join(problems)}" if problems else None,
-            error_type="UNPHYSICAL" if problems else None,
+            error_type=UNPHYSICAL if problems else None,
             parameters=pw_input.parameters,
             final_mixing_beta=pw_input.namelist_value("electrons", "mixing_beta"),
             kpoints=list(pw_input.kpts),

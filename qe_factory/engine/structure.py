@@ -14,10 +14,13 @@ from ase.data import chemical_symbols, covalent_radii
 from ase.neighborlist import neighbor_list
 
 from qe_factory.engine.document import Document
+from qe_factory.engine.outcomes import CarriesOutcome, Outcome
 
 
-class StructureError(ValueError):
+class StructureError(CarriesOutcome, ValueError):
     """The structure cannot be calculated as given; the message says why."""
+
+    outcome = Outcome.REFUSED
 
 
 _UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,199}$")
