@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from ase.io.espresso import pw_keys
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,6 +35,49 @@ OWNED_KEYS = {
     "system": ("nat", "ntyp", "ibrav", "celldm", "a", "b", "c", "cosab", "cosac", "cosbc"),
     "electrons": ("startingpot", "startingwfc"),
 }
+
+# The pw.x keys a namelist of pw_parameters may hold: ASE's list (ase.io.espresso.pw_keys, as QE 7.x documents them,
+# as quacc checks them) and the pw.x 6.7 keys it no longer has, each found accepted by the installed pw.x 6.7's
+# namelist reader (DFT+U in the 6.x form, FCP in the 6.x form, la2F). Matched case-insensitively and without an
+# index: Hubbard_U(1) is hubbard_u. Keys only QE 7.x knows (e.g. exx_maxstep, nbnd_cond, lfcp) pass here and are
+# still refused by a pw.x 6.7 (BAD_INPUT): the check is against typos, not against the pw.x version.
+PW_6_7_KEYS = {
+    "control": ("lfcpopt", "lfcpdyn"),
+    "system": (
+        "lda_plus_u", "lda_plus_u_kind", "hubbard_u", "hubbard_j0", "hubbard_j", "hubbard_v", "hubbard_u_back",
+        "hubbard_alpha_back", "hubbard_parameters", "u_projection_type", "backall", "lback", "l1back", "la2f",
+        "fcp_mu",
+    ),
+    "electrons": (),
+}
+PW_KEYS = {nl: frozenset(pw_keys[nl]) | frozenset(PW_6_7_KEYS[nl]) for nl in NAMELISTS}
+PW_NAMELISTS_NOT_WRITTEN = tuple(nl for nl in pw_keys if nl not in NAMELISTS)  # ions, cell, ...: not for an scf
+
+
+def unknown_pw_key(namelist: str, key: str) -> str | None:
+    """Why `key` cannot be given in pw.x's namelist `namelist` (None when it can): the message names the key, its
+    namelist and the closest valid key (or the namelist the key belongs to)."""
+    base = re.sub(r"\(.*\)$", "", str(key)).strip().lower()
+    if base in PW_KEYS[namelist]:
+        return None
+    message = f"unknown pw.x key {key!r} in namelist {namelist!r}"
+    elsewhere = [nl for nl in pw_keys if nl != namelist and base in pw_keys[nl]]
+    if elsewhere:
+        return f"{message}: {key!r} belongs to namelist {elsewhere[0]!r}"
+    close = difflib.get_close_matches(base, sorted(PW_KEYS[namelist]), n=1)
+    return f"{message} (did you mean {close[0]!r}?)" if close else message
+
+
+def unknown_pw_namelist(namelist: Any) -> str | None:
+    """Why `namelist` cannot be a key of pw_parameters (None when it can)."""
+    if namelist in NAMELISTS:
+        return None
+    if isinstance(namelist, str) and namelist.lower() in PW_NAMELISTS_NOT_WRITTEN:
+        return (f"pw.x namelist {namelist!r} is not written by the factory (it runs only calculation='scf'): "
+                f"pw_parameters takes {', '.join(NAMELISTS)}")
+    close = difflib.get_close_matches(str(namelist).lower(), NAMELISTS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown pw.x namelist {namelist!r} in pw_parameters{hint}: use one of {', '.join(NAMELISTS)}"
 
 
 class ConfigError(ValueError):
@@ -145,6 +191,22 @@ class DFTConfig(MSONProtocol, BaseSettings):
     pw_parameters: dict[Literal["control", "system", "electrons"], dict[str, Any]] = Field(
         default_factory=dict, description="extra pw.x namelist settings, e.g. {'electrons': {'electron_maxstep': 5}}"
     )
+
+    @field_validator("pw_parameters", mode="before")
+    @classmethod
+    def _known_pw_keys(cls, value: Any) -> Any:
+        """A namelist or key pw.x does not know (a typo: ecutwfcc) is refused here, by name, rather than on a
+        worker as BAD_INPUT; the types are checked afterwards."""
+        if not isinstance(value, dict):
+            return value
+        problems = [problem for problem in map(unknown_pw_namelist, value) if problem]
+        problems += [
+            problem for namelist, values in value.items() if namelist in NAMELISTS and isinstance(values, dict)
+            for problem in (unknown_pw_key(namelist, key) for key in values) if problem
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     @field_validator("pw_parameters")
     @classmethod

@@ -97,3 +97,53 @@ def test_kpoint_density_is_the_deprecated_name_of_kpoint_spacing(tmp_path, monke
         DFTConfig.create(kpoint_density=0.3, kpoint_spacing=0.2)
     with pytest.warns(DeprecationWarning):
         assert DFTConfig(kpoint_spacing=0.2).kpoint_density == 0.2
+
+
+def test_a_misspelt_pw_key_is_refused_with_the_closest_valid_key():
+    """ecutwfcc (a typo) would pass submit and fail only on a worker, as BAD_INPUT: refused here, by name."""
+    with pytest.raises(ConfigError, match=r"'ecutwfcc' in namelist 'system' \(did you mean 'ecutwfc'\?\)"):
+        DFTConfig.create(pw_parameters={"system": {"ecutwfcc": 30}})
+    with pytest.raises(ConfigError, match="'conv_thr' in namelist 'system': 'conv_thr' belongs to namelist 'electr"):
+        DFTConfig.create(pw_parameters={"system": {"conv_thr": 1e-8}})
+    with pytest.raises(ConfigError, match=r"unknown pw.x key 'xyzzy' in namelist 'electrons'$"):  # nothing close
+        DFTConfig.create(pw_parameters={"electrons": {"xyzzy": 1}})
+
+
+def test_valid_pw_keys_are_accepted_in_any_case_and_indexed():
+    given = {"system": {"input_dft": "pbesol", "Hubbard_U(1)": 3.0, "lda_plus_u": True,
+                        "starting_magnetization(2)": 0.5},
+             "electrons": {"mixing_ndim": 12, "diago_full_acc": True}, "control": {"verbosity": "high"}}
+    assert DFTConfig.create(pw_parameters=given).pw_parameters == given
+
+
+def test_an_unknown_namelist_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"namelist 'sytem' in pw_parameters \(did you mean 'system'\?\)"):
+        DFTConfig.create(pw_parameters={"sytem": {"ecutwfc": 30}})
+    with pytest.raises(ConfigError, match="namelist 'ions' is not written by the factory"):
+        DFTConfig.create(pw_parameters={"ions": {"ion_dynamics": "bfgs"}})
+
+
+def test_every_pw_key_the_engine_sets_is_a_known_one():
+    """The defaults, a lone atom's and a slab's keys, and every key the recovery and the runner set pass the check
+    that user keys face (a key missing from the list would refuse the factory's own settings given back, e.g. by
+    benchmarks/recovery.py's direct runs)."""
+    from ase.build import bulk, fcc111
+
+    from qe_factory.engine.config import unknown_pw_key
+    from qe_factory.engine.recovery import LADDERS, RESTART_PARAMETERS, more_steps
+    from qe_factory.engine.references import isolated_atom
+    from qe_factory.engine.runner import QERunner
+
+    runner = QERunner(DFTConfig(ecutwfc=25, ecutrho=200, allow_low_cutoffs=True))
+    iron = bulk("Fe")
+    iron.set_initial_magnetic_moments([2.0])
+    keys = set()
+    for atoms in (bulk("Si"), iron, fcc111("Cu", (1, 1, 3), vacuum=6.0), isolated_atom("Fe"), isolated_atom("Ni")):
+        pw_input, _ = runner.attempt_input(atoms, {})
+        keys |= {(nl, key) for nl, values in pw_input.parameters.items() for key in values}
+    corrections = [c for ladder in LADDERS.values() for c in ladder]
+    corrections.append(more_steps(10))
+    keys |= {(nl, key) for c in corrections for nl, values in c.changes.items() if nl != "run" for key in values}
+    keys |= {(nl, key) for values in RESTART_PARAMETERS.values() for nl in values for key in values[nl]}
+    assert {"conv_thr", "tot_magnetization", "max_seconds", "startingpot", "restart_mode"} <= {k for _, k in keys}
+    assert [unknown_pw_key(nl, key) for nl, key in sorted(keys) if unknown_pw_key(nl, key)] == []
