@@ -7,8 +7,9 @@ file naming that venv's site-packages, and the wheel is installed with --no-deps
 looks at, nor touches, the project's editable install there). The .pth line is a plain path: the editable install's
 own .pth hook in that folder is not run, so the checkout cannot be imported through it (asserted below).
 `--system-site-packages` would not do: it exposes the base interpreter's packages, not the project venv's.
-The wheel is built as `pip install .` builds it (pip's build isolation) from a copy of the package sources, so no
-build/ folder is left in the checkout.
+The wheel is built as `pip install .` builds it (pip's build isolation) from a copy of the package sources and the
+top-level fw_config/ and templates/ (pyproject.toml maps them into the package), so no build/ folder is left in the
+checkout.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 import pytest
 from ase.io import read
 
+from qe_factory.workflow.home import CONFIG_TEMPLATES
+
 REPO = Path(__file__).resolve().parents[2]
 UNSET = ("PYTHONPATH", "VIRTUAL_ENV", "QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE",
          "MONGOMOCK_SERVERSTORE_FILE")
@@ -37,7 +40,8 @@ def venv(tmp_path_factory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source)
-    shutil.copytree(REPO / "qe_factory", source / "qe_factory", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("qe_factory", *CONFIG_TEMPLATES):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip"]
     subprocess.run([*pip, "wheel", "--no-deps", "-q", "-w", str(root / "dist"), str(source)], check=True, timeout=600)
     (wheel,) = (root / "dist").glob("qe_factory-*.whl")
@@ -69,9 +73,13 @@ def test_installed_package_creates_a_home_from_its_package_data(venv, tmp_path):
     home = tmp_path / "home"
     assert f"factory home {home} (embedded LaunchPad {home / 'state' / 'launchpad.json'})" in init.stdout
     shipped = package.parent / "workflow" / "data"
-    for folder in ("fw_config", "templates"):
-        names = sorted(p.name for p in (shipped / folder).iterdir())
+    for folder in CONFIG_TEMPLATES:  # the checkout's top-level folders, shipped inside the package
+        names = sorted(p.name for p in (REPO / folder).iterdir())
+        assert sorted(p.name for p in (shipped / folder).iterdir()) == names
         assert names and sorted(p.name for p in (home / folder).iterdir()) == names
+    # pyproject.toml lists the packages: one added to the checkout and not there would be missing from the wheel
+    modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "qe_factory").rglob("*.py"))
+    assert sorted(str(p.relative_to(package.parents[1])) for p in package.parent.rglob("*.py")) == modules
     assert len(list((home / "fw_config").iterdir())) == 5
     for path in [*(home / "fw_config").iterdir(), *(home / "templates").iterdir()]:
         assert "${QE_FACTORY" not in path.read_text(), path
