@@ -13,13 +13,20 @@ P5: the coordinator's overhead per Firework (goal ≤ 20 ms) with 10 and with 10
 P6: peak RSS of `qe-factory submit`, `worker` and `export` at 10,000 structures (goal < 300 MB each), from the
     P5 home (the worker: the coordinator process; its worker processes are separate).
 
+Each phase works in its own fresh home, and every command it runs gets an environment without the variables that
+point FireWorks, jobflow and qe_factory at a home (FACTORY_ENV): P4 activates its home in this process, and FireWorks
+then sets MONGOMOCK_SERVERSTORE_FILE here to P4's LaunchPad file, which P5's commands inherited (all of P5's
+structures were refused as "already in the LaunchPad for another structure").
+
     .venv/bin/python benchmarks/factory.py [--only p1,p4,p5] [--repeats 2] [--structures 10000] [--fireworks 300]
+    .venv/bin/python benchmarks/factory.py --smoke   # tiny sizes (tests/pwx/test_benchmarks.py): figures, not goals
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import shlex
 import statistics
@@ -36,11 +43,21 @@ from qe_factory.engine.inputs import irreducible_kpoint_count
 from qe_factory.engine.parallel import available_ranks, choose_pools, pw_command, pw_environment
 
 BIN = Path(sys.executable).parent
-ENV = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
+# what points FireWorks, jobflow and qe_factory at a home: never passed on to a phase's commands
+FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment, as it is now, without FACTORY_ENV (each phase's commands use their own home)."""
+    return {k: v for k, v in os.environ.items() if k not in FACTORY_ENV}
+
+
 # Debian PBE Si at its table cutoffs (45/360 Ry): a 2-atom cell (5x5x5 k-points) takes ~8 s of 1-rank pw.x
 SMALL = "kpoint_spacing: 0.45\n"
 # 32-atom cells at Γ; at the table cutoffs one takes ~15 min of 1-rank pw.x, so lower ones for the benchmark
 LARGE = "kpoint_spacing: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
+# --smoke: 2-atom cells at 2x2x2 k-points and low cutoffs (about a second of 1-rank pw.x each)
+SMOKE = "kpoint_spacing: 1.2\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
 
 
 def cells(count: int, repeat: int, seed0: int = 0) -> list:
@@ -56,13 +73,15 @@ def cells(count: int, repeat: int, seed0: int = 0) -> list:
 
 
 def factory_run(workdir: Path, frames: list, config: str, *extra: str) -> float:
-    """Wall seconds of `qe-factory run` on `frames` in a fresh directory."""
+    """Wall seconds of `qe-factory run` on `frames` in a fresh directory. Without the isolated-atom references
+    (--no-e0s, as when the README's figures were measured): the bare runs it is compared with run the structures'
+    pw.in files only."""
     workdir.mkdir(parents=True)
     write(workdir / "structures.extxyz", frames)
     (workdir / "config.yaml").write_text(config)
     start = time.perf_counter()
     subprocess.run([str(BIN / "qe-factory"), "run", "structures.extxyz", "-c", "config.yaml", "-o", "labels.extxyz",
-                    *extra], cwd=workdir, env=ENV, check=True, capture_output=True)
+                    "--no-e0s", *extra], cwd=workdir, env=clean_env(), check=True, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -92,36 +111,51 @@ def bare_runs(inputs: list[Path], workdir: Path, width: int, ranks: int) -> floa
     return time.perf_counter() - start
 
 
-def throughput(workdir: Path, repeats: int, large_repeats: int) -> None:
-    """P1 and P2, A/B runs interleaved `repeats` times; medians."""
+def throughput(workdir: Path, repeats: int, large_repeats: int, smoke: bool = False) -> None:
+    """P1 and P2, A/B runs interleaved `repeats` times; medians. `smoke`: 4 small cells and two more of them in
+    place of the 32-atom ones, all at SMOKE's settings."""
     ranks = available_ranks()
-    small = cells(16, 1)
+    small = cells(4 if smoke else 16, 1)
     timings: dict[str, list[float]] = {}
     for r in range(repeats):
-        timings.setdefault("run", []).append(factory_run(workdir / f"small-{r}", small, SMALL))
+        timings.setdefault("run", []).append(factory_run(workdir / f"small-{r}", small, SMOKE if smoke else SMALL))
         inputs = sorted((workdir / f"small-{r}" / "factory" / "runs").glob("run_*/attempt_1/pw.in"))
         assert len(inputs) == len(small), inputs
         timings.setdefault("bare same layout", []).append(bare_runs(inputs, workdir / f"bare-{r}", ranks, 1))
         timings.setdefault("bare 1-rank loop", []).append(bare_runs(inputs, workdir / f"loop-{r}", 1, 1))
     med = {name: statistics.median(values) for name, values in timings.items()}
-    print(f"16 two-atom Si cells, {ranks} cores, {repeats} interleaved repeats (medians; all: {timings})")
+    print(f"{len(small)} two-atom Si cells, {ranks} cores, {repeats} interleaved repeats (medians; all: {timings})")
     print(f"P1  qe-factory run {med['run']:.1f} s ÷ bare pw.x, {ranks} at a time x 1 rank, same pw.in "
           f"{med['bare same layout']:.1f} s = {med['run'] / med['bare same layout']:.3f} (goal ≤ 1.03)")
     print(f"P2  structures per hour, qe-factory run ÷ a bare 1-rank loop one after another: "
           f"{med['bare 1-rank loop'] / med['run']:.2f} (goal ≥ 1.8)")
-    large = cells(2, 2, seed0=100)
+    large, config = (cells(2, 1, seed0=100), SMOKE) if smoke else (cells(2, 2, seed0=100), LARGE)
     timings = {}
     for r in range(large_repeats):
-        timings.setdefault("default", []).append(factory_run(workdir / f"large-{r}", large, LARGE))
+        timings.setdefault("default", []).append(factory_run(workdir / f"large-{r}", large, config))
         timings.setdefault("one at a time", []).append(
-            factory_run(workdir / f"large1-{r}", large, LARGE, "--parallel", "1"))
+            factory_run(workdir / f"large1-{r}", large, config, "--parallel", "1"))
     med = {name: statistics.median(values) for name, values in timings.items()}
-    print(f"P2' two 32-atom Si cells: default {med['default']:.1f} s, one at a time with {ranks} ranks (the old "
-          f"default) {med['one at a time']:.1f} s: throughput ratio {med['one at a time'] / med['default']:.2f} "
-          f"(goal ≥ 1.0; all: {timings})")
+    print(f"P2' two {len(large[0])}-atom Si cells: default {med['default']:.1f} s, one at a time with {ranks} ranks "
+          f"(the old default) {med['one at a time']:.1f} s: throughput ratio "
+          f"{med['one at a time'] / med['default']:.2f} (goal ≥ 1.0; all: {timings})")
 
 
 def p4(workdir: Path, count: int) -> None:
+    """In this process: a home given by an inherited FACTORY_ENV variable would be used instead of workdir/home
+    (FireWorks reads MONGOMOCK_SERVERSTORE_FILE before FW_config.yaml), so they go for the phase, and come back after
+    it (activate() sets them)."""
+    saved = dict(os.environ)
+    for key in FACTORY_ENV:
+        os.environ.pop(key, None)
+    try:
+        _p4(workdir, count)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _p4(workdir: Path, count: int) -> None:
     from qe_factory.workflow.home import activate
     from qe_factory.workflow.launchpad import get_launchpad, release_launchpad
 
@@ -178,11 +212,12 @@ def p5(workdir: Path, submitted: int, fireworks: int) -> None:
     # the fixture's settings (4x4x4 k-points, 25/200 Ry): the XML check compares what pw.x says it used with them
     (workdir / "config.yaml").write_text("kpoint_spacing: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n")
     (workdir / "exec.yaml").write_text(f"command: {standin}\nmpi_ranks: 1\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE")}
+    env = clean_env()  # not P4's home (activated in this process), not an inherited one
     for home in ("home", "home2"):  # two like homes (a copied home would point at the first one's files)
         wall, rss, out = measured([str(BIN / "qe-factory"), "--home", home, "submit", "structures.extxyz", "-c",
                                    "config.yaml"], workdir, env)
-    print(f"P4' submit {submitted}: {wall:.1f} s, peak RSS {rss:.0f} MB ({out.strip().splitlines()[-1]})")
+        summary = next((line for line in out.splitlines() if re.search(r"\d+ added", line)), "no summary line")
+        print(f"P4' submit {submitted} to {home}: {wall:.1f} s, peak RSS {rss:.0f} MB ({summary})")
     (workdir / "pw.in").write_text("   outdir = './standin-out'\n")
     start = time.perf_counter()
     for _ in range(20):
@@ -212,16 +247,21 @@ def main() -> None:
     parser.add_argument("--large-repeats", type=int, default=1, help="interleaved repeats of P2 on 32-atom cells")
     parser.add_argument("--structures", type=int, default=10_000, help="structures for P4 and P5")
     parser.add_argument("--fireworks", type=int, default=300, help="Fireworks the P5 worker runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, every phase (tests/pwx/test_benchmarks.py): P1/P2 on 4 + 2 two-atom cells at "
+                        "low cutoffs, 1 repeat; P4/P5 with 20 structures, 30 Fireworks; the figures are not the goals")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.large_repeats, args.structures, args.fireworks = 1, 1, 20, 30
     only = args.only.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         if "p1" in only:
-            throughput(Path(tmp) / "p1", args.repeats, args.large_repeats)
+            throughput(Path(tmp) / "p1", args.repeats, args.large_repeats, args.smoke)
         if "p4" in only:
             (Path(tmp) / "p4").mkdir()
             p4(Path(tmp) / "p4", args.structures)
         if "p5" in only:
-            for submitted in (10, args.structures):
+            for submitted in dict.fromkeys((10, args.structures)):
                 (Path(tmp) / f"p5-{submitted}").mkdir()
                 p5(Path(tmp) / f"p5-{submitted}", submitted, args.fireworks)
 

@@ -30,6 +30,7 @@ atom at its fixed Hund moment) but with reduced cutoffs, coarse k-points and a l
 short.
 
     .venv/bin/python benchmarks/recovery.py [--quick] [--strategies ours,peer] [--json out.json]
+    .venv/bin/python benchmarks/recovery.py --smoke   # one structure, 1 rank, about a minute (tests/pwx/)
     .venv/bin/python benchmarks/recovery.py --report out.json   # print the tables of a saved run again
 """
 
@@ -147,6 +148,7 @@ class Case:
 
 
 KINDS = ("bulk", "slab/cluster", "atom", "molecule")
+SMOKE_CASE = "fe2-rattled"  # fails at attempt 1 and recovers in two or three, a few CPU seconds each
 CASES = [
     Case("fe2-rattled", "bulk", "bcc Fe, 2 atoms, rattled 0.2 Å, ferromagnetic start", fe2_rattled, 1.2, quick=True),
     Case("fe2-overlap", "bulk", "bcc Fe, 2 atoms 0.65 × covalent radii sum apart", fe2_overlap, 1.2, quick=True),
@@ -454,7 +456,9 @@ def print_noise(records: list[Record], cases: list[str]) -> None:
 # -- main ---------------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only the 4 cheapest structures (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="only the 4 cheapest structures")
+    parser.add_argument("--smoke", action="store_true", help=f"only {SMOKE_CASE} (a cheap one), every strategy, 1 MPI "
+                        "rank: about a minute; tests/pwx/test_benchmarks.py runs it")
     parser.add_argument(
         "--strategies", default=",".join(STRATEGIES),
         help=f"comma list of {', '.join(STRATEGIES)} (default: all of them) and the opt-in {', '.join(OPT_IN)}",
@@ -470,6 +474,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="print the tables of runs saved with --json (several: merged), run nothing")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the runner's retry log")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.structures, args.ranks = args.structures or SMOKE_CASE, 1
     unknown = set(args.strategies.split(",")) - set(STRATEGIES) - set(OPT_IN)
     if unknown:
         parser.error(f"unknown strategies {sorted(unknown)}; choose from {', '.join([*STRATEGIES, *OPT_IN])}")

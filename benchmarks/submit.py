@@ -7,12 +7,14 @@ Prints the seconds of each phase, the peak RSS and the size of the inbox (goal f
 peak RSS < 300 MB).
 
     .venv/bin/python benchmarks/submit.py [--structures 10000] [--held] [--profile out.prof]
+    .venv/bin/python benchmarks/submit.py --smoke [--held]   # 20 structures (tests/pwx/test_benchmarks.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import resource
 import tempfile
 import time
@@ -20,6 +22,11 @@ from pathlib import Path
 
 from ase import Atoms
 from ase.build import bulk
+
+# what points FireWorks, jobflow and qe_factory at a home: an inherited one would be used instead of the fresh home
+# (FireWorks reads MONGOMOCK_SERVERSTORE_FILE before the home's FW_config.yaml)
+FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
+SMOKE_STRUCTURES = 20
 
 
 def structures(count: int) -> list[Atoms]:
@@ -44,6 +51,8 @@ def run(workdir: Path, count: int, held: bool, profile: Path | None) -> None:
     from qe_factory.workflow.home import activate
     from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
 
+    for key in FACTORY_ENV:
+        os.environ.pop(key, None)
     home = activate(workdir / "home")
     launchpad, store, config = get_launchpad(), get_jobstore(), DFTConfig(kpoint_spacing=0.3)
     frames = structures(count)
@@ -80,7 +89,11 @@ def main() -> None:
     parser.add_argument("--structures", type=int, default=10_000)
     parser.add_argument("--held", action="store_true", help="build_workflows (all at once), then post")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of build + post to this file")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"{SMOKE_STRUCTURES} structures (tests/pwx/test_benchmarks.py): figures, not the goal")
     args = parser.parse_args()
+    if args.smoke:
+        args.structures = SMOKE_STRUCTURES
     with tempfile.TemporaryDirectory() as tmp:
         run(Path(tmp), args.structures, args.held, args.profile)
 
