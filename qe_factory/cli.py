@@ -8,7 +8,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,11 @@ from ase.units import GPa
 from tqdm import tqdm
 
 from qe_factory.engine.config import ConfigError, DFTConfig
-from qe_factory.engine.process import ExecutableNotFoundError
+from qe_factory.engine.outcomes import EnvironmentFault
 from qe_factory.engine.results import EXPORT_FORMATS, DFTResult
 from qe_factory.engine.runner import REFUSALS, QERunner
 from qe_factory.engine.structure import StructureError, check_uid, read_structures
+from qe_factory.workflow.pipelines import Listener, home_e0s, label
 
 
 def summary_line(result: DFTResult) -> str:
@@ -35,11 +35,11 @@ def summary_line(result: DFTResult) -> str:
     return f"{head} OK  E={result.energy:.6f} eV  Fmax={fmax:.4f} eV/Å  P={pressure:.3f} GPa  {tries}{marks}"
 
 
-def failure_line(failure: dict) -> str:
-    """One line for a failed structure (a failure of launchpad.status_report)."""
-    message, error = failure["message"], failure["error_type"]
-    reason = message if message.startswith(error) else f"{error} {message}"  # the message may start with its type
-    return f"{failure['uid']:<24} FAILED at {failure['stage']}: {reason}"
+def failure_line(story) -> str:
+    """One line for a structure that failed or was refused (a history.Story)."""
+    from qe_factory.workflow.history import cause
+
+    return f"{story.uid:<24} {story.outcome.upper()} {cause(story)}"
 
 
 def compute(args: argparse.Namespace) -> int:
@@ -107,20 +107,18 @@ def env(args: argparse.Namespace) -> int:
 def submit_cmd(args: argparse.Namespace) -> int:
     """Add one workflow per structure to the LaunchPad."""
     from qe_factory.workflow.home import activate
-    from qe_factory.workflow.launchpad import get_jobstore
+    from qe_factory.workflow.state import get_jobstore
+    from qe_factory.workflow.submit import structure_references, submit, submit_references
 
     activate(args.home)
-    from qe_factory.workflow.flows import submit
 
     config = _config(args)
     if config.execution.model_fields_set:
         print(f"note: {', '.join(sorted(config.execution.model_fields_set))} are execution settings: they stay with "
               "the workers (qe-factory worker -c FILE, or QE_FACTORY_<KEY>), not with the workflows")
     if not args.no_e0s:
-        from qe_factory.workflow.references import structure_references
-
         references = structure_references([atoms for _, atoms in read_structures(args.structures)], config)
-        for line in _submit_references(references.values(), None, get_jobstore(), _resources(args)):
+        for line in reference_lines(submit_references(references.values(), None, get_jobstore(), _resources(args))):
             print(line)
     report = submit(args.structures, config, resources=_resources(args), store=get_jobstore(), progress=progress_bar)
     for uid, why in report.refused.items():
@@ -136,12 +134,12 @@ def submit_cmd(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     """Run READY Fireworks in this process (what the SLURM template launches)."""
+    from qe_factory.workflow.coordinator import run_coordinator
     from qe_factory.workflow.home import activate
-    from qe_factory.workflow.worker import run_worker
 
     home = activate(args.home)
     execution = _config(args).execution if args.config else None
-    launched = run_worker(
+    launched = run_coordinator(
         max_structures=args.structures, nlaunches=args.nlaunches, launch_root=home / "launches", execution=execution,
         log=None if args.verbose else home / "logs" / "worker.log", parallel=args.parallel,
     )
@@ -149,96 +147,63 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    """Submit, run locally in this process, and export: the whole pipeline with no server."""
-    from qe_factory.workflow.coordinator import command_line, coordinate
-    from qe_factory.workflow.home import activate
+class RunLines(Listener):
+    """`qe-factory run` on the terminal: a progress bar over the structures and a line per structure."""
 
-    home = activate(args.home)
-    with coordinate(home, command_line()):  # the home's one writer from the first submit to the last save
-        return _run(args, home)
+    def __init__(self, uids: set[str], output):
+        self.uids, self.output, self.progress = uids, output, None
 
+    def started(self, home: Path, launchpad: str, structures: int) -> None:
+        print(f"factory home {home}; LaunchPad {launchpad}; {structures} structures")
 
-def _run(args: argparse.Namespace, home: Path) -> int:
-    from qe_factory.engine.references import REFERENCE_UID
-    from qe_factory.workflow.flows import submit
-    from qe_factory.workflow.home import embedded_file
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, load_results, status_report
-    from qe_factory.workflow.references import structure_references
-    from qe_factory.workflow.worker import local_slots, run_worker
-
-    config = _config(args)
-    structures = read_structures(args.structures)
-    log = None if args.verbose else home / "logs" / "worker.log"
-    slots = local_slots(config.execution, args.parallel, len(structures), log)  # they start up while we submit
-    launchpad, store = get_launchpad(), get_jobstore()
-    uids = [uid for uid, _ in structures]
-    print(f"factory home {home}; LaunchPad {embedded_file(home) or 'MongoDB'}; {len(structures)} structures")
-    references = structure_references([atoms for _, atoms in structures], config)  # uid → Reference (E0)
-    if not args.no_e0s:
-        for line in _submit_references(references.values(), launchpad, store):
+    def references_submitted(self, reports: list) -> None:
+        for line in reference_lines(reports):
             print(line)
-    for uid, atoms in structures:
-        atoms.info["uid"] = uid
-    report = submit([atoms for _, atoms in structures], config, launchpad=launchpad, store=store,
-                    progress=progress_bar)
-    progress = tqdm(total=len(structures), desc="structures", unit="structure", file=sys.stderr)
-    for uid, why in report.refused.items():
-        tqdm.write(f"{uid:<24} REFUSED {why}")
-    before = {result.uid: result for result in load_results(store, list(report.duplicates))}
-    for uid, other in report.duplicates.items():
-        tqdm.write(f"{summary_line(before[uid])}  (labelled before)" if other == uid and uid in before else
-                   f"{uid:<24} DUPLICATE of {other} (same structure and settings)")
-    progress.update(len(report.refused) + len(report.duplicates))
-    ours, told = set(uids), set()
 
-    def finished(uid: str, state: str) -> None:
-        if REFERENCE_UID.match(uid or "") and state == "COMPLETED":  # an isolated-atom reference (E0)
-            tqdm.write(summary_line(load_results(store, [uid])[0]))
-        if uid not in ours:
-            return
-        progress.update(1)
-        told.add(uid)
-        if state == "COMPLETED":
-            tqdm.write(summary_line(load_results(store, [uid])[0]))
-        for failure in status_report(launchpad)["failures"] if state == "FIZZLED" else []:
-            if failure["uid"] == uid:
-                tqdm.write(failure_line(failure))
+    def submitted(self, report, labelled_before: dict[str, DFTResult]) -> None:
+        self.progress = tqdm(total=len(self.uids), desc="structures", unit="structure", file=sys.stderr)
+        for uid, why in report.refused.items():
+            tqdm.write(f"{uid:<24} REFUSED {why}")
+        for uid, other in report.duplicates.items():
+            tqdm.write(f"{summary_line(labelled_before[uid])}  (labelled before)" if other == uid and uid in
+                       labelled_before else f"{uid:<24} DUPLICATE of {other} (same structure and settings)")
+        self.progress.update(len(report.refused) + len(report.duplicates))
 
-    run_worker(launchpad, launch_root=home / "launches", on_finished=finished, execution=config.execution, log=log,
-               slots=slots)
-    progress.close()
-    results = load_results(store, [uid for uid in uids if uid not in report.refused])  # a refused uid's old label
-    failures = [f for f in status_report(launchpad)["failures"] if f["uid"] in ours]
-    for failure in failures:
-        if failure["uid"] not in told:  # failed before this run
-            print(failure_line(failure))
-    written = _export(results + load_results(store, list(references)), args, config)
-    print(f"{written} labelled structures in {args.output}; {len(failures)} failed; {len(report.refused)} refused; "
-          f"{len(uids) - len(results) - len(failures) - len(report.refused)} neither (duplicates of another uid, "
-          "or waiting)")
-    return 0 if written == len(uids) else 1
+    def finished(self, story) -> None:
+        if story.uid in self.uids:
+            self.progress.update(1)
+        if story.uid in self.uids or (story.is_reference and story.outcome == "labelled"):
+            tqdm.write(summary_line(story.result) if story.outcome == "labelled" else failure_line(story))
+
+    def exported(self, export) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        export_lines(export, self.output)
 
 
-def _submit_references(references: Iterable, launchpad, store, resources=None) -> list[str]:
-    """Submit the isolated-atom references (E0s) that have no result yet; lines saying so."""
-    from qe_factory.workflow.references import submit_references
+def run(args: argparse.Namespace) -> int:
+    """Submit, run locally in this process, and export: the whole pipeline with no server
+    (workflow.pipelines.label)."""
+    uids = [uid for uid, _ in read_structures(args.structures)]
+    report = label(args.structures, _config(args), args.home, args.output, parallel=args.parallel,
+                   export_format=args.format, config_type=args.config_type, include_marked=args.include_marked,
+                   e0s=not args.no_e0s, live_logs=args.verbose,
+                   listener=RunLines(set(uids), args.output))
+    print(report.summary())
+    return 0 if report.written == len(uids) else 1
 
-    reports = submit_references(references, launchpad, store, resources)
+
+def reference_lines(reports: list) -> list[str]:
+    """Lines saying which isolated-atom references (E0s) were refused and how many were submitted."""
     lines = [f"{uid:<24} REFUSED {why}" for report in reports for uid, why in report.refused.items()]
     added = sum(len(report.fw_ids) + len(report.queued) for report in reports)
     return lines + ([f"{added} isolated-atom reference(s) (E0s) submitted ahead of the structures"] if added else [])
 
 
-def _export(results: Iterable[DFTResult], args: argparse.Namespace, config: DFTConfig | None = None) -> int:
-    """Write labels and their E0s (references.write_labels; labels validated before their E0s existed are judged
-    against them, with `config`'s sanitizer thresholds or the defaults), say where the E0s went and what was left
-    out; the labels written."""
-    from qe_factory.engine.references import mace_e0s, write_labels
+def export_lines(export, output) -> None:
+    """Say where the E0s went and what was left out of an export."""
+    from qe_factory.engine.references import mace_e0s
 
-    output = args.output
-    export = write_labels(list(results), output, args.include_marked, args.format, args.config_type,
-                          config.sanitizer if config else None)
     for uid, why in export.unphysical.items():
         print(f"{uid:<24} LEFT OUT: {why}")
     if export.e0s_file is not None:
@@ -246,20 +211,20 @@ def _export(results: Iterable[DFTResult], args: argparse.Namespace, config: DFTC
               f"mace_run_train ... --E0s='{mace_e0s(export.e0s)}'")
     for element, why in export.missing.items():
         print(f"no E0 for {element}: {why}")
-    return export.labels
 
 
 def status(args: argparse.Namespace) -> int:
-    """Every structure the home has seen by outcome, Fireworks per state, and every failure with its reason."""
-    from qe_factory.workflow.coordinator import holder, waiting
+    """Every structure the home has seen by outcome, the offline runs by state, Fireworks per state, and every
+    failure with its reason."""
+    from qe_factory.workflow import state
     from qe_factory.workflow.history import cause, home_history, outcome_counts, split_references
     from qe_factory.workflow.home import activate, embedded_file
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, status_report
+    from qe_factory.workflow.inbox import waiting
+    from qe_factory.workflow.lock import holder
     from qe_factory.workflow.offline import pending_runs
 
     home = activate(args.home)
-    launchpad = get_launchpad(read_only=True)
-    report = status_report(launchpad)
+    launchpad = state.get_launchpad(read_only=True)
     file = embedded_file(home)
     print(f"LaunchPad: {file if file else 'MongoDB'}")
     if file:
@@ -268,7 +233,7 @@ def status(args: argparse.Namespace) -> int:
                                    "none running (the next run/worker/submit becomes it)"))
         if inbox := waiting(home):
             print(f"  inbox: {len(inbox)} submission(s) waiting for the coordinator")
-    stories = home_history(home, launchpad, get_jobstore())
+    stories = home_history(home, launchpad, state.get_jobstore())
     structures, references = split_references(stories)
     counts = outcome_counts(structures)
     print(f"structures seen: {len(structures)}: {counts['labelled']} labelled ({counts['marked']} of "
@@ -279,13 +244,15 @@ def status(args: argparse.Namespace) -> int:
         print(f"isolated-atom references (E0s): {done['labelled']} computed, {done['failed']} failed, "
               f"{done['waiting'] + done['running']} to do")
     print("workflows in the LaunchPad (labelled ones leave it): "
-          + (", ".join(f"{n} {state}" for state, n in sorted(report["workflows"].items())) or "none"))
+          + (", ".join(f"{n} {name}" for name, n in sorted(state.workflow_counts(launchpad).items())) or "none"))
     if runs := pending_runs(launchpad):
         jobs = [run.job_id for run in runs if run.job_id]
         print(f"  workers: {len(runs)} SCF run(s) reserved offline" + (f", {len(jobs)} of them in SLURM job(s) "
                                                                       f"{', '.join(jobs)}" if jobs else ""))
-    for state, stages in sorted(report["fireworks"].items()):
-        print(f"  {state:<10} " + ", ".join(f"{n} {stage}" for stage, n in sorted(stages.items())))
+    if run_states := state.run_state_counts(launchpad):
+        print("  offline runs by state: " + ", ".join(f"{n} {name}" for name, n in sorted(run_states.items())))
+    for name, stages in sorted(state.firework_counts(launchpad).items()):
+        print(f"  {name:<10} " + ", ".join(f"{n} {stage}" for stage, n in sorted(stages.items())))
     for story in stories:
         if story.outcome in ("failed", "refused"):
             print(f"{story.outcome.upper()} {story.uid} {cause(story)}")
@@ -297,7 +264,7 @@ def show(args: argparse.Namespace) -> int:
     failure, every pw.x attempt, and where its files are."""
     from qe_factory.workflow.history import home_history, story_lines
     from qe_factory.workflow.home import activate
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
+    from qe_factory.workflow.state import get_jobstore, get_launchpad
 
     home = activate(args.home)
     stories = home_history(home, get_launchpad(read_only=True), get_jobstore(), uids=[args.uid], load=True)
@@ -314,8 +281,8 @@ def report(args: argparse.Namespace) -> int:
     settings and pseudopotentials."""
     from qe_factory.workflow.history import home_history, split_references
     from qe_factory.workflow.home import activate
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
     from qe_factory.workflow.report import report_html
+    from qe_factory.workflow.state import get_jobstore, get_launchpad
 
     home = activate(args.home)
     with tqdm(total=6, desc="report", unit="step", file=sys.stderr) as progress:
@@ -336,60 +303,45 @@ def report(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    """Write the validated results as an extxyz training set."""
-    from qe_factory.engine.references import is_reference
+    """Write the validated results as a training set, with the E0s made with exactly their settings."""
+    from qe_factory.engine.references import is_reference, write_labels
     from qe_factory.workflow.home import activate
-    from qe_factory.workflow.launchpad import get_jobstore, load_results
+    from qe_factory.workflow.state import get_jobstore, load_results
 
     activate(args.home)
-
-    results = load_results(get_jobstore())
-    written = _export(progress_bar(results, "export"), args)
-    print(f"{written} of {sum(not is_reference(r) for r in results)} results written to {args.output} ({args.format})")
+    results = list(progress_bar(load_results(get_jobstore()), "export"))
+    written = write_labels(results, args.output, args.include_marked, args.format, args.config_type)
+    export_lines(written, args.output)
+    print(f"{written.labels} of {sum(not is_reference(r) for r in results)} results written to {args.output} "
+          f"({args.format})")
     return 0
 
 
 def e0s(args: argparse.Namespace) -> int:
     """Compute the isolated-atom energies (E0s) of ELEMENTS with the config's settings (its cutoffs, else each
     element's own), once per element and settings, through the home's workflows (recovery, parallel workers), and
-    print them."""
-    from qe_factory.engine.references import element_references
-    from qe_factory.workflow.coordinator import command_line, coordinate
-    from qe_factory.workflow.home import activate
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, status_report
-    from qe_factory.workflow.references import stored_e0s, submit_references
-    from qe_factory.workflow.worker import local_slots, run_worker
+    print them (workflow.pipelines.home_e0s)."""
+    from qe_factory.engine.references import E0
 
-    home = activate(args.home)
-    config = _config(args)
+    class Refusals(Listener):
+        def references_submitted(self, reports: list) -> None:
+            for line in reference_lines(reports)[:-1] if reports else []:
+                print(line)
+
     try:
-        references = element_references(args.elements, config)
+        found = home_e0s(args.elements, _config(args), args.home, parallel=args.parallel,
+                         live_logs=args.verbose, listener=Refusals())
     except (*REFUSALS, ValueError) as exc:
         print(f"qe-factory: {exc}", file=sys.stderr)
         return 2
-    log = None if args.verbose else home / "logs" / "worker.log"
-    with coordinate(home, command_line()):
-        launchpad, store = get_launchpad(), get_jobstore()
-        pending = len(references) - len(stored_e0s(store, references))
-        for report in submit_references(references, launchpad, store):
-            for uid, why in report.refused.items():
-                print(f"{uid:<24} REFUSED {why}")
-        if pending:  # references first (REFERENCE_PRIORITY); no new work once they are done
-            slots = local_slots(config.execution, args.parallel, pending, log)
-            run_worker(launchpad, max_structures=pending, launch_root=home / "launches", execution=config.execution,
-                       log=log, slots=slots)
-        failures = {f["uid"]: f for f in status_report(launchpad)["failures"]}
-    done = stored_e0s(store, references)
     print(f"{'element':<8} {'E0 (eV)':>16} {'moment':>7} {'attempts':>8}  settings key")
-    for ref in references:
-        if ref.uid in done:
-            e0 = done[ref.uid]
+    for element, e0 in found.items():
+        if isinstance(e0, E0):
             moment = "-" if e0.magnetization is None else f"{e0.magnetization:.2f}"
-            print(f"{ref.element:<8} {e0.energy:16.6f} {moment:>7} {e0.attempts:>8}  {ref.key[:12]}")
+            print(f"{element:<8} {e0.energy:16.6f} {moment:>7} {e0.attempts:>8}  {e0.settings_key[:12]}")
         else:
-            why = failures.get(ref.uid, {}).get("message") or "not computed (see qe-factory status)"
-            print(f"{ref.element:<8} {'FAILED':>16} {'':>7} {'':>8}  {ref.key[:12]}  {why}")
-    return 0 if len(done) == len(references) else 1
+            print(f"{element:<8} {'FAILED':>16} {'':>7} {'':>8}  {e0}")
+    return 0 if all(isinstance(e0, E0) for e0 in found.values()) else 1
 
 
 def rerun_lost(args: argparse.Namespace) -> int:
@@ -398,10 +350,10 @@ def rerun_lost(args: argparse.Namespace) -> int:
     Embedded home: with no coordinator alive, every RUNNING Firework is lost (refused while one is alive: its runs
     are not). MongoDB: those not pinged for --time seconds (FireWorks' detect_lostruns).
     """
-    from qe_factory.workflow.coordinator import command_line, coordinate
+    from qe_factory.workflow.coordinator import settle_offline_runs
     from qe_factory.workflow.home import activate, embedded_file
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, save_launchpad
-    from qe_factory.workflow.worker import settle_offline_runs
+    from qe_factory.workflow.lock import command_line, coordinate
+    from qe_factory.workflow.state import get_jobstore, get_launchpad, save_launchpad
 
     home = activate(args.home)
     with coordinate(home, command_line()):
@@ -429,7 +381,7 @@ def lpad(args: argparse.Namespace) -> int:
     """Stock lpad on this home: reading commands on a snapshot (safe beside a running worker), others as the
     home's coordinator (refused while one runs), written back atomically."""
     from qe_factory.workflow.home import activate
-    from qe_factory.workflow.launchpad import run_lpad
+    from qe_factory.workflow.lpad import run_lpad
 
     return run_lpad(args.lpad_args, activate(args.home))
 
@@ -449,7 +401,7 @@ def qlaunch(args: argparse.Namespace) -> int:
     it keeps up to -m jobs in the queue, each running one SCF Firework offline (FireWorks' reservation mode, no
     database access from the job), and takes their results in. MongoDB: stock qlaunch with the home's config."""
     from qe_factory.workflow.home import activate, embedded_file
-    from qe_factory.workflow.launchpad import qlaunch_command
+    from qe_factory.workflow.lpad import qlaunch_command
 
     home = activate(args.home)
     options = qlaunch_options(args.qlaunch_args)
@@ -459,15 +411,15 @@ def qlaunch(args: argparse.Namespace) -> int:
     from fireworks.fw_config import QUEUEADAPTER_LOC
     from fireworks.utilities.fw_serializers import load_object_from_file
 
-    from qe_factory.workflow.slots import QueueSlots
-    from qe_factory.workflow.worker import run_worker
+    from qe_factory.workflow.coordinator import run_coordinator
+    from qe_factory.workflow.workers import QueueWorkers
 
-    slots = QueueSlots(load_object_from_file(QUEUEADAPTER_LOC), options.maxjobs_queue,
-                       options.sleep, options.nlaunches)
-    launched = run_worker(launch_root=home / "launches", slots=slots, timeout=options.timeout,
-                          log=None if args.verbose else home / "logs" / "worker.log")
-    waiting = len(slots.running())
-    print(f"qlaunch: {slots.submitted} SLURM job(s) submitted, {launched} Firework(s) finished"
+    jobs = QueueWorkers(load_object_from_file(QUEUEADAPTER_LOC), options.maxjobs_queue, options.sleep,
+                        options.nlaunches)
+    launched = run_coordinator(launch_root=home / "launches", workers=jobs, timeout=options.timeout,
+                               log=None if args.verbose else home / "logs" / "worker.log")
+    waiting = len(jobs.running())
+    print(f"qlaunch: {jobs.submitted} SLURM job(s) submitted, {launched} Firework(s) finished"
           + (f"; {waiting} job(s) still queued or running: the next `qe-factory qlaunch` (or run/worker) takes "
              "them in" if waiting else ""))
     return 0
@@ -636,16 +588,19 @@ def main(argv: list[str] | None = None) -> int:
     # FireWorks' loggers print their own INFO lines; pass on only ours (and anyone's warnings)
     handler.addFilter(lambda record: record.name.startswith("qe_factory") or record.levelno >= logging.WARNING)
     logging.basicConfig(level=level, handlers=[handler])
-    from qe_factory.engine.errors import DiskFullError
-    from qe_factory.workflow.coordinator import HomeBusy
-    from qe_factory.workflow.launchpad import StateError
-    from qe_factory.workflow.worker import Stopped
+    from qe_factory.engine.outcomes import DiskFullError
+    from qe_factory.workflow.coordinator import Stopped
+    from qe_factory.workflow.lock import HomeBusy
+    from qe_factory.workflow.state import StateError
 
     try:
         return args.func(args)
-    except (ConfigError, ExecutableNotFoundError, StructureError) as exc:
+    except (ConfigError, StructureError) as exc:
         print(f"qe-factory: {exc}", file=sys.stderr)
         return 2
+    except EnvironmentFault as exc:
+        print(f"qe-factory: this machine cannot run the work: {exc}", file=sys.stderr)
+        return 5
     except HomeBusy as exc:
         print(f"qe-factory: {exc}", file=sys.stderr)
         return 3

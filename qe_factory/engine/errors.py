@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from qe_factory.engine.outcomes import CarriesOutcome, Outcome
 from qe_factory.engine.parsers import PwOutput
 
 
@@ -104,13 +103,6 @@ def scheduler_error(said: str) -> DFTErrorType:
     """The error type of a run SLURM ended, from what SLURM said (parallel.slurm_job_end); KILLED ("cause unknown")
     where that names no cause the factory knows (a preemption, or scontrol's COMPLETING with Reason=None)."""
     return next((error for error, pattern in SLURM_CAUSES if pattern.search(said)), DFTErrorType.KILLED)
-
-
-class DiskFullError(CarriesOutcome, OSError):
-    """A file could not be written for lack of space or quota (pw.x's scratch, or the factory's state); the message
-    names what. Not a failure of the structure: run it again once space is back."""
-
-    outcome = Outcome.DISK_FULL
 
 
 def oom_kill_count() -> int | None:

@@ -58,6 +58,13 @@ class CarriesOutcome:
         return outcome_details(self.outcome, type(self).__name__, str(self))
 
 
+class DiskFullError(CarriesOutcome, OSError):
+    """A file could not be written for lack of space or quota (pw.x's scratch, or the factory's state); the message
+    names what. Not a failure of the structure: run it again once space is back."""
+
+    outcome = Outcome.DISK_FULL
+
+
 class EnvironmentFault(CarriesOutcome, RuntimeError):
     """This machine cannot run the work (pw.x or the MPI launcher missing or not executable, no pseudopotential
     directory, a JobStore another process holds locked): not the structure's fault; the message names what."""
@@ -88,8 +95,6 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 def named(exc: BaseException) -> BaseException:
     """`exc` if it carries an outcome; else the factory's name for it where it has one (a full disk, a busy or
     full sqlite JobStore), else UnexpectedError."""
-    from qe_factory.engine.errors import DiskFullError
-
     if _has_outcome(exc):
         return exc
     if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
@@ -117,6 +122,19 @@ def named_outcomes() -> Iterator[None]:
     except BaseException as exc:
         name = named(exc)
         if name is exc or isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        raise name from exc
+
+
+@contextmanager
+def named_store_faults() -> Iterator[None]:
+    """Re-raise a full disk or a busy (locked) sqlite database as the factory's named outcome; anything else as is
+    (for code that calls a library which catches its own exceptions)."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError) as exc:
+        name = named(exc)
+        if isinstance(name, UnexpectedError) or name is exc:
             raise
         raise name from exc
 

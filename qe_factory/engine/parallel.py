@@ -38,8 +38,9 @@ def pw_command(command: str, launcher: str, ranks: int, pools: int, input_name: 
 
 
 # mpirun (OpenMPI) when it cannot start the program it was given: a fault of the machine, not of the structure
-UNLAUNCHABLE = re.compile(r"mpirun was unable to (?:launch the specified application|find the specified executable)"
-                          r"|execvp error|(?:srun|mpiexec): error: .*(?:No such file|cannot execute|execve)")
+UNLAUNCHABLE = re.compile(r"mpirun was unable to (?:launch|start|find) the specified \w+"
+                          r"|tried to fork a new process via the \"execve\" system call but\s+failed"
+                          r"|(?:srun|mpiexec): error: .*(?:No such file|cannot execute|execve)")
 
 
 def missing_program(command: str, launcher: str, ranks: int) -> str | None:

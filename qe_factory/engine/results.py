@@ -117,9 +117,9 @@ class DFTFatalError(RuntimeError):
     def to_dict(self) -> dict[str, Any]:
         """The report as FireWorks stores it with a FIZZLED launch (`_exception._details`): the DFTResult's fields
         and its outcome (outcomes.outcome_details)."""
-        result = self.result
-        return outcome_details(self.outcome, result.error_type or "UNKNOWN", result.error_message or "",
-                               **result.model_dump(mode="json"))
+        report = self.result.model_dump(mode="json")
+        error_type, message = report.pop("error_type") or "UNKNOWN", report.pop("error_message") or ""
+        return outcome_details(self.outcome, error_type, message, **report)
 
 
 EXPORT_FORMATS = ("mace-extxyz", "nequip-extxyz", "ase-db")

@@ -15,7 +15,7 @@ from ase import Atoms
 
 from qe_factory.engine.config import DFTConfig, ExecutionSettings
 from qe_factory.engine.document import Document
-from qe_factory.engine.errors import DFTErrorType, Diagnosis, DiskFullError, classify, oom_kill_count
+from qe_factory.engine.errors import DFTErrorType, Diagnosis, classify, oom_kill_count
 from qe_factory.engine.inputs import (
     InputError,
     InputGenerator,
@@ -24,7 +24,7 @@ from qe_factory.engine.inputs import (
     irreducible_kpoint_count,
     render,
 )
-from qe_factory.engine.outcomes import EnvironmentFault
+from qe_factory.engine.outcomes import DiskFullError, EnvironmentFault
 from qe_factory.engine.parallel import (
     UNLAUNCHABLE,
     available_ranks,
@@ -323,9 +323,10 @@ class QERunner:
                              ended_by=ended_by)
             (attempt_dir / ENDED).write_text(ended.model_dump_json())
         stdout, stderr, crash = read_run_texts(attempt_dir)
-        if (unlaunchable := UNLAUNCHABLE.search(stderr)) and not stdout.strip():
+        if (unlaunchable := UNLAUNCHABLE.search(stderr + stdout)) and "Program PWSCF" not in stdout:  # never started
             raise ExecutableNotFoundError(f"{execution.mpi_launcher} could not start {execution.command!r} on "
-                                          f"{socket.gethostname()}: {unlaunchable.group(0)} (see {attempt_dir}/pw.err)")
+                                          f"{socket.gethostname()}: {' '.join(unlaunchable.group(0).split())} (see "
+                                          f"{attempt_dir}/pw.err)")
         output = parse_pw_output(stdout, crash)
         diagnosis = classify(output, stdout, stderr, ended.returncode, ended.timed_out, ended.oom_killed,
                              ended.ended_by)

@@ -1,203 +1,397 @@
-"""One coordinator per factory home: the one process that writes the embedded LaunchPad, by an OS file lock.
+"""The home's coordinator: the one process that moves work along. It takes submissions in from the inbox, runs the
+quick stages of each workflow (inputs, validate) itself, hands each SCF Firework to a worker — local processes or
+SLURM jobs (workers.py), which run it offline (offline.py) — takes the outcome back in, and keeps the embedded
+LaunchPad small and saved.
 
-A `run`, `worker`, `rerun-lost`, `repair` or `lpad` write command is the coordinator while it runs (a second one is
-refused at once, with the holder's PID); `submit` beside a coordinator posts its workflows to the home's inbox,
-which the coordinator takes in. Readers (`status`, `export`) never write. With MongoDB none of this applies.
+Each step of the loop is one method of `Coordinator`; each offline run moves through explicit states
+(offline.RunState: RESERVED → RUNNING → FINISHED | LOST → TAKEN_BACK), recorded in the LaunchPad and shown by
+`status`. What became of a launch is read from the outcome its exception recorded (engine.outcomes): work that
+ended as nobody's failure (interrupted, disk full, a worker that cannot run pw.x) goes back to READY.
+SIGTERM/SIGINT stop the running pw.x runs cleanly (their structures go back to READY).
 """
 
 from __future__ import annotations
 
-import fcntl
-import itertools
-import json
+import contextlib
 import os
-import socket
+import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from qe_factory.workflow.home import embedded_file
+from qe_factory.engine.config import ExecutionSettings
+from qe_factory.engine.outcomes import DiskFullError, EnvironmentFault, Outcome
+from qe_factory.engine.parallel import available_ranks, seconds_left_in_allocation
+from qe_factory.engine.process import STOP
+from qe_factory.workflow import state
+from qe_factory.workflow.fireworks_adapter import jobflow_store, without_ping_thread
+from qe_factory.workflow.home import embedded_file, factory_home, use_execution, worker_execution
+from qe_factory.workflow.inbox import LAUNCHPAD_WORKFLOWS, take_in
+from qe_factory.workflow.lock import command_line, coordinate
+from qe_factory.workflow.offline import OfflineRun, RunState, pending_runs, queue_job_alive, reserve, take_back
+from qe_factory.workflow.workers import LocalWorkers
 
 if TYPE_CHECKING:
-    from fireworks import LaunchPad, Workflow
+    from fireworks import LaunchPad
 
-POST_FILE_SIZE = 20  # workflows per inbox file: the coordinator takes in (and saves) one file at a time
-# Unfinished workflows the embedded LaunchPad holds before the coordinator takes in more (plus one inbox file): its
-# file-backed store scans every document on each query, so it holds the work in progress, not the whole backlog.
-LAUNCHPAD_WORKFLOWS = 20
-_held: dict[Path, int] = {}  # homes whose lock this process holds → lock file descriptor
+MIN_SECONDS_FOR_A_LAUNCH = 60  # a coordinator in a SLURM job starts no Firework with less time left
+REQUEUED = [outcome for outcome in Outcome if outcome.requeued]  # nobody's failure: back to READY
+STORE_PATIENCE = 600.0  # seconds a locked JobStore is waited for (each try waits sqlite's busy timeout) before stopping
 
 
-class HomeBusy(RuntimeError):
-    """Another process is the home's coordinator; the message names it and says what to do."""
+class Stopped(Exception):  # noqa: N818 - the outcome of a request
+    """The coordinator stopped on SIGTERM/SIGINT after putting its running structures back to READY."""
+
+    def __init__(self, signum: int, requeued: list[int]):
+        listed = f"Firework(s) {requeued} back to READY" if requeued else "no structure was running"
+        super().__init__(f"stopped by {signal.Signals(signum).name}; {listed}")
+        self.signum, self.requeued = signum, requeued
 
 
-def lock_file(home: Path) -> Path:
-    return home / "state" / "coordinator.lock"
+@dataclass
+class Limits:
+    """When the coordinator takes no new work: after `max_structures` finished structures, `nlaunches` Fireworks,
+    at `deadline` (time.monotonic()), or with less than a minute left in its SLURM allocation."""
+
+    max_structures: int | None = None
+    nlaunches: int | None = None
+    deadline: float | None = None
 
 
-def inbox(home: Path) -> Path:
-    return home / "inbox"
+@dataclass
+class Progress:
+    """What the coordinator has done so far."""
+
+    launched: int = 0  # Fireworks ended (quick stages and SCF runs)
+    finished: int = 0  # structures finished (labelled or failed)
+    requeued: list[int] = field(default_factory=list)  # Fireworks given back to READY (not failures)
+    store_busy_since: float | None = None  # the JobStore has been locked by another process since then
 
 
-def holder(home: Path) -> dict[str, Any] | None:
-    """The home's running coordinator ({pid, host, command, since}), or None when there is none."""
-    path = lock_file(home)
-    if home in _held:
-        return json.loads(path.read_text())
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
+def rerun_orphans(launchpad: LaunchPad) -> list[int]:
+    """RUNNING Fireworks of an embedded home whose coordinator is this process: their worker is dead (the lock
+    proves it); put them back to READY with FireWorks' detect_lostruns."""
+    _, lost_fw_ids, _ = launchpad.detect_lostruns(expiration_secs=0, rerun=True)
+    return sorted(lost_fw_ids)
+
+
+def settle_offline_runs(launchpad: LaunchPad, store, queue_alive=None) -> tuple[list[int], list[int]]:
+    """Take in the offline runs an earlier coordinator left: finished ones (also SLURM jobs that ended while no
+    coordinator ran), and lost ones — a local worker dies with its coordinator; a SLURM job left the queue
+    unfinished — back to READY. Runs of SLURM jobs still queued or running are left alone. Returns the Firework ids
+    (taken in, lost)."""
+    alive = queue_alive or queue_job_alive
+    taken_in, lost = [], []
+    for run in pending_runs(launchpad):
+        if run.finished() or run.job_id is None or not alive(run.job_id):
+            (taken_in if run.finished() else lost).append(run.fw_id)
+            take_back(launchpad, run, store)
+    return taken_in, lost
+
+
+def choose_parallel(ranks: int, structures: int) -> int:
+    """How many pw.x runs at once on `ranks` cores: one per core when there are as many structures to run (pw.x
+    on a few ranks scales worse than independent runs), never more than the structures waiting."""
+    return max(1, min(ranks, structures))
+
+
+def local_workers(execution: ExecutionSettings, parallel: int | None, waiting: int, log: Path | None) -> LocalWorkers:
+    """`parallel` local worker processes (default: choose_parallel for the cores and the structures `waiting`),
+    each pw.x with its share of the cores."""
+    ranks = execution.mpi_ranks or available_ranks()
+    count = parallel or choose_parallel(ranks, waiting)
+    return LocalWorkers(count, execution.model_copy(update={"mpi_ranks": max(1, ranks // count)}), log)
+
+
+class Coordinator:
+    """Runs a home's Fireworks: quick stages in this process, SCF Fireworks in `workers`. One method per step."""
+
+    def __init__(self, home: Path, launchpad: LaunchPad, store, workers=None, *, execution: ExecutionSettings,
+                 launch_root: Path, log: Path | None = None, limits: Limits | None = None, on_finished=None,
+                 parallel: int | None = None):
+        from fireworks import FWorker
+        from fireworks.fw_config import FWORKER_LOC
+
+        self.home, self.launchpad, self.store = home, launchpad, store
+        self.embedded = embedded_file(home) is not None
+        self.execution, self.launch_root, self.log = execution, Path(launch_root).resolve(), log
+        self.limits, self.on_finished = limits or Limits(), on_finished
+        self.fworker = FWorker.from_file(FWORKER_LOC) if FWORKER_LOC else FWorker()
+        self.saver = state.Saver(launchpad)
+        self.progress = Progress()
+        self.finishing: list[int] = []  # SIGUSR1: finish the running Fireworks, take no new one
+        self.signals: list[int] = []  # SIGTERM/SIGINT received
+        self.settle()
+        if self.embedded:  # a first share of the backlog, so that the workers are chosen for what waits
+            self.admit(LAUNCHPAD_WORKFLOWS)
+        self.workers = workers or local_workers(execution, parallel, state.unfinished_count(launchpad), log)
+        self.capacity = max(LAUNCHPAD_WORKFLOWS, 2 * self.workers.max_running)
+
+    # --- the steps ------------------------------------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Take over what an earlier coordinator left: RUNNING Fireworks of a dead worker, offline runs finished or
+        lost meanwhile, SLURM jobs still queued or running, Fireworks that ended as nobody's failure."""
+        if self.embedded and (orphans := rerun_orphans(self.launchpad)):
+            self.say(f"{len(orphans)} Firework(s) left RUNNING by a dead worker put back to READY: {orphans}")
+        if lost := settle_offline_runs(self.launchpad, self.store)[1]:
+            self.say(f"{len(lost)} Firework(s) whose worker was lost put back to READY: {lost}")
+        state.requeue(self.launchpad, REQUEUED)
+        state.save_launchpad(self.launchpad)
+
+    def admit(self, capacity: int) -> None:
+        """Take submissions in from the inbox while the LaunchPad holds fewer than `capacity` unfinished workflows."""
+        for intake in take_in(self.home, self.launchpad, state.save_launchpad, self.store, capacity):
+            log_line(self.log, f"qe-factory: {intake.line()}")
+
+    def dispatch(self) -> bool:
+        """Reserve the next READY SCF Firework for a free worker and start it there (READY → RESERVED, and RUNNING
+        once a local worker has it); False when no worker is free or no SCF waits."""
+        if not self.workers.free() or (ready := state.next_ready(self.launchpad, self.fworker, scf=True)) is None:
+            return False
+        fw_id = ready[0]
+        run = reserve(self.launchpad, self.fworker, self.launch_root / launch_name("scf", fw_id), self.store, fw_id)
+        self.workers.start(run)
+        if run.job_id:
+            self.launchpad.set_reservation_id(run.launch_id, run.job_id)
+        else:  # a local worker process has it now
+            run.move(self.launchpad, RunState.RUNNING)
+        self.saver.changed()
+        self.saver.flush()  # a reader sees what runs (and a killed coordinator leaves it reserved)
+        return True
+
+    def run_quick_stage(self) -> bool:
+        """Run the next READY inputs or validate Firework here; False when none waits, or when a new structure
+        would start while as many SCF runs wait as there are workers."""
+        if (ready := state.next_ready(self.launchpad, self.fworker, scf=False)) is None:
+            return False
+        fw_id, stage = ready
+        if stage == "inputs" and state.ready_scf_count(self.launchpad) >= self.workers.max_running:
+            return False
+        with jobflow_store(self.store):
+            launch_here(self.launchpad, self.fworker, fw_id, self.launch_root / launch_name(stage, fw_id), self.log)
+        self.ended([fw_id])
+        return True
+
+    def collect(self) -> None:
+        """Wait (until unsaved changes are due) for runs that ended and take them in (FINISHED | LOST →
+        TAKEN_BACK); save when nothing ended."""
+        self.observe()
+        ended = self.workers.wait(self.saver.due())
+        if not ended:  # unsaved changes are due, or (SLURM) time for another look at the queue
+            self.saver.flush()
+            return
+        self.take_back(ended)
+
+    def observe(self) -> None:
+        """RESERVED runs whose worker (a SLURM job) has started them → RUNNING."""
+        for run in self.workers.running():
+            if run.state is RunState.RESERVED and run.started():
+                run.move(self.launchpad, RunState.RUNNING)
+                self.saver.changed()
+
+    def take_back(self, runs: list[OfflineRun]) -> None:
+        for run in runs:
+            take_back(self.launchpad, run, self.store)
+            self.saver.changed()
+        self.ended([run.fw_id for run in runs])
+
+    def ended(self, fw_ids: list[int]) -> None:
+        """Account for Fireworks that just ended: those that ended as nobody's failure go back to READY (a full disk
+        or a worker that cannot run pw.x then stops the coordinator, naming why); a finished structure leaves the
+        LaunchPad (its result is in the JobStore) and is reported."""
+        requeued = state.requeue(self.launchpad, REQUEUED, fw_ids)
+        self.progress.requeued += sorted(requeued)
+        self.progress.launched += len(fw_ids) - len(requeued)
+        for fw_id in fw_ids:
+            if fw_id not in requeued and (finished := state.finished_structure(self.launchpad, fw_id)):
+                self.finished(fw_id, *finished)
+        for failure in requeued.values():
+            self.stop_for(failure, sorted(requeued))
+
+    def finished(self, fw_id: int, uid: str, fw_state: str) -> None:
+        self.progress.finished += 1
+        if fw_state == "COMPLETED":  # the result is in the JobStore: the LaunchPad stays small
+            state.archive(self.launchpad, fw_id)
+            self.saver.changed()
+        if self.on_finished:
+            self.on_finished(uid, fw_state)
+
+    def stop_for(self, failure: state.Failure, requeued: list[int]) -> None:
+        """Stop taking work when what put a Firework back to READY will not pass by itself; wait for a JobStore
+        another process holds locked (up to STORE_PATIENCE)."""
+        self.progress.store_busy_since = None if failure.error_type != "StoreBusy" else (
+            self.progress.store_busy_since or time.monotonic())
+        if self.signals or failure.outcome is Outcome.INTERRUPTED:
+            return
+        back = f"Firework(s) {requeued} back to READY"
+        if failure.outcome is Outcome.DISK_FULL:
+            raise DiskFullError(28, f"{failure.message}; {back}. Free space, then run the same command again")
+        if failure.error_type == "StoreBusy" and time.monotonic() - self.progress.store_busy_since < STORE_PATIENCE:
+            self.say(f"the JobStore is locked by another process; {back}, trying again")
+            time.sleep(1.0)
+            return
+        raise EnvironmentFault(f"{failure.message}; {back}. Nothing was counted against the structures: mend this "
+                               "machine, then run the same command again")
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+
+    def accepting(self) -> bool:
+        """Whether new work may start (no stop request, no limit reached, enough time left in the allocation)."""
+        limits, progress = self.limits, self.progress
+        if self.finishing or self.signals or (limits.deadline is not None and time.monotonic() >= limits.deadline):
+            return False
+        if limits.max_structures and progress.finished >= limits.max_structures:
+            return False
+        if limits.nlaunches and progress.launched + len(self.workers.running()) >= limits.nlaunches:
+            return False
+        left = seconds_left_in_allocation()
+        return left is None or left >= MIN_SECONDS_FOR_A_LAUNCH  # else leave the rest to the next batch job
+
+    def start_work(self) -> None:
+        """Admit, then keep every free worker busy and run the quick stages while new work may start."""
+        if self.embedded:  # the backlog waits in the inbox: the LaunchPad holds the work in progress
+            self.admit(self.capacity)
+        while self.accepting() and (self.dispatch() or self.run_quick_stage()):
+            pass  # a free worker first: it never waits for the quick stages
+
+    def run(self) -> int:
+        """Until nothing is READY and nothing runs (or no new work may start and only SLURM jobs run on); returns
+        the Fireworks run. Raises Stopped after SIGTERM/SIGINT, once the running structures are back to READY."""
+        completed = False
+        with self.signal_handlers(), executing_with(self.execution):
+            try:
+                while True:
+                    if self.accepting():
+                        self.start_work()
+                    if not self.workers.running():
+                        if not (self.accepting() and self.launchpad.run_exists(self.fworker)):
+                            break
+                        continue
+                    if not self.accepting() and self.workers.outlive_coordinator:
+                        break  # SLURM jobs run on by themselves: the next coordinator takes them in
+                    self.collect()
+                completed = True
+            finally:
+                self.close(completed)
+        if self.signals:
+            raise Stopped(self.signals[0], sorted(set(self.progress.requeued)))
+        return self.progress.launched
+
+    def close(self, completed: bool) -> None:
+        """Bring the local workers' runs back (after an error or a stop), close the workers, save."""
+        if self.workers.running() and not self.workers.outlive_coordinator:
+            self.workers.signal(signal.SIGTERM)
+            while self.workers.running():
+                runs = self.workers.wait()
+                for run in runs:
+                    take_back(self.launchpad, run, self.store)
+                self.progress.requeued += sorted(state.requeue(self.launchpad, REQUEUED, [r.fw_id for r in runs]))
+        self.workers.close()
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = path.read_text()
-            return json.loads(text) if text.strip() else {"pid": "?", "command": "?", "since": "?"}
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+            state.save_launchpad(self.launchpad)
+        except DiskFullError:
+            if completed:  # otherwise the exception on its way out says more
+                raise
+
+    @contextlib.contextmanager
+    def signal_handlers(self):
+        """SIGUSR1: finish the running Fireworks, take no new one; SIGTERM/SIGINT: stop pw.x, structures back to
+        READY (a second one exits at once)."""
+        handlers = {signal.SIGUSR1: lambda signum, frame: self.finishing.append(signum),
+                    signal.SIGTERM: self.stop_now, signal.SIGINT: self.stop_now}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+        try:
+            yield
+        finally:
+            STOP.clear()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop_now(self, signum: int, frame: Any) -> None:
+        if self.signals:
+            os._exit(128 + signum)  # a second request: at once (the workers and the reaper stop pw.x)
+        self.signals.append(signum)
+        STOP.set()
+        self.workers.signal(signal.SIGTERM)
+        print(f"qe-factory: {signal.Signals(signum).name}: stopping pw.x, the structures go back to READY "
+              "(again to exit at once)", file=sys.stderr)
+
+    def say(self, line: str) -> None:
+        print(f"qe-factory: {line}", file=sys.stderr)
 
 
-def busy_message(home: Path, who: dict[str, Any], wanted: str) -> str:
-    return (
-        f"{wanted} refused: the factory home {home} is coordinated by PID {who.get('pid')} "
-        f"({who.get('command')}, since {who.get('since')}); its embedded LaunchPad has one writer. Wait for it "
-        f"to finish, or stop it (kill -TERM {who.get('pid')}: its running structure goes back to READY)."
-    )
+def run_coordinator(
+    launchpad: LaunchPad | None = None,
+    max_structures: int | None = None,
+    nlaunches: int | None = None,
+    launch_root: Path | None = None,
+    on_finished=None,
+    execution: ExecutionSettings | None = None,
+    log: Path | None = None,
+    parallel: int | None = None,
+    workers=None,
+    timeout: float | None = None,
+) -> int:
+    """Run the home's Fireworks as its coordinator (Coordinator.run) until nothing is READY and nothing runs;
+    returns the number of Fireworks run.
+
+    SCF Fireworks run in `parallel` local worker processes (default: chosen from the cores and the structures
+    waiting; each pw.x gets cores/parallel ranks) or in `workers` (e.g. workers.QueueWorkers: SLURM jobs). No new
+    work after `max_structures` structures finished, `nlaunches` Fireworks, `timeout` seconds, SIGUSR1, or with less
+    than a minute left in its SLURM allocation. `on_finished(uid, state)` is called for every structure finished
+    (COMPLETED: its result is in the JobStore, and its workflow has left the LaunchPad; FIZZLED). `execution`:
+    where and how pw.x runs (default: home.worker_execution()). `log`: a file that FireWorks' and jobflow's own log
+    lines go to instead of the terminal. Raises lock.HomeBusy if another process coordinates the home, Stopped on
+    SIGTERM/SIGINT, DiskFullError or EnvironmentFault when nothing more can run here.
+    """
+    home = factory_home()
+    with coordinate(home, command_line()):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        coordinator = Coordinator(
+            home, launchpad or state.get_launchpad(), state.get_jobstore(), workers,
+            execution=execution or worker_execution(), launch_root=launch_root or Path.cwd(), log=log,
+            limits=Limits(max_structures, nlaunches, deadline), on_finished=on_finished, parallel=parallel)
+        if hasattr(coordinator.workers, "adopt"):  # SLURM jobs an earlier coordinator submitted, still in the queue
+            coordinator.workers.adopt(pending_runs(coordinator.launchpad))
+        return coordinator.run()
 
 
-@contextmanager
-def coordinate(home: Path, command: str) -> Iterator[None]:
-    """Be the home's one coordinator while the block runs; raise HomeBusy if another process is. Re-entrant in one
-    process; nothing to hold for a MongoDB home."""
-    if home in _held or embedded_file(home) is None:
+@contextlib.contextmanager
+def executing_with(execution: ExecutionSettings):
+    """Jobs run in this process use `execution` while the block runs."""
+    use_execution(execution)
+    try:
         yield
-        return
-    path = lock_file(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise HomeBusy(busy_message(home, holder(home) or {}, command)) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({
-        "pid": os.getpid(), "host": socket.gethostname(), "command": command,
-        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }).encode())
-    _held[home] = fd
-    try:
-        yield
     finally:
-        del _held[home]
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        use_execution(None)
 
 
-def post(home: Path, workflows: Iterable[Workflow], per_file: int = POST_FILE_SIZE) -> list[Path]:
-    """Leave workflows in the home's inbox for its coordinator to add, `per_file` to a file, in order; each file
-    appears whole (atomically). Each workflow is serialised and written as it comes: given a generator, a bulk
-    submission never holds them all. If writing fails, the files this call already posted are taken back (unless
-    taken in meanwhile)."""
-    folder = inbox(home)
-    folder.mkdir(exist_ok=True)
-    remaining, paths = iter(workflows), []
-    try:
-        while path := _post_file(folder, itertools.islice(remaining, per_file)):
-            paths.append(path)
-    except BaseException:
-        for path in paths:
-            path.unlink(missing_ok=True)
-        raise
-    return paths
+def log_line(log: Path | None, line: str) -> None:
+    """A line for the home's log (or the terminal when there is no log: qe-factory -v)."""
+    if log is None:
+        print(line, file=sys.stderr)
+    else:
+        with open(log, "a") as handle:
+            handle.write(line + "\n")
 
 
-def _post_file(folder: Path, workflows: Iterable[Workflow]) -> Path | None:
-    """One inbox file: the JSON list of the workflows' documents (the text json.dump gives), written beside and
-    renamed into place; None (no file) when there are no workflows."""
-    from monty.json import MontyEncoder
-
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns():020d}.json"
-    tmp, count = folder / f".{name}.tmp", 0
-    try:
-        with open(tmp, "w") as handle:
-            for count, workflow in enumerate(workflows, 1):
-                handle.write(("[" if count == 1 else ", ") + json.dumps(workflow.to_dict(), cls=MontyEncoder))
-            handle.write("]")
-            handle.flush()
-            os.fsync(handle.fileno())
-        if count:
-            os.replace(tmp, folder / name)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return folder / name if count else None
+def launch_name(kind: str, fw_id: int) -> str:
+    return f"launcher_{time.strftime('%Y-%m-%d-%H-%M-%S')}_{os.getpid()}_{kind}_{fw_id}"
 
 
-def waiting(home: Path) -> list[Path]:
-    """Submissions in the inbox, oldest first."""
-    folder = inbox(home)
-    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+def launch_here(launchpad: LaunchPad, fworker, fw_id: int, launch_dir: Path, log: Path | None) -> None:
+    """Run one Firework in this process, in its own launch directory."""
+    from fireworks.core.rocket_launcher import launch_rocket
 
-
-class Intake(NamedTuple):
-    """What one inbox file brought: uid → Firework ids of each workflow added, and how many were already known."""
-
-    file: str
-    added: dict[str, list[int]]
-    skipped: int
-
-    def line(self) -> str:
-        return f"took in {self.file}: {len(self.added)} workflow(s) added" + (
-            f", {self.skipped} already here or labelled" if self.skipped else "")
-
-
-UNFINISHED = {"state": {"$nin": ["COMPLETED", "FIZZLED", "DEFUSED"]}}
-
-
-def take_in(home: Path, launchpad: LaunchPad, save, store=None, capacity: int | None = None) -> list[Intake]:
-    """Add the inbox's workflows to the LaunchPad, oldest file first, while it holds fewer than `capacity`
-    unfinished workflows (None: all); skip a uid or calculation already in the LaunchPad or labelled in `store` (a
-    JobStore). Each file is saved in, then deleted. Only the coordinator calls this."""
-    from fireworks import Workflow
-
-    intakes = []
-    for path in waiting(home):
-        if capacity is not None and launchpad.workflows.count_documents(UNFINISHED) >= capacity:
-            break
-        workflows = [Workflow.from_dict(d) for d in json.loads(path.read_text())]
-        keys = [wf.metadata.get("qe_factory_key") for wf in workflows]
-        uids = [wf.metadata.get("uid") for wf in workflows]
-        either = {"$or": [{"metadata.qe_factory_key": {"$in": keys}}, {"metadata.uid": {"$in": uids}}]}
-        known = [doc["metadata"] for doc in launchpad.workflows.find(either, {"metadata": 1})]
-        if store is not None:
-            known += [doc["metadata"] for doc in store.query({"metadata.stage": "validate", **either},
-                                                             properties=["metadata"])]
-        taken = {value for meta in known for value in (meta.get("qe_factory_key"), meta.get("uid"))}
-        new = [wf for wf in workflows if not {wf.metadata.get("qe_factory_key"), wf.metadata.get("uid")} & taken]
-        if new:
-            bulk_add(launchpad, new)
-        save(launchpad)
-        path.unlink()
-        intakes.append(Intake(path.name, {wf.metadata["uid"]: sorted(wf.id_fw) for wf in new},
-                              len(workflows) - len(new)))
-    return intakes
-
-
-def bulk_add(launchpad: LaunchPad, workflows: list[Workflow]) -> None:
-    """FireWorks' bulk_add_wfs without the progress bar it draws on stderr (ours is the one the user watches)."""
-    import contextlib
-    import io
-
-    with contextlib.redirect_stderr(io.StringIO()):
-        launchpad.bulk_add_wfs(workflows)
-
-
-def command_line() -> str:
-    return " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+    launch_dir.mkdir(parents=True)
+    with contextlib.ExitStack() as quiet:
+        quiet.enter_context(contextlib.chdir(launch_dir))
+        if log:  # jobflow's handler (made anew in each task), FireWorks' lines and a failed job's traceback
+            handle = quiet.enter_context(open(log, "a"))
+            quiet.enter_context(contextlib.redirect_stdout(handle))
+            quiet.enter_context(contextlib.redirect_stderr(handle))
+        quiet.enter_context(without_ping_thread())  # its last ping would race the rocket's own
+        launch_rocket(launchpad, fworker, fw_id=fw_id, strm_lvl="WARNING")

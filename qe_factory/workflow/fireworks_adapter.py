@@ -10,6 +10,7 @@ from __future__ import annotations
 import calendar
 import datetime
 import errno
+import functools
 import importlib
 import json
 import os
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qe_factory.engine.errors import DiskFullError
+from qe_factory.engine.outcomes import DiskFullError
 
 if TYPE_CHECKING:
     from fireworks import LaunchPad
@@ -43,6 +44,55 @@ def reload_configuration() -> None:
         import jobflow
 
         jobflow.SETTINGS = jobflow.settings.JobflowSettings()
+
+
+@contextmanager
+def jobflow_store(store: Any) -> Iterator[None]:
+    """Let jobs run in this block read and write `store` (then restore the configured one).
+
+    Relies on: jobflow's JobFiretask uses `jobflow.SETTINGS.JOB_STORE` when its Firework names no store (the
+    factory's workflows never do), looked up when the task runs.
+    """
+    import jobflow
+
+    configured = jobflow.SETTINGS.JOB_STORE
+    jobflow.SETTINGS.JOB_STORE = store
+    try:
+        yield
+    finally:
+        jobflow.SETTINGS.JOB_STORE = configured
+
+
+@functools.cache
+def named_outcomes_store_class() -> type:
+    """A JobStore whose connections, reads and writes raise a full disk or a locked sqlite database as the factory's
+    named outcomes (engine.outcomes), so that a job failing on them FIZZLES with its outcome as data.
+
+    Relies on: a JobStore reads through `query` (a generator; query_one, get_output and count build on it or on the
+    docs store's count) and writes through `update`, after `connect`.
+    """
+    from jobflow import JobStore
+
+    from qe_factory.engine.outcomes import named_store_faults
+
+    class NamedOutcomesJobStore(JobStore):
+        def connect(self, force_reset: bool = False):
+            with named_store_faults():
+                return super().connect(force_reset)
+
+        def count(self, criteria: dict | None = None) -> int:
+            with named_store_faults():
+                return super().count(criteria)
+
+        def query(self, *args, **kwargs):
+            with named_store_faults():
+                yield from super().query(*args, **kwargs)
+
+        def update(self, *args, **kwargs):
+            with named_store_faults():
+                return super().update(*args, **kwargs)
+
+    return NamedOutcomesJobStore
 
 
 def embedded_store(launchpad: LaunchPad) -> Any | None:

@@ -12,14 +12,15 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from qe_factory.engine.outcomes import Outcome
 from qe_factory.engine.references import REFERENCE_UID
 from qe_factory.engine.results import DFTResult
-from qe_factory.workflow.coordinator import waiting
-from qe_factory.workflow.launchpad import failure_reason, load_results
+from qe_factory.workflow import state
+from qe_factory.workflow.inbox import waiting
 
 if TYPE_CHECKING:
     from fireworks import LaunchPad
@@ -98,23 +99,64 @@ def inbox_uids(home: Path) -> dict[str, str | None]:
         except (OSError, json.JSONDecodeError):  # taken in (deleted) while we read
             continue
         for wf in workflows:
-            uids[wf.get("metadata", {}).get("uid")] = _flow_formula(wf)
+            uids[wf.get("metadata", {}).get("uid")] = next(
+                (f for fw in wf.get("fws", []) if (f := state.inputs_formula(fw))), None)
     return uids
 
 
-def _flow_formula(workflow: dict[str, Any]) -> str | None:
-    return next((f for fw in workflow.get("fws", []) if (f := _formula(fw))), None)
+class _Stories:
+    """Stories being told: a uid keeps the first of OUTCOMES told of it."""
+
+    def __init__(self, uids: list[str] | None):
+        self.uids, self.stories = uids, {}
+
+    def tell(self, uid: str | None, outcome: str, **fields) -> Story | None:
+        if uid is None or (self.uids is not None and uid not in self.uids):
+            return None
+        story = self.stories.get(uid)
+        if story is None or OUTCOMES.index(outcome) < OUTCOMES.index(story.outcome):
+            story = self.stories[uid] = Story(uid=uid, outcome=outcome, **fields)
+        return story
 
 
-def _formula(firework: dict[str, Any]) -> str | None:
-    """The chemical formula of the structure an inputs Firework's job was given (None for other Fireworks)."""
-    from ase import Atoms
+def _tell_labels(stories: _Stories, store: JobStore, load: bool) -> None:
+    for label in state.label_summaries(store, stories.uids):
+        stories.tell(label["uid"], "labelled", formula=label.get("formula"),
+                     marked=bool(label.get("label_deviations")))
+    if load:
+        for result in state.load_results(store, stories.uids):
+            stories.stories[result.uid].result = result
 
-    for task in firework.get("spec", {}).get("_tasks", []):
-        args = task.get("job", {}).get("function_args") or [None]
-        if isinstance(args[0], dict) and args[0].get("numbers"):
-            return Atoms(numbers=args[0]["numbers"]).get_chemical_formula()
-    return None
+
+def _tell_workflows(stories: _Stories, launchpad: LaunchPad, load: bool) -> None:
+    """Failures, refusals at the inputs stage, and work waiting or running, from the LaunchPad."""
+    by_uid = state.fireworks_by_uid(launchpad, stories.uids)
+    fizzled = [fw["fw_id"] for fws in by_uid.values() for fw in fws if fw["state"] == "FIZZLED"]
+    failed = state.fizzled_launches(launchpad, fizzled)
+    for uid, fws in by_uid.items():
+        states = {fw["state"] for fw in fws}
+        formula = next((f for fw in fws if (f := state.inputs_formula(fw))), None)
+        launches = [(fw, failed[fw["fw_id"]]) for fw in fws if fw["fw_id"] in failed]
+        if launches:
+            _tell_failure(stories, uid, formula, *launches[-1], load)
+        elif states & RUNNING_STATES:
+            stories.tell(uid, "running", formula=formula)
+        elif states - {"COMPLETED"}:
+            stories.tell(uid, "waiting", formula=formula)
+        if uid in stories.stories:
+            stories.stories[uid].fireworks = [(fw["fw_id"], fw.get("name", ""), fw["state"]) for fw in fws]
+
+
+def _tell_failure(stories: _Stories, uid: str, formula: str | None, firework: dict, launch: dict, load: bool) -> None:
+    failure = state.launch_failure(launch)
+    details = failure.details
+    files = [launch.get("launch_dir")] if launch.get("launch_dir") else []
+    if attempts := details.get("attempts"):
+        files.insert(0, str(Path(attempts[-1]["directory"]).parent))
+    stories.tell(uid, "refused" if failure.outcome is Outcome.REFUSED else "failed", formula=formula,
+                 result=DFTResult.from_dict(details) if load and details.get("uid") else None,
+                 stage=firework.get("spec", {}).get("stage"), error_type=failure.error_type, message=failure.message,
+                 files=files)
 
 
 def home_history(
@@ -122,72 +164,18 @@ def home_history(
 ) -> list[Story]:
     """The story of every structure the home has seen (or of `uids`), in uid order. `load`: attach each label's
     DFTResult and each failure's report (every attempt); else only what status counts."""
-    stories: dict[str, Story] = {}
-
-    def tell(uid: str | None, outcome: str, **fields) -> Story | None:
-        if uid is None or (uids is not None and uid not in uids):
-            return None
-        story = stories.get(uid)
-        if story is None or OUTCOMES.index(outcome) < OUTCOMES.index(story.outcome):
-            story = stories[uid] = Story(uid=uid, outcome=outcome, **fields)
-        return story
-
-    criteria: dict[str, Any] = {"metadata.stage": "validate"}
-    if uids is not None:
-        criteria["metadata.uid"] = {"$in": list(uids)}
-    for doc in store.query(criteria, properties=["metadata.uid", "output.formula", "output.label_deviations"]):
-        output = doc.get("output") or {}
-        tell(doc["metadata"]["uid"], "labelled", formula=output.get("formula"),
-             marked=bool(output.get("label_deviations")))
-    if load:
-        for result in load_results(store, uids):
-            stories[result.uid].result = result
-
-    fireworks: dict[int, dict] = {}
-    query = {} if uids is None else {"spec.uid": {"$in": list(uids)}}
-    projection = {"fw_id": 1, "name": 1, "state": 1, "spec.stage": 1, "spec.uid": 1, "spec._tasks": 1}
-    for fw in launchpad.fireworks.find(query, projection):
-        fireworks[fw["fw_id"]] = fw
-    by_uid: dict[str, list[dict]] = {}
-    for fw in sorted(fireworks.values(), key=lambda fw: fw["fw_id"]):
-        by_uid.setdefault(fw.get("spec", {}).get("uid"), []).append(fw)
-    failed = {}
-    wanted = {"fw_id": 1, "launch_dir": 1, "action.stored_data._exception": 1}
-    for launch in launchpad.launches.find({"state": "FIZZLED", "fw_id": {"$in": list(fireworks)}}, wanted):
-        if fireworks[launch["fw_id"]]["state"] == "FIZZLED":
-            failed[launch["fw_id"]] = launch
-    for uid, fws in by_uid.items():
-        states = {fw["state"] for fw in fws}
-        listing = [(fw["fw_id"], fw.get("name", ""), fw["state"]) for fw in fws]
-        fizzled = [failed[fw["fw_id"]] for fw in fws if fw["fw_id"] in failed]
-        formula = next((f for fw in fws if (f := _formula(fw))), None)
-        if fizzled:
-            launch = fizzled[-1]
-            error_type, message = failure_reason(launch)
-            details = launch.get("action", {}).get("stored_data", {}).get("_exception", {}).get("_details") or {}
-            report = DFTResult.from_dict(details) if load and details.get("uid") else None
-            files = [launch.get("launch_dir")] if launch.get("launch_dir") else []
-            if attempts := details.get("attempts"):
-                files.insert(0, str(Path(attempts[-1]["directory"]).parent))
-            tell(uid, "refused" if error_type == "REFUSED" else "failed", formula=formula,
-                 result=report, stage=fireworks[launch["fw_id"]].get("spec", {}).get("stage"),
-                 error_type=error_type, message=message, files=files)
-        elif states & RUNNING_STATES:
-            tell(uid, "running", formula=formula)
-        elif states - {"COMPLETED"}:
-            tell(uid, "waiting", formula=formula)
-        if uid in stories:
-            stories[uid].fireworks = listing
-
+    stories = _Stories(uids)
+    _tell_labels(stories, store, load)
+    _tell_workflows(stories, launchpad, load)
     for uid, formula in inbox_uids(home).items():
-        tell(uid, "waiting", formula=formula, message="in the inbox: the coordinator takes it in")
+        stories.tell(uid, "waiting", formula=formula, message="in the inbox: the coordinator takes it in")
     for uid, entries in read_refusals(home).items():
         last = entries[-1]
-        story = tell(uid, "refused", formula=last.get("formula"), stage="submit", error_type="REFUSED",
-                     message=last["reason"])
+        story = stories.tell(uid, "refused", formula=last.get("formula"), stage="submit", error_type="REFUSED",
+                             message=last["reason"])
         if story is not None:
             story.refusals = [{"time": e["time"], "reason": e["reason"]} for e in entries]
-    return [stories[uid] for uid in sorted(stories)]
+    return [stories.stories[uid] for uid in sorted(stories.stories)]
 
 
 def outcome_counts(stories: list[Story]) -> dict[str, int]:

@@ -16,6 +16,7 @@ from jobflow import CURRENT_JOB, Flow, Job, Maker, Response, job
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.document import Document
 from qe_factory.engine.inputs import PwInput
+from qe_factory.engine.outcomes import named_outcomes
 from qe_factory.engine.recovery import RecoveryHandler
 from qe_factory.engine.results import DFTFatalError, DFTResult
 from qe_factory.engine.runner import QERunner, RecoveryState, ScfOutcome, deliver
@@ -79,7 +80,8 @@ class LabelMaker(Maker):
     @job
     def inputs(self, structure: StructureDoc, uid: str) -> ScfSetup:
         """Refuse bad input (raises: the Firework FIZZLES with the reason) and fix the nominal pw.x parameters."""
-        nominal = self.runner().prepare(structure.to_atoms(), uid)
+        with named_outcomes():
+            nominal = self.runner().prepare(structure.to_atoms(), uid)
         return ScfSetup(uid=uid, structure=structure, nominal=nominal)
 
     @job
@@ -88,7 +90,8 @@ class LabelMaker(Maker):
         detour Firework carrying the correction and the new parameters. Exhausted recovery raises DFTFatalError
         with the full report."""
         runner, atoms = self.runner(), setup.structure.to_atoms()
-        outcome = runner.step(atoms, setup.uid, setup.nominal, state or RecoveryState())
+        with named_outcomes():
+            outcome = runner.step(atoms, setup.uid, setup.nominal, state or RecoveryState())
         if isinstance(outcome, RecoveryState):
             return Response(replace=self._retry(setup, outcome), stored_data={
                 "attempt": outcome.attempts[-1].number, "error": outcome.attempts[-1].message,
@@ -113,11 +116,12 @@ class LabelMaker(Maker):
         """Sanitize the converged output and write the final DFTResult (raises DFTFatalError if unphysical). The
         cohesive energy is judged against the isolated-atom energies (E0s) in the JobStore made with this label's
         settings; without them it is `not_judged` here, and `export` judges it once they exist."""
-        from qe_factory.workflow.references import structure_e0s
+        from qe_factory.workflow.state import structure_e0s
 
         atoms = setup.structure.to_atoms()
-        e0s = structure_e0s(CURRENT_JOB.store, atoms, self.config) if CURRENT_JOB.store is not None else {}
-        result = self.runner().build_result(setup.uid, atoms, outcome, setup.nominal, e0s)
+        with named_outcomes():
+            e0s = structure_e0s(CURRENT_JOB.store, atoms, self.config) if CURRENT_JOB.store is not None else {}
+            result = self.runner().build_result(setup.uid, atoms, outcome, setup.nominal, e0s)
         if not result.succeeded:
             raise DFTFatalError(result)
         return result

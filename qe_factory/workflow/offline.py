@@ -20,12 +20,15 @@ import logging
 import os
 import subprocess
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qe_factory.engine.config import ExecutionSettings
 from qe_factory.engine.errors import DFTErrorType, scheduler_error
+from qe_factory.engine.outcomes import Outcome, outcome_details
 from qe_factory.engine.parallel import slurm_job_end
+from qe_factory.workflow import state
 
 if TYPE_CHECKING:
     from fireworks import Firework, FWorker, LaunchPad
@@ -37,17 +40,43 @@ INPUTS = "jobstore_in.json"  # the JobStore documents the Firework's job reads (
 OUTPUTS = "jobstore_out.json"  # the documents it wrote; written last, atomically: the worker is done
 
 
+class RunState(Enum):
+    """Where an offline run stands. Its Firework is READY before; the coordinator moves a run along
+    RESERVED → RUNNING → FINISHED | LOST → TAKEN_BACK (one method per step, coordinator.Coordinator) and records each
+    state with FireWorks' entry for the run (state.record_run_state), which `status` counts."""
+
+    RESERVED = "RESERVED"  # in its launch directory, for a worker to take (a SLURM job may still be queued)
+    RUNNING = "RUNNING"  # a worker has it
+    FINISHED = "FINISHED"  # the worker left its outcome (OUTPUTS) in the launch directory
+    LOST = "LOST"  # the worker ended (died, its job left the queue) without leaving an outcome
+    TAKEN_BACK = "TAKEN_BACK"  # the coordinator took the outcome in, or gave the Firework back (READY/WORKER_LOST)
+
+
 @dataclass
 class OfflineRun:
-    """A Firework reserved for a worker: its launch, the directory the worker runs it in, and (on SLURM) the job."""
+    """A Firework reserved for a worker: its launch, the directory the worker runs it in, (on SLURM) the job, and
+    its RunState."""
 
     launch_id: int
     fw_id: int
     launch_dir: Path
     job_id: str | None = None
+    state: RunState = RunState.RESERVED
 
     def finished(self) -> bool:
         return (self.launch_dir / OUTPUTS).is_file()
+
+    def started(self) -> bool:
+        """Whether a worker has started it (FireWorks' offline Rocket writes `started_on` into FW_offline.json)."""
+        try:
+            return "started_on" in json.loads((self.launch_dir / "FW_offline.json").read_text())
+        except (OSError, ValueError):  # being rewritten: not yet
+            return False
+
+    def move(self, launchpad: LaunchPad, to: RunState) -> None:
+        """Record the run's next state."""
+        self.state = to
+        state.record_run_state(launchpad, self.launch_id, to.value)
 
 
 def reserve(launchpad: LaunchPad, fworker: FWorker, launch_dir: Path, store: JobStore, fw_id: int) -> OfflineRun:
@@ -59,7 +88,9 @@ def reserve(launchpad: LaunchPad, fworker: FWorker, launch_dir: Path, store: Job
     with contextlib.chdir(launch_dir):
         setup_offline_job(launchpad, fw, launch_id)  # FW.json, FW_offline.json, the offline_runs entry
     write_json(launch_dir / INPUTS, referenced_documents(fw, store))
-    return OfflineRun(launch_id, fw.fw_id, launch_dir)
+    run = OfflineRun(launch_id, fw.fw_id, launch_dir)
+    run.move(launchpad, RunState.RESERVED)
+    return run
 
 
 def referenced_documents(fw: Firework, store: JobStore) -> list[dict]:
@@ -102,7 +133,7 @@ def run_offline(launch_dir: Path, execution: ExecutionSettings | None = None) ->
     from jobflow import JobStore
     from maggma.stores import MemoryStore
 
-    from qe_factory.workflow.fireworks_adapter import mend_offline_rocket
+    from qe_factory.workflow.fireworks_adapter import jobflow_store, mend_offline_rocket
     from qe_factory.workflow.home import use_execution
 
     mend_offline_rocket()
@@ -114,14 +145,12 @@ def run_offline(launch_dir: Path, execution: ExecutionSettings | None = None) ->
     if given:
         store.docs_store.update(given, key=["uuid", "index"])
     known = {(doc["uuid"], doc["index"]) for doc in given}
-    jobflow.SETTINGS.JOB_STORE = store  # JobFiretask takes the store from the settings when its Firework has none
     use_execution(execution)
     try:
-        with contextlib.chdir(launch_dir):
+        with contextlib.chdir(launch_dir), jobflow_store(store):
             launch_rocket(None, FWorker(), strm_lvl="WARNING")
     finally:
         use_execution(None)
-        jobflow.SETTINGS.JOB_STORE = configured
     written = {
         "docs": [_plain(d) for d in store.docs_store.query({}) if (d["uuid"], d["index"]) not in known],
         **{name: [_plain(d) for d in sub.query({})] for name, sub in store.additional_stores.items()},
@@ -134,24 +163,37 @@ MAX_LOST_RUNS = 3  # a Firework whose worker was lost this often FIZZLES (no end
 
 
 def take_back(launchpad: LaunchPad, run: OfflineRun, store: JobStore) -> str:
-    """Take a finished offline run in: its JobStore documents first (later Fireworks read them), then FireWorks'
-    recover_offline (completes the launch, applies detours). A run that ended without finishing (its worker died,
-    its SLURM job left the queue) goes back to READY, or FIZZLES as WORKER_LOST the MAX_LOST_RUNS-th time; what
-    SLURM said about its job's end is named (a cancelled job FIZZLES at once as SLURM_CANCELLED: never rerun).
-    Returns the launch's state."""
-    outputs = run.launch_dir / OUTPUTS
-    if outputs.is_file():
-        written = json.loads(outputs.read_text())
-        if written["docs"]:
-            store.docs_store.update(written["docs"], key=["uuid", "index"])
-        for name, sub in store.additional_stores.items():
-            if written.get(name):
-                sub.update(written[name], key=sub.key)
-        offline = json.loads((run.launch_dir / "FW_offline.json").read_text())
-        if "fwaction" in offline:
-            launchpad.recover_offline(run.launch_id, ignore_errors=False)
-            return offline["state"]
-    lost = launchpad.offline_runs.count_documents({"fw_id": run.fw_id, "deprecated": True}) + 1
+    """Take an ended offline run in (FINISHED or LOST → TAKEN_BACK); returns the launch's state.
+
+    FINISHED: its JobStore documents first (later Fireworks read them), then FireWorks' recover_offline (completes the
+    launch, applies detours). LOST (its worker died, its SLURM job left the queue): back to READY, or FIZZLED as
+    WORKER_LOST the MAX_LOST_RUNS-th time; what SLURM said about its job's end is named (a cancelled job FIZZLES at
+    once as SLURM_CANCELLED: never rerun)."""
+    if run.finished() and "fwaction" in (offline := json.loads((run.launch_dir / "FW_offline.json").read_text())):
+        run.move(launchpad, RunState.FINISHED)
+        store_outputs(run, store)
+        launchpad.recover_offline(run.launch_id, ignore_errors=False)
+        ended = offline["state"]
+    else:
+        run.move(launchpad, RunState.LOST)
+        ended = give_back(launchpad, run)
+    run.move(launchpad, RunState.TAKEN_BACK)
+    return ended
+
+
+def store_outputs(run: OfflineRun, store: JobStore) -> None:
+    """Store the JobStore documents a finished run's job wrote."""
+    written = json.loads((run.launch_dir / OUTPUTS).read_text())
+    if written["docs"]:
+        store.docs_store.update(written["docs"], key=["uuid", "index"])
+    for name, sub in store.additional_stores.items():
+        if written.get(name):
+            sub.update(written[name], key=sub.key)
+
+
+def give_back(launchpad: LaunchPad, run: OfflineRun) -> str:
+    """A lost run's Firework back to READY, or FIZZLED (WORKER_LOST, SLURM_CANCELLED); its new state."""
+    lost = state.lost_runs(launchpad, run.fw_id) + 1
     launchpad.forget_offline(run.launch_id)
     where = f"SLURM job {run.job_id}" if run.job_id else "local worker process"
     said = job_end(run)
@@ -163,8 +205,9 @@ def take_back(launchpad: LaunchPad, run: OfflineRun, store: JobStore) -> str:
                     said or "cause unknown")
         launchpad.cancel_reservation(run.launch_id)  # RESERVED → READY, the launch kept in its history
         return "READY"
-    return fizzle(launchpad, run, "WORKER_LOST", f"its worker ({where}) ended {lost} times without finishing it "
-                  f"(last: {said or 'killed, node lost, or crashed'}; see {run.launch_dir} and the home's logs/)")
+    return fizzle(launchpad, run, Outcome.WORKER_LOST.name, f"its worker ({where}) ended {lost} times without "
+                  f"finishing it (last: {said or 'killed, node lost, or crashed'}; see {run.launch_dir} and the "
+                  "home's logs/)")
 
 
 def job_end(run: OfflineRun) -> str | None:
@@ -179,7 +222,8 @@ def fizzle(launchpad: LaunchPad, run: OfflineRun, error_type: str, message: str)
     """Complete the run's launch as FIZZLED with `error_type` and `message` as its failure (qe-factory status)."""
     from fireworks import FWAction
 
-    details = {"error_type": error_type, "error_message": message}
+    outcome = Outcome.WORKER_LOST if error_type == Outcome.WORKER_LOST.name else Outcome.FAILED
+    details = outcome_details(outcome, error_type, message)
     action = FWAction(stored_data={"_exception": {"_stacktrace": f"{error_type}: {message}", "_details": details}})
     launchpad.complete_launch(run.launch_id, action, "FIZZLED")
     return "FIZZLED"
@@ -187,16 +231,8 @@ def fizzle(launchpad: LaunchPad, run: OfflineRun, error_type: str, message: str)
 
 def pending_runs(launchpad: LaunchPad) -> list[OfflineRun]:
     """Offline runs the LaunchPad still waits for (reserved and not yet taken back), with their SLURM job ids."""
-    runs = []
-    for entry in launchpad.offline_runs.find({"completed": False, "deprecated": False}):
-        launch = launchpad.launches.find_one({"launch_id": entry["launch_id"]},
-                                             {"launch_dir": 1, "state_history": 1, "state": 1})
-        if launch is None or launch["state"] != "RESERVED":  # rerun, defused or deleted by hand meanwhile
-            continue
-        job_ids = [h["reservation_id"] for h in launch.get("state_history", []) if h.get("reservation_id")]
-        runs.append(OfflineRun(entry["launch_id"], entry["fw_id"], Path(launch["launch_dir"]),
-                               str(job_ids[-1]) if job_ids else None))
-    return runs
+    return [OfflineRun(e.launch_id, e.fw_id, e.launch_dir, e.job_id, RunState(e.run_state or "RESERVED"))
+            for e in state.offline_entries(launchpad)]
 
 
 def queue_job_alive(job_id: str) -> bool:

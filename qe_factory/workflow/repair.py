@@ -11,9 +11,10 @@ import shutil
 import time
 from pathlib import Path
 
-from qe_factory.workflow.coordinator import command_line, coordinate
+from qe_factory.workflow import state
 from qe_factory.workflow.fireworks_adapter import reload_configuration
 from qe_factory.workflow.home import embedded_file
+from qe_factory.workflow.lock import command_line, coordinate
 
 
 def _readable_json(path: Path) -> bool:
@@ -55,13 +56,12 @@ def repair_launchpad_file(file: Path) -> tuple[list[str], bool]:
 def repair_jobstore(home: Path) -> list[str]:
     """A readable JobStore: the existing one, or a new one with the damaged one moved aside."""
     from qe_factory.workflow.home import create_jobstore
-    from qe_factory.workflow.launchpad import StateError, get_jobstore
 
     folder = home / "state" / "jobstore"
     try:
-        get_jobstore()
+        state.get_jobstore()
         return [f"JobStore {folder}: readable"]
-    except StateError as exc:
+    except state.StateError as exc:
         lines = [f"JobStore {folder}: {exc}".split(". Nothing was changed")[0]]
     if folder.exists():
         lines.append(f"moved it to {_move_aside(folder)}; the results it held are lost (resubmit to recompute)")
@@ -77,8 +77,7 @@ def rebuild_from_launch_dirs(home: Path, launchpad, store) -> list[str]:
     from fireworks import Firework
     from jobflow.managers.fireworks import flow_to_workflow
 
-    present = {doc["metadata"].get("uid") for doc in launchpad.workflows.find({}, {"metadata.uid": 1})}
-    finished = {doc["metadata"]["uid"] for doc in store.query({"metadata.stage": "validate"}, properties=["metadata"])}
+    present, finished = state.workflow_uids(launchpad), state.labelled_uids(store)
     rebuilt, unreadable = {}, []
     for path in sorted(home.rglob("launcher_*/FW.json")):
         try:
@@ -97,7 +96,7 @@ def rebuild_from_launch_dirs(home: Path, launchpad, store) -> list[str]:
         flow = job.function.__self__.make(structure.to_atoms(), uid, None, key)
         rebuilt[uid] = flow_to_workflow(flow, metadata={"uid": uid, "qe_factory_key": key})
     if rebuilt:
-        launchpad.bulk_add_wfs(list(rebuilt.values()))
+        state.add_workflows(launchpad, list(rebuilt.values()))
     lines = [f"rebuilt {len(rebuilt)} unfinished workflow(s) from launch directories: {sorted(rebuilt)}"]
     if rebuilt:
         lines.append("  (their per-structure SLURM resources, if any, are not rebuilt: defaults apply)")
@@ -108,8 +107,7 @@ def rebuild_from_launch_dirs(home: Path, launchpad, store) -> list[str]:
 
 def repair(home: Path) -> list[str]:
     """Repair the home's state as its coordinator; one line per finding or action."""
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, save_launchpad
-    from qe_factory.workflow.worker import rerun_orphans
+    from qe_factory.workflow.coordinator import rerun_orphans
 
     with coordinate(home, command_line()):
         lines = []
@@ -119,21 +117,20 @@ def repair(home: Path) -> list[str]:
             found, started_empty = repair_launchpad_file(file)
             lines += found
         lines += repair_jobstore(home)
-        launchpad, store = get_launchpad(), get_jobstore()
+        launchpad, store = state.get_launchpad(), state.get_jobstore()
         if file is not None:
             lines += rebuild_from_launch_dirs(home, launchpad, store)
             if lost := rerun_orphans(launchpad):
                 lines.append(f"{len(lost)} Firework(s) left RUNNING by a dead worker put back to READY")
-        finished = {d["metadata"]["uid"] for d in store.query({"metadata.stage": "validate"}, properties=["metadata"])}
-        gone = [wf for wf in launchpad.workflows.find({"state": "COMPLETED"}, {"nodes": 1, "metadata.uid": 1})
-                if wf["metadata"].get("uid") not in finished]
-        for wf in gone:
-            launchpad.delete_wf(wf["nodes"][0], delete_launch_dirs=False)
+        finished = state.labelled_uids(store)
+        gone = [(fw_id, uid) for fw_id, uid in state.completed_workflows(launchpad) if uid not in finished]
+        for fw_id, _ in gone:
+            state.archive(launchpad, fw_id)
         if gone:
             lines.append(f"{len(gone)} COMPLETED workflow(s) had no result in the JobStore: removed, so that "
-                         f"resubmitting them recomputes them: {sorted(wf['metadata'].get('uid') for wf in gone)}")
+                         f"resubmitting them recomputes them: {sorted(uid for _, uid in gone)}")
         if started_empty:
             lines.append("structures that never started a Firework are not recoverable from anything on disk: "
                          "submit the same file again (what is already here or finished is skipped as a duplicate)")
-        save_launchpad(launchpad)
+        state.save_launchpad(launchpad)
         return lines

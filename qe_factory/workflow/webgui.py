@@ -16,16 +16,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qe_factory.workflow.coordinator import holder, waiting
+from qe_factory.workflow import state
 from qe_factory.workflow.history import home_history, outcome_counts, split_references
 from qe_factory.workflow.home import embedded_file
-from qe_factory.workflow.launchpad import (
-    StateError,
-    failure_reason,
-    get_jobstore,
-    get_launchpad,
-    status_report,
-)
+from qe_factory.workflow.inbox import waiting
+from qe_factory.workflow.lock import holder
 
 if TYPE_CHECKING:
     from fireworks import LaunchPad
@@ -45,7 +40,7 @@ class Snapshot:
     def current(self) -> LaunchPad:
         signature = _signature(self.file) if self.file else None
         if self.launchpad is None or signature != self.signature:
-            self.launchpad, self.signature = get_launchpad(read_only=True), signature
+            self.launchpad, self.signature = state.get_launchpad(read_only=True), signature
         return self.launchpad
 
 
@@ -59,35 +54,35 @@ def _signature(file: Path) -> tuple[int, int, int] | None:
 
 def failure(launchpad: LaunchPad, fw_id: int) -> tuple[str, str] | None:
     """(error type, message) of a Firework's last FIZZLED launch, or None."""
-    launch = launchpad.launches.find_one({"fw_id": fw_id, "state": "FIZZLED"}, {"fw_id": 1, "action": 1},
-                                        sort=[("launch_id", -1)])
-    return failure_reason(launch) if launch else None
+    found = state.last_failure(launchpad, fw_id)
+    return (found.error_type, found.message) if found else None
 
 
 def fireworks_of(launchpad: LaunchPad, wf: dict) -> list[dict[str, Any]]:
     """The Fireworks of a workflow summary (LaunchPad.get_wf_summary_dict, mode "all") in id order: id, name,
     state, launch directories, and (error type, message) if it FIZZLED."""
     rows = []
-    for key, state in wf["states"].items():
+    for key, fw_state in wf["states"].items():
         name, fw_id = key.rsplit("--", 1)
-        rows.append({"fw_id": int(fw_id), "name": name, "state": state, "launch_dirs": wf["launch_dirs"].get(key, []),
-                     "failure": failure(launchpad, int(fw_id)) if state == "FIZZLED" else None})
+        rows.append({"fw_id": int(fw_id), "name": name, "state": fw_state,
+                     "launch_dirs": wf["launch_dirs"].get(key, []),
+                     "failure": failure(launchpad, int(fw_id)) if fw_state == "FIZZLED" else None})
     return sorted(rows, key=lambda row: row["fw_id"])
 
 
 def home_summary(home: Path, launchpad: LaunchPad) -> dict[str, Any]:
     """What the home page shows above FireWorks' tables: coordinator, inbox, failures, labelled structures."""
-    store = get_jobstore()
-    latest = store.query({"metadata.stage": "validate"}, sort={"completed_at": -1}, limit=LATEST, properties=[
-        "completed_at", "output.uid", "output.formula", "output.energy", "output.attempts.number",
-        "output.label_deviations"])
-    labelled = [{**doc["output"], "completed_at": doc.get("completed_at", "")} for doc in latest if doc.get("output")]
-    structures, references = split_references(home_history(home, launchpad, store))
+    store = state.get_jobstore()
+    labelled = [label for label in state.label_summaries(store, limit=LATEST) if label.get("energy") is not None]
+    stories = home_history(home, launchpad, store)
+    structures, references = split_references(stories)
     counts = outcome_counts(structures)
     results = {"validated": counts["labelled"], "marked": counts["marked"],
                "references": outcome_counts(references)["labelled"]}
     return {"home": home, "coordinator": holder(home) if embedded_file(home) else None, "inbox": len(waiting(home)),
-            "results": results, "labelled": labelled, "failures": status_report(launchpad)["failures"]}
+            "results": results, "labelled": labelled, "failures": [
+                {"uid": s.uid, "stage": s.stage, "error_type": s.error_type, "message": s.message, "fw_id": fw_id}
+                for s in stories for fw_id in [f for f, _, fw_state in s.fireworks if fw_state == "FIZZLED"][-1:]]}
 
 
 def make_app(home: Path) -> Flask:
@@ -106,7 +101,7 @@ def make_app(home: Path) -> Flask:
     app.add_template_global(lambda fw_id: failure(app.lp, fw_id), "failure")
     app.add_template_global(lambda wf: fireworks_of(app.lp, wf), "fireworks_of")
     app.add_template_global(lambda: home_summary(home, app.lp), "factory")
-    app.register_error_handler(StateError, lambda exc: (f"<pre>{html.escape(str(exc))}</pre>", 503))
+    app.register_error_handler(state.StateError, lambda exc: (f"<pre>{html.escape(str(exc))}</pre>", 503))
     return app
 
 

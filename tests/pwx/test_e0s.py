@@ -22,8 +22,7 @@ from ase.io import read, write
 from qe_factory import DFTConfig
 from qe_factory.engine.references import E0, compute_e0s, e0_uid, settings_key
 from qe_factory.workflow.home import activate
-from qe_factory.workflow.launchpad import get_jobstore, load_results
-from qe_factory.workflow.references import reference_energies
+from qe_factory.workflow.state import get_jobstore, load_results, reference_energies
 
 BIN = Path(sys.executable).parent
 FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")

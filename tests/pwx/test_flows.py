@@ -19,9 +19,10 @@ from ase.io import read
 from recovery_policies import MoreStepsFirst
 from structures import rattled_si
 
+from qe_factory.workflow.coordinator import run_coordinator
+from qe_factory.workflow.history import home_history
 from qe_factory.workflow.home import config_environment
-from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, load_results, release_launchpad, status_report
-from qe_factory.workflow.worker import run_worker
+from qe_factory.workflow.state import get_jobstore, get_launchpad, load_results, release_launchpad, workflow_counts
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def wait_for(condition) -> None:
 
 
 def test_failed_scf_becomes_a_detour_and_validation_reads_the_recovered_result(home, fast_config):
-    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.submit import submit
 
     config = fast_config.with_changes(**{"pw_parameters": {"electrons": {"electron_maxstep": 4}}})
     launchpad = get_launchpad()
@@ -65,7 +66,7 @@ def test_failed_scf_becomes_a_detour_and_validation_reads_the_recovered_result(h
 
 
 def test_a_custom_recovery_handler_runs_under_stock_rlaunch(home, fast_config):
-    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.submit import submit
 
     config = fast_config.with_changes(pw_parameters={"electrons": {"electron_maxstep": 3}})
     launchpad = get_launchpad()
@@ -87,24 +88,23 @@ def test_a_custom_recovery_handler_runs_under_stock_rlaunch(home, fast_config):
 
 
 def test_exhausted_recovery_fizzles_with_the_reason(home, fast_config):
-    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.submit import submit
 
     config = fast_config.with_changes(**{"max_retries": 2, "pw_parameters": {"electrons": {"electron_maxstep": 1}}})
     launchpad = get_launchpad()
     submit([rattled_si(2)], config, launchpad=launchpad)
-    assert run_worker(launchpad, launch_root=home / "launches") == 3  # inputs, scf attempt 1 (replaced), attempt 2
-    report = status_report(launchpad)
-    (failure,) = report["failures"]
-    assert (failure["uid"], failure["stage"]) == ("si-2", "scf")  # the retry kept its stage
-    assert failure["error_type"] == "SCF_NOT_CONVERGED" and "gave up" in failure["message"]
-    assert report["workflows"] == {"FIZZLED": 1}
+    assert run_coordinator(launchpad, launch_root=home / "launches") == 3  # inputs, scf attempt 1 (replaced), attempt 2
+    (failure,) = home_history(home, launchpad, get_jobstore())
+    assert (failure.uid, failure.stage, failure.outcome) == ("si-2", "scf", "failed")  # the retry kept its stage
+    assert failure.error_type == "SCF_NOT_CONVERGED" and "gave up" in failure.message
+    assert workflow_counts(launchpad) == {"FIZZLED": 1}
     cli = subprocess.run([str(BIN / "qe-factory"), "--home", str(home), "status"], capture_output=True, text=True)
     assert "FAILED si-2" in cli.stdout and "SCF_NOT_CONVERGED" in cli.stdout
     assert "coordinator: none running" in cli.stdout
 
 
 def test_killed_worker_is_detected_and_rerun_without_duplicates(home, fast_config):
-    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.submit import submit
 
     slow = bulk("Si", cubic=True)  # 8 atoms: long enough to be killed mid-SCF
     slow.rattle(0.05, seed=3)

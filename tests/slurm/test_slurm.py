@@ -97,7 +97,7 @@ def submit(home: Path, tmp_path: Path, structures: dict[str, Atoms], config: dic
     else:
         code = (
             f"from qe_factory.workflow.home import activate; activate({str(home)!r}); "
-            "from qe_factory import DFTConfig; from qe_factory.workflow.flows import submit; "
+            "from qe_factory import DFTConfig; from qe_factory.workflow.submit import submit; "
             f"from recovery_policies import *; print(submit({str(tmp_path / f'{name}.extxyz')!r}, "
             f"DFTConfig.from_yaml({str(tmp_path / f'{name}.yaml')!r}), recovery={recovery}).summary())"
         )
@@ -170,9 +170,9 @@ def run_qlaunch(home: Path, tmp_path: Path, limit: float) -> tuple[int, str]:
 
 
 def stored_results(home: Path, monkeypatch) -> list:
-    """Every DFTResult in the home's JobStore (qe_factory.workflow.launchpad.load_results)."""
+    """Every DFTResult in the home's JobStore (qe_factory.workflow.state.load_results)."""
     from qe_factory.workflow.home import activate
-    from qe_factory.workflow.launchpad import get_jobstore, load_results
+    from qe_factory.workflow.state import get_jobstore, load_results
 
     for key in ENV_KEYS:  # activate() sets them: monkeypatch restores the test process's values afterwards
         monkeypatch.setenv(key, "unset")

@@ -49,7 +49,7 @@ def test_the_embedded_launchpad_store_knows_its_file(home):
     import pymongo
 
     from qe_factory.workflow.fireworks_adapter import embedded_store, store_file
-    from qe_factory.workflow.launchpad import get_launchpad
+    from qe_factory.workflow.state import get_launchpad
 
     store = embedded_store(get_launchpad())
     assert store is not None and store_file(store) == home / "state" / "launchpad.json"
@@ -68,7 +68,7 @@ activate(sys.argv[1])
 from fireworks import Firework, LaunchPad, ScriptTask
 from fireworks.fw_config import LAUNCHPAD_LOC
 from qe_factory.workflow.fireworks_adapter import embedded_store, stop_exit_write
-from qe_factory.workflow.launchpad import get_launchpad, release_launchpad
+from qe_factory.workflow.state import get_launchpad, release_launchpad
 release_launchpad(get_launchpad())  # the file now holds an initialised, empty LaunchPad
 launchpad = get_launchpad() if sys.argv[2] == "ours" else LaunchPad.from_file(LAUNCHPAD_LOC)
 launchpad.add_wf(Firework(ScriptTask.from_str("true"), name="added"))
@@ -89,7 +89,7 @@ def test_write_store_replaces_the_file_in_one_step(home):
     import bson.json_util
 
     from qe_factory.workflow.fireworks_adapter import embedded_store, write_store
-    from qe_factory.workflow.launchpad import get_launchpad
+    from qe_factory.workflow.state import get_launchpad
 
     store = embedded_store(get_launchpad())
     target = home / "state" / "copy.json"
@@ -103,7 +103,7 @@ def test_launch_rocket_changes_states_only_through_the_wrapped_methods(home, tmp
     from fireworks.core.rocket_launcher import launch_rocket
 
     from qe_factory.workflow.fireworks_adapter import STATE_CHANGING_METHODS, after_state_changes
-    from qe_factory.workflow.launchpad import get_launchpad
+    from qe_factory.workflow.state import get_launchpad
 
     launchpad = get_launchpad()
     fw_id = list(launchpad.add_wf(Firework(ScriptTask.from_str("true"), name="one")).values())[0]
@@ -129,7 +129,7 @@ def test_write_store_writes_what_bson_json_util_writes(home, tmp_path, monkeypat
     from fireworks.core.rocket_launcher import launch_rocket
 
     from qe_factory.workflow.fireworks_adapter import embedded_store, write_store
-    from qe_factory.workflow.launchpad import get_launchpad
+    from qe_factory.workflow.state import get_launchpad
 
     launchpad = get_launchpad()
     launchpad.add_wf(Firework(ScriptTask.from_str("true"), name="one"))
@@ -181,7 +181,7 @@ def test_a_rocket_pings_from_a_thread_unless_run_without_it(home, tmp_path, monk
     from fireworks.core.rocket_launcher import launch_rocket
 
     from qe_factory.workflow.fireworks_adapter import without_ping_thread
-    from qe_factory.workflow.launchpad import get_launchpad
+    from qe_factory.workflow.state import get_launchpad
 
     threads: list[int] = []
     monkeypatch.setattr(rocket, "ping_launch", lambda launchpad, launch_id, stop, master: threads.append(launch_id))

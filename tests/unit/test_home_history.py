@@ -10,8 +10,8 @@ from qe_factory.workflow.history import Story, cause, home_history, outcome_coun
 
 
 def test_refusals_at_submission_are_kept_and_a_later_workflow_outranks_them(home, fast_config):
-    from qe_factory.workflow.flows import submit
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
+    from qe_factory.workflow.state import get_jobstore, get_launchpad
+    from qe_factory.workflow.submit import submit
 
     overlap = Atoms("Si2", positions=[(0, 0, 0), (0.4, 0, 0)], cell=[5, 5, 5], pbc=True, info={"uid": "si-1"})
     report = submit([overlap, rattled_si(2)], fast_config)

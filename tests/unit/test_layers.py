@@ -57,3 +57,54 @@ def test_importing_the_engine_loads_no_workflow_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def module_imports(path: Path) -> set[str]:
+    """The qe_factory modules a source file imports (`from package import module` resolved to the module)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.update(f"{node.module}.{alias.name}" if is_module(f"{node.module}.{alias.name}") else node.module
+                         for alias in node.names)
+    return {name for name in names if is_module(name)}
+
+
+def is_module(name: str) -> bool:
+    parts = name.split(".")
+    return parts[0] == "qe_factory" and (PACKAGE.parent.joinpath(*parts).with_suffix(".py").is_file())
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the import graph (module → modules it imports), or None."""
+    done, path = set(), []
+
+    def visit(module: str) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if cycle := visit(imported):
+                return cycle
+        path.pop()
+        done.add(module)
+        return None
+
+    return next((cycle for module in sorted(graph) if (cycle := visit(module))), None)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_inside_the_package():
+    """Function-level imports count: a lazy import hides a cycle from Python, not from a reader."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        graph[module.removesuffix(".__init__")] = module_imports(path) - {module}
+    assert import_cycle(graph) is None

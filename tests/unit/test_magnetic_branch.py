@@ -128,8 +128,8 @@ def test_the_high_spin_branch_runs_as_a_detour_firework(home, fast_config, monke
     from fireworks import FWorker
     from fireworks.core.rocket_launcher import rapidfire
 
-    from qe_factory.workflow.flows import submit
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, load_results
+    from qe_factory.workflow.state import get_jobstore, get_launchpad, load_results
+    from qe_factory.workflow.submit import submit
 
     monkeypatch.setenv("QE_FACTORY_COMMAND", f"{sys.executable} {FAKE_PW}")  # the worker's execution settings
     monkeypatch.setenv("QE_FACTORY_MPI_RANKS", "1")

@@ -95,8 +95,8 @@ def test_over_budget_is_refused_with_the_numbers(tmp_path):
 
 
 def test_submit_refuses_only_the_structure_over_budget(home, fast_config):
-    from qe_factory.workflow.flows import submit
-    from qe_factory.workflow.launchpad import get_launchpad
+    from qe_factory.workflow.state import get_launchpad
+    from qe_factory.workflow.submit import submit
 
     small, large = bulk("Si"), bulk("Si", cubic=True) * (2, 2, 2)
     small.info["uid"], large.info["uid"] = "small", "large"

@@ -9,9 +9,10 @@ import json
 import pytest
 from fireworks import Firework, FWorker, ScriptTask
 
-from qe_factory.workflow.launchpad import failure_reason, get_jobstore, get_launchpad
+from qe_factory.engine.outcomes import Outcome
+from qe_factory.workflow.coordinator import settle_offline_runs
 from qe_factory.workflow.offline import MAX_LOST_RUNS, OUTPUTS, pending_runs, reserve, run_offline, take_back
-from qe_factory.workflow.worker import settle_offline_runs
+from qe_factory.workflow.state import get_jobstore, get_launchpad, launch_failure
 
 
 def add_scf(launchpad, command: str = "true") -> int:
@@ -41,8 +42,8 @@ def test_a_lost_worker_puts_its_firework_back_and_the_last_time_fizzles_it(home,
         state = take_back(launchpad, run, store)  # no worker ever finished it
         assert state == ("READY" if n < MAX_LOST_RUNS else "FIZZLED") == launchpad.get_fw_by_id(fw_id).state
     launch = launchpad.launches.find_one({"fw_id": fw_id, "state": "FIZZLED"})
-    error_type, message = failure_reason(launch)
-    assert error_type == "WORKER_LOST" and f"{MAX_LOST_RUNS} times" in message
+    failure = launch_failure(launch)
+    assert failure.outcome is Outcome.WORKER_LOST and f"{MAX_LOST_RUNS} times" in failure.message
 
 
 def test_a_new_coordinator_leaves_live_slurm_jobs_alone_and_takes_the_rest_back(home, tmp_path, scontrol):
@@ -103,6 +104,6 @@ def test_a_lost_run_names_what_slurm_said_and_a_cancelled_one_is_not_rerun(home,
     runs[node_lost].job_id = "76"
     scontrol("JobId=76 JobName=scf_x JobState=NODE_FAIL Reason=NodeDown Dependency=(null)\n")
     assert take_back(launchpad, runs[cancelled], store) == "FIZZLED" == launchpad.get_fw_by_id(cancelled).state
-    error_type, message = failure_reason(launchpad.launches.find_one({"fw_id": cancelled, "state": "FIZZLED"}))
-    assert error_type == "SLURM_CANCELLED" and "*** JOB 73 ON vm CANCELLED AT" in message
+    failure = launch_failure(launchpad.launches.find_one({"fw_id": cancelled, "state": "FIZZLED"}))
+    assert failure.error_type == "SLURM_CANCELLED" and "*** JOB 73 ON vm CANCELLED AT" in failure.message
     assert take_back(launchpad, runs[node_lost], store) == "READY" == launchpad.get_fw_by_id(node_lost).state

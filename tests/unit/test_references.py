@@ -90,9 +90,8 @@ def test_labels_get_the_e0_made_with_exactly_their_settings():
 
 
 def test_references_are_submitted_once_per_uid_and_run_before_the_structures(home, fast_config):
-    from qe_factory.workflow.flows import submit
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
-    from qe_factory.workflow.references import reference_energies, structure_references, submit_references
+    from qe_factory.workflow.state import get_jobstore, get_launchpad, reference_energies
+    from qe_factory.workflow.submit import structure_references, submit, submit_references
 
     silicon = bulk("Si")
     silicon.info["uid"] = "si"

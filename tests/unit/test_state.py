@@ -37,7 +37,7 @@ def workflows(home: Path) -> dict[str, str]:
     """uid → workflow state, through a read-only client in another process."""
     out = python(
         f"from qe_factory.workflow.home import activate; activate({str(home)!r}); import json; "
-        "from qe_factory.workflow.launchpad import get_launchpad; lp = get_launchpad(read_only=True); "
+        "from qe_factory.workflow.state import get_launchpad; lp = get_launchpad(read_only=True); "
         "print(json.dumps({w['metadata']['uid']: w['state'] for w in lp.workflows.find({}, {'metadata': 1, "
         "'state': 1})}))"
     )
@@ -60,7 +60,7 @@ class Coordinator:
 
     CODE = (
         "import sys; from qe_factory.workflow.home import activate; home = activate(sys.argv[1]); "
-        "from qe_factory.workflow.coordinator import coordinate\n"
+        "from qe_factory.workflow.lock import coordinate\n"
         "with coordinate(home, 'qe-factory worker (test)'):\n"
         "    print('holding', flush=True); sys.stdin.read()"
     )
@@ -104,7 +104,7 @@ def test_writers_beside_a_coordinator_are_refused_or_queued(factory, tmp_path):
 def test_a_python_session_closing_after_a_worker_ran_undoes_nothing(factory):
     session = subprocess.Popen(
         [sys.executable, "-c", "import sys; from qe_factory.workflow.home import activate; activate(sys.argv[1]); "
-         "from qe_factory.workflow.launchpad import get_launchpad; lp = get_launchpad(); print('open', flush=True); "
+         "from qe_factory.workflow.state import get_launchpad; lp = get_launchpad(); print('open', flush=True); "
          "sys.stdin.read()", str(factory)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env(),
     )

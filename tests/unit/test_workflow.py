@@ -15,15 +15,15 @@ from ase import Atoms
 from recovery_policies import MoreStepsFirst
 from structures import rattled_si
 
-from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, take_in
 from qe_factory.workflow.home import config_environment, factory_home
-from qe_factory.workflow.launchpad import get_jobstore, get_launchpad, release_launchpad, save_launchpad
+from qe_factory.workflow.inbox import LAUNCHPAD_WORKFLOWS, take_in
+from qe_factory.workflow.state import get_jobstore, get_launchpad, release_launchpad, save_launchpad
 
 BIN = Path(sys.executable).parent
 
 
 def test_home_is_rendered_and_stock_lpad_sees_the_same_launchpad(home, fast_config):
-    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.submit import submit
 
     for path in [*(home / "fw_config").iterdir(), *(home / "templates").iterdir()]:
         assert "${QE_FACTORY" not in path.read_text(), path
@@ -57,7 +57,7 @@ def test_flow_compiles_to_three_linked_fireworks(fast_config):
 
 
 def test_bulk_submit_refuses_individually_and_deduplicates(home, fast_config):
-    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.submit import submit
 
     good = [rattled_si(seed) for seed in range(200)]  # 10 × what the embedded LaunchPad holds
     bad = [
@@ -89,7 +89,7 @@ def test_bulk_submit_refuses_individually_and_deduplicates(home, fast_config):
 
 def test_the_calculation_key_follows_geometry_and_physics_only(fast_config):
     from qe_factory.engine.inputs import InputGenerator
-    from qe_factory.workflow.flows import structure_key
+    from qe_factory.workflow.submit import structure_key
 
     atoms = rattled_si(0)
     key = structure_key(atoms, InputGenerator(fast_config))
@@ -105,7 +105,7 @@ def test_the_calculation_key_follows_geometry_and_physics_only(fast_config):
 def test_submit_takes_pymatgen_structures_and_knows_them_again_as_atoms(home, fast_config):
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.submit import submit
 
     launchpad = get_launchpad()
     report = submit([AseAtomsAdaptor.get_structure(rattled_si(11))], fast_config, launchpad=launchpad)
@@ -136,9 +136,9 @@ def test_the_recovery_policy_and_settings_travel_with_the_workflow(fast_config):
 def test_post_streams_workflows_into_inbox_files_of_bounded_size(home, fast_config):
     """A generator of workflows goes to the inbox in files of at most `per_file`, in order, each the JSON list of
     the workflows' documents."""
-    from qe_factory.workflow.coordinator import post, waiting
-    from qe_factory.workflow.flows import make_workflows, plan_workflows
-    from qe_factory.workflow.launchpad import get_jobstore
+    from qe_factory.workflow.inbox import post, waiting
+    from qe_factory.workflow.state import get_jobstore
+    from qe_factory.workflow.submit import make_workflows, plan_workflows
 
     report, planned = plan_workflows([rattled_si(seed) for seed in range(7)], fast_config, get_launchpad(),
                                      get_jobstore())

@@ -1,7 +1,7 @@
-"""Where offline runs (see offline.py) are executed: local worker processes, or SLURM jobs.
+"""Workers: where offline runs (see offline.py) are executed — local worker processes, or SLURM jobs.
 
-Both offer the same three calls to the coordinator's loop (worker.py): how many runs they can `start` now, `start`
-one, and `wait` a little for runs that ended (finished, or lost with their worker).
+Both offer the same calls to the coordinator (coordinator.py): how many runs they can `start` now (`free`), `start`
+one, the runs they hold (`running`), and `wait` a little for runs that ended (finished, or lost with their worker).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from qe_factory.workflow.offline import OfflineRun, queue_job_alive
 PR_SET_PDEATHSIG = 1
 
 
-def _slot_main(conn, execution: ExecutionSettings, log: str | None, environment: dict[str, str]) -> None:
+def _worker_main(conn, execution: ExecutionSettings, log: str | None, environment: dict[str, str]) -> None:
     """A local worker process: runs the offline launches the coordinator sends, one at a time, until told to stop.
     It dies with the coordinator (even by SIGKILL: the kernel's parent-death signal), and its pw.x with it (the
     reaper); SIGTERM/SIGINT stop the running pw.x (the launch FIZZLES as interrupted and goes back to READY)."""
@@ -56,7 +56,7 @@ def _slot_main(conn, execution: ExecutionSettings, log: str | None, environment:
         conn.send(state)
 
 
-class LocalSlots:
+class LocalWorkers:
     """`count` worker processes on this machine, each running one launch at a time with `execution` (its
     mpi_ranks set to this slot's share of the cores)."""
 
@@ -74,7 +74,7 @@ class LocalSlots:
     def _spawn(self) -> tuple[Any, Any]:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the coordinator's state
         ours, theirs = context.Pipe()
-        process = context.Process(target=_slot_main, args=(theirs, self.execution, self.log, self.environment),
+        process = context.Process(target=_worker_main, args=(theirs, self.execution, self.log, self.environment),
                                   daemon=True)
         process.start()
         theirs.close()
@@ -128,7 +128,7 @@ class LocalSlots:
             process.join()
 
 
-class QueueSlots:
+class QueueWorkers:
     """Up to `max_jobs` SLURM jobs at once, one offline launch each, submitted with the home's queue adapter."""
 
     outlive_coordinator = True  # a job runs on without its coordinator; the next one takes its result in

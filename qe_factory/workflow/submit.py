@@ -1,4 +1,5 @@
-"""Flows for one structure, and bulk submission to the LaunchPad with refusal and de-duplication."""
+"""Bulk submission: structures (and the isolated-atom references their E0s need) to the LaunchPad or the home's
+inbox, one workflow each (jobs.LabelMaker), with refusal and de-duplication."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.inputs import InputGenerator
 from qe_factory.engine.preflight import nominal_input
 from qe_factory.engine.recovery import RecoveryHandler
+from qe_factory.engine.references import Reference, isolated_atom, references_for
 from qe_factory.engine.runner import REFUSALS
 from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, read_structures
-from qe_factory.workflow.jobs import LabelMaker
+from qe_factory.workflow import state
+from qe_factory.workflow.jobs import REFERENCE_PRIORITY, LabelMaker
 
 
 def structure_key(atoms: Atoms, generator: InputGenerator) -> str:
@@ -82,10 +85,9 @@ def submit(
     """
     from qe_factory.workflow.history import record_refusals
     from qe_factory.workflow.home import factory_home
-    from qe_factory.workflow.launchpad import get_jobstore
 
     progress = progress or no_progress
-    store = store if store is not None else get_jobstore()
+    store = store if store is not None else state.get_jobstore()
     home = factory_home()
     report = _submit(structures, config, launchpad, resources, uid_prefix, store, recovery, home, progress, priority)
     record_refusals(home, report.refused, report.formulas)  # status, show and report tell them later
@@ -95,10 +97,11 @@ def submit(
 def _submit(
     structures, config, launchpad, resources, uid_prefix, store, recovery, home, progress, priority
 ) -> SubmitReport:
-    from qe_factory.workflow.coordinator import LAUNCHPAD_WORKFLOWS, coordinate, holder, take_in
     from qe_factory.workflow.fireworks_adapter import embedded_store
     from qe_factory.workflow.home import embedded_file
-    from qe_factory.workflow.launchpad import get_launchpad, save_launchpad
+    from qe_factory.workflow.inbox import LAUNCHPAD_WORKFLOWS, take_in
+    from qe_factory.workflow.lock import coordinate, holder
+    from qe_factory.workflow.state import get_launchpad, save_launchpad
 
     if launchpad is None and embedded_file(home) is None:
         launchpad = get_launchpad()
@@ -127,7 +130,7 @@ def _submit(
 def post_planned(home: Path, report: SubmitReport, planned: Iterable[Planned], config, resources, recovery,
                  priority: int = 0) -> None:
     """Make the planned workflows and write them to the inbox one at a time (never all in memory)."""
-    from qe_factory.workflow.coordinator import post
+    from qe_factory.workflow.inbox import post
 
     def workflows() -> Iterator:
         for uid, workflow in make_workflows(planned, config, resources, recovery, priority):
@@ -138,11 +141,9 @@ def post_planned(home: Path, report: SubmitReport, planned: Iterable[Planned], c
 
 
 def add_workflows(launchpad, report: SubmitReport, workflows: list) -> None:
-    from qe_factory.workflow.launchpad import save_launchpad
-
     if workflows:
-        launchpad.bulk_add_wfs([wf for _, wf in workflows])
-        save_launchpad(launchpad)
+        state.add_workflows(launchpad, [wf for _, wf in workflows])
+        state.save_launchpad(launchpad)
     report.fw_ids = {uid: sorted(fw.fw_id for fw in wf) for uid, wf in workflows}
 
 
@@ -189,20 +190,13 @@ def plan_workflows(
             report.duplicates[uid] = keyed[key][0]
             continue
         keyed[key] = (uid, atoms)
-    known = list(launchpad.workflows.find(
-        {"$or": [{"metadata.qe_factory_key": {"$in": list(keyed)}}, {"metadata.uid": {"$in": sorted(uids)}}]},
-        {"metadata.qe_factory_key": 1, "metadata.uid": 1},
-    ))
-    existing = {doc["metadata"]["qe_factory_key"]: doc["metadata"]["uid"] for doc in known}
-    # finished and archived from the LaunchPad: their results are in the JobStore
-    archived = {"metadata.stage": "validate", "$or": [
-        {"metadata.qe_factory_key": {"$in": list(keyed)}}, {"metadata.uid": {"$in": sorted(uids)}},
-    ]}
-    labelled: dict[str, str] = {}  # uid → key of its label
-    for doc in store.query(archived, properties=["metadata"]):
-        existing.setdefault(doc["metadata"]["qe_factory_key"], doc["metadata"]["uid"])
-        labelled[doc["metadata"]["uid"]] = doc["metadata"]["qe_factory_key"]
-    taken_uids = {doc["metadata"]["uid"] for doc in known}
+    known = state.workflows_with(launchpad, keyed, uids)
+    existing = {meta["qe_factory_key"]: meta["uid"] for meta in known}
+    labelled: dict[str, str] = {}  # uid → key of its label (finished; its workflow has left the LaunchPad)
+    for meta in state.labels_with(store, keyed, uids):
+        existing.setdefault(meta["qe_factory_key"], meta["uid"])
+        labelled[meta["uid"]] = meta["qe_factory_key"]
+    taken_uids = {meta["uid"] for meta in known}
     planned = []
     for key, (uid, atoms) in keyed.items():
         if key in existing:
@@ -233,3 +227,35 @@ def make_workflows(
         flow = maker.make(atoms, uid, resources, key, priority)
         # the Flow's references are all its own (LabelMaker.make): no need for jobflow to serialise it to check
         yield uid, flow_to_workflow(flow, allow_external_references=True, metadata={"uid": uid, "qe_factory_key": key})
+
+
+def submit_references(
+    references: Iterable[Reference], launchpad=None, store=None, resources=None,
+    recovery: RecoveryHandler | None = None,
+) -> list[SubmitReport]:
+    """Submit the isolated-atom workflows of `references` that have no result yet (one per uid: element and
+    settings), ahead of the structures (REFERENCE_PRIORITY); one `submit` per distinct config."""
+    store = store if store is not None else state.get_jobstore()
+    references = list(references)
+    done = state.stored_e0s(store, references)
+    groups: dict[str, tuple[DFTConfig, list[Atoms]]] = {}
+    for ref in references:
+        if ref.uid in done:
+            continue
+        atoms = isolated_atom(ref.element, ref.config)
+        atoms.info["uid"] = ref.uid
+        groups.setdefault(ref.config.model_dump_json(), (ref.config, []))[1].append(atoms)
+    return [submit(atoms, config, launchpad=launchpad, store=store, resources=resources, recovery=recovery,
+                   priority=REFERENCE_PRIORITY) for config, atoms in groups.values()]
+
+
+def structure_references(structures: Iterable[Atoms], config: DFTConfig) -> dict[str, Reference]:
+    """The references of the structures (one look per distinct set of elements); a set the factory refuses (e.g. an
+    element without a pseudopotential) needs none: submit reports its structures."""
+    references: dict[str, Reference] = {}
+    for elements in {frozenset(atoms.get_chemical_symbols()) for atoms in structures}:
+        try:
+            references.update(references_for([Atoms(sorted(elements))], config))
+        except (*REFUSALS, ValueError):
+            continue
+    return references

@@ -1,0 +1,167 @@
+"""The factory's pipelines as Python calls: `label` (what `qe-factory run` does) and `home_e0s` (`qe-factory e0s`).
+
+Each activates its home, becomes its coordinator, submits, runs the work with local worker processes, and returns a
+report; a `Listener` hears of each step as it happens (the CLI draws its progress bar and lines from it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+from pydantic import BaseModel
+
+from qe_factory.engine.config import DFTConfig
+from qe_factory.engine.references import E0, REFERENCE_UID, Export, element_references, write_labels
+from qe_factory.engine.results import EXPORT_FORMATS, DFTResult
+from qe_factory.engine.structure import read_structures
+from qe_factory.workflow import state
+from qe_factory.workflow.coordinator import local_workers, run_coordinator
+from qe_factory.workflow.history import Story, home_history
+from qe_factory.workflow.home import activate, embedded_file
+from qe_factory.workflow.lock import command_line, coordinate
+from qe_factory.workflow.submit import SubmitReport, structure_references, submit, submit_references
+
+
+class Listener:
+    """What a pipeline tells as it goes; every method does nothing here (override what you want to hear)."""
+
+    def started(self, home: Path, launchpad: str, structures: int) -> None: ...
+
+    def references_submitted(self, reports: list[SubmitReport]) -> None: ...
+
+    def submitted(self, report: SubmitReport, labelled_before: dict[str, DFTResult]) -> None: ...
+
+    def finished(self, story: Story) -> None:
+        """A structure (or an isolated-atom reference) finished in this run: labelled, failed or refused."""
+
+    def exported(self, export: Export) -> None: ...
+
+
+class LabelReport(BaseModel):
+    """What `label` did with each structure it was given."""
+
+    home: str
+    structures: int
+    labelled: list[str] = []  # uids with a label (this run's or an earlier one's)
+    failed: dict[str, str] = {}  # uid → cause
+    refused: dict[str, str] = {}  # uid → why (at submission or at the inputs stage)
+    duplicates: dict[str, str] = {}  # uid → the uid with the same structure and settings
+    output: str | None = None
+    written: int = 0  # labels written to `output`
+    e0s: dict[str, float] = {}  # element → E0 (eV) written beside them
+
+    @property
+    def neither(self) -> int:
+        """Structures neither labelled, failed nor refused: duplicates of another uid, or still waiting."""
+        return self.structures - len(self.labelled) - len(self.failed) - len(self.refused)
+
+    def summary(self) -> str:
+        return (f"{self.written} labelled structures in {self.output}; {len(self.failed)} failed; "
+                f"{len(self.refused)} refused; {self.neither} neither (duplicates of another uid, or waiting)")
+
+
+def label(
+    structures: str | Path | Atoms | Iterable,
+    config: DFTConfig | None = None,
+    home: str | Path | None = None,
+    output: str | Path | None = "results.extxyz",
+    *,
+    parallel: int | None = None,
+    export_format: str = EXPORT_FORMATS[0],
+    config_type: str | None = None,
+    include_marked: bool = False,
+    e0s: bool = True,
+    live_logs: bool = False,
+    listener: Listener | None = None,
+) -> LabelReport:
+    """Label structures (a file ASE reads, Atoms, or an iterable of them) in a factory home — the whole pipeline of
+    `qe-factory run`: the isolated-atom references (E0s) the structures need first (unless `e0s` is False), then
+    one workflow per structure, run by `parallel` local pw.x processes (default: chosen from the cores), and the
+    labels with their E0s exported to `output` (None: no export). Runs as the home's coordinator (raises
+    lock.HomeBusy if another process is). FireWorks' and jobflow's lines go to the home's logs/worker.log
+    (`live_logs`: to the terminal)."""
+    listener = listener or Listener()
+    config = config or DFTConfig()
+    home = activate(home)
+    log = None if live_logs else home / "logs" / "worker.log"
+    with coordinate(home, command_line()):  # the home's one writer from the first submit to the last save
+        given = read_structures(structures)
+        workers = local_workers(config.execution, parallel, len(given), log)  # they start up while we submit
+        launchpad, store = state.get_launchpad(), state.get_jobstore()
+        listener.started(home, str(embedded_file(home) or "MongoDB"), len(given))
+        references = structure_references([atoms for _, atoms in given], config)  # uid → Reference (E0)
+        if e0s:
+            listener.references_submitted(submit_references(references.values(), launchpad, store))
+        for uid, atoms in given:
+            atoms.info["uid"] = uid
+        submitted = submit([atoms for _, atoms in given], config, launchpad=launchpad, store=store)
+        before = {result.uid: result for result in state.load_results(store, list(submitted.duplicates))}
+        listener.submitted(submitted, before)
+
+        def finished(uid: str, fw_state: str) -> None:
+            for story in home_history(home, launchpad, store, uids=[uid], load=True):
+                listener.finished(story)
+
+        run_coordinator(launchpad, launch_root=home / "launches", on_finished=finished, execution=config.execution,
+                        log=log, workers=workers)
+        uids = [uid for uid, _ in given]
+        report = outcome_report(home, launchpad, store, uids, submitted)
+    if output is not None:
+        results = state.load_results(store, [uid for uid in uids if uid not in submitted.refused])
+        export = write_labels(results + state.load_results(store, list(references)), output, include_marked,
+                              export_format, config_type, config.sanitizer)
+        listener.exported(export)
+        report.output, report.written, report.e0s = str(output), export.labels, export.e0s
+    return report
+
+
+def outcome_report(home: Path, launchpad, store, uids: list[str], submitted: SubmitReport) -> LabelReport:
+    """The outcome of each of `uids`, from the home's one read model (history.home_history)."""
+    report = LabelReport(home=str(home), structures=len(uids), refused=dict(submitted.refused),
+                         duplicates=dict(submitted.duplicates))
+    for story in home_history(home, launchpad, store, uids=uids):
+        if story.outcome == "labelled" and story.uid not in submitted.refused:
+            report.labelled.append(story.uid)
+        elif story.outcome == "failed":
+            report.failed[story.uid] = story.message or ""
+        elif story.outcome == "refused":
+            report.refused.setdefault(story.uid, story.message or "")
+    return report
+
+
+def home_e0s(
+    elements: Iterable[str], config: DFTConfig | None = None, home: str | Path | None = None, *,
+    parallel: int | None = None, live_logs: bool = False, listener: Listener | None = None,
+) -> dict[str, E0 | str]:
+    """The isolated-atom energies (E0s) of `elements` with `config`'s settings (its cutoffs, else each element's
+    own), computed once per element and settings through the home's workflows (recovery, parallel workers);
+    element → E0, or why it has none. Raises what engine.references.element_references raises for an element the
+    factory cannot compute."""
+    listener = listener or Listener()
+    config = config or DFTConfig()
+    home = activate(home)
+    log = None if live_logs else home / "logs" / "worker.log"
+    references = element_references(list(elements), config)
+    with coordinate(home, command_line()):
+        launchpad, store = state.get_launchpad(), state.get_jobstore()
+        pending = len(references) - len(state.stored_e0s(store, references))
+        listener.references_submitted(submit_references(references, launchpad, store))
+        if pending:  # references first (REFERENCE_PRIORITY); no new work once they are done
+            workers = local_workers(config.execution, parallel, pending, log)
+            run_coordinator(launchpad, max_structures=pending, launch_root=home / "launches",
+                            execution=config.execution, log=log, workers=workers)
+        stories = {s.uid: s for s in home_history(home, launchpad, store, uids=[ref.uid for ref in references])}
+    done = state.stored_e0s(store, references)
+    out: dict[str, Any] = {}
+    for ref in references:
+        story = stories.get(ref.uid)
+        out[ref.element] = done.get(ref.uid) or (story.message if story and story.message else
+                                                 "not computed (see qe-factory status)")
+    return out
+
+
+def is_reference_uid(uid: str | None) -> bool:
+    return bool(REFERENCE_UID.match(uid or ""))
