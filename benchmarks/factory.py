@@ -157,11 +157,11 @@ def p4(workdir: Path, count: int) -> None:
 
 def _p4(workdir: Path, count: int) -> None:
     from qe_factory.workflow.home import activate
-    from qe_factory.workflow.launchpad import get_launchpad, release_launchpad
+    from qe_factory.workflow.state import get_launchpad, release_launchpad
 
     activate(workdir / "home")
     from qe_factory import DFTConfig
-    from qe_factory.workflow.flows import submit
+    from qe_factory.workflow.submit import submit
 
     frames = []
     for seed in range(count):

@@ -46,10 +46,11 @@ def peak_rss_mb() -> float:
 
 def run(workdir: Path, count: int, held: bool, profile: Path | None) -> None:
     from qe_factory.engine.config import DFTConfig
-    from qe_factory.workflow.coordinator import inbox, post
-    from qe_factory.workflow.flows import build_workflows, make_workflows, plan_workflows
     from qe_factory.workflow.home import activate
-    from qe_factory.workflow.launchpad import get_jobstore, get_launchpad
+    from qe_factory.workflow.inbox import inbox_folder as inbox
+    from qe_factory.workflow.inbox import post
+    from qe_factory.workflow.state import get_jobstore, get_launchpad
+    from qe_factory.workflow.submit import build_workflows, make_workflows, plan_workflows
 
     for key in FACTORY_ENV:
         os.environ.pop(key, None)
