@@ -100,7 +100,7 @@ SLURM_CAUSES = [
 
 
 def scheduler_error(said: str) -> DFTErrorType:
-    """The error type of a run SLURM ended, from what SLURM said (parallel.slurm_job_end); KILLED ("cause unknown")
+    """The error type of a run SLURM ended, from what SLURM said (scheduler.slurm_job_end); KILLED ("cause unknown")
     where that names no cause the factory knows (a preemption, or scontrol's COMPLETING with Reason=None)."""
     return next((error for error, pattern in SLURM_CAUSES if pattern.search(said)), DFTErrorType.KILLED)
 
@@ -159,7 +159,7 @@ def classify(
 ) -> Diagnosis:
     """Name the outcome of a run from its parsed output, raw texts, exit code, whether we killed it, whether the
     kernel's OOM killer struck meanwhile (its cgroup counter rose) and, when the scheduler ended the job it ran in,
-    what the scheduler said (`ended_by`, see parallel.slurm_job_ending)."""
+    what the scheduler said (`ended_by`, see scheduler.slurm_job_ending)."""
     if timed_out:
         return Diagnosis(DFTErrorType.TIMEOUT, [f"killed after the timeout; {output.scf_iterations} SCF iterations"])
     if ended_by and not output.job_done:  # pw.x had not finished by itself

@@ -98,7 +98,7 @@ def named(exc: BaseException) -> BaseException:
     if _has_outcome(exc):
         return exc
     if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-        return DiskFullError(exc.errno, str(exc))
+        return DiskFullError(exc.errno, exc.strerror or str(exc), *([exc.filename] if exc.filename else []))
     if isinstance(exc, sqlite3.OperationalError):
         text = str(exc)
         if "database or disk is full" in text:

@@ -12,18 +12,16 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from pathlib import Path
 from typing import NamedTuple
 
 from ase import Atoms
 from ase.data import atomic_numbers
 
-from qe_factory.engine.config import DFTConfig, SanitizerThresholds
+from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.document import Document
 from qe_factory.engine.inputs import InputGenerator
 from qe_factory.engine.pseudos import resolve_pseudos
-from qe_factory.engine.results import DFTResult, write_training_set
-from qe_factory.engine.sanitize import cohesive_check
+from qe_factory.engine.results import DFTResult
 
 # Box edges (Å). Slightly orthorhombic: no cubic symmetry holds an open shell's degenerate orbitals together.
 # Si E0 vs the 14 Å box (benchmarks/e0s.py box): 8 Å +14.7 meV, 10 Å +1.6 meV, 12 Å +0.2 meV; 10 Å costs 1.7x less
@@ -162,104 +160,3 @@ REFERENCE_UID = re.compile(r"^e0-([A-Z][a-z]?)-[0-9a-f]{12}$")
 def is_reference(result: DFTResult) -> bool:
     """Whether a result is an isolated-atom reference (by its uid, e0_uid's form)."""
     return bool(REFERENCE_UID.match(result.uid)) and len(result.structure.numbers) == 1
-
-
-def _label_settings(result: DFTResult, element: str) -> tuple:
-    system = result.parameters.get("system", {})
-    md5 = result.pseudopotentials.get(element, {}).get("md5")
-    return md5, result.ecutwfc, result.ecutrho, system.get("smearing"), system.get("degauss")
-
-
-def matching_references(labels: list[DFTResult], e0s: list[DFTResult]) -> tuple[dict[str, DFTResult], dict[str, str]]:
-    """The E0 result of each element of `labels` computed with exactly their settings (pseudopotential md5,
-    cutoffs, smearing, degauss), and for each element without one, why. An element whose labels were made with
-    different settings has no single E0 (MACE takes one per element)."""
-    needed: dict[str, set[tuple]] = {}
-    for label in labels:
-        for element in set(label.structure.to_atoms().get_chemical_symbols()):
-            needed.setdefault(element, set()).add(_label_settings(label, element))
-    found: dict[str, DFTResult] = {}
-    missing: dict[str, str] = {}
-    for element, settings in sorted(needed.items()):
-        if len(settings) > 1:
-            missing[element] = (f"its labels were made with {len(settings)} different cutoff/smearing settings (fix "
-                                "ecutwfc and ecutrho in the config for one E0 per element)")
-            continue
-        (wanted,) = settings
-        match = [e0 for e0 in e0s if e0.succeeded and e0.formula == element and _label_settings(e0, element) == wanted]
-        if match:
-            found[element] = match[0]
-        else:
-            missing[element] = "no isolated-atom result with its labels' settings (qe-factory e0s, or run/submit)"
-    return found, missing
-
-
-def mace_e0s(e0s: dict[str, E0] | dict[str, float]) -> dict[int, float]:
-    """{atomic number: E0 in eV}, MACE's `--E0s` form (MACE reads a dict string with ast.literal_eval, or a .json
-    file of the same mapping with the numbers as string keys)."""
-    energies = {el: e.energy if isinstance(e, E0) else float(e) for el, e in e0s.items()}
-    return {atomic_numbers[el]: energy for el, energy in sorted(energies.items(), key=lambda i: atomic_numbers[i[0]])}
-
-
-def e0s_path(training_file: str | Path) -> Path:
-    """Where the E0s of a training file go: labels.extxyz → labels.e0s.json (MACE wants the .json suffix)."""
-    path = Path(training_file)
-    return path.with_name(f"{path.stem}.e0s.json")
-
-
-def write_e0s(training_file: str | Path, energies: dict[str, float]) -> Path:
-    """Write `{"<Z>": E0 eV}` beside the training file (MACE's `--E0s=<file>.json`); returns its path."""
-    path = e0s_path(training_file)
-    path.write_text(json.dumps({str(z): e for z, e in mace_e0s(energies).items()}, indent=1) + "\n")
-    return path
-
-
-class Export(NamedTuple):
-    """What `write_labels` wrote: labels, the E0s beside them (element → eV), elements left without one (why), the
-    E0 file (None when there is no E0), and the labels left out because their cohesive energy, judged here against
-    those E0s, is outside the sanitizer's window (uid → why)."""
-
-    labels: int
-    e0s: dict[str, float]
-    missing: dict[str, str]
-    e0s_file: Path | None
-    unphysical: dict[str, str] = {}
-
-
-def judge_cohesive(
-    labels: list[DFTResult], e0s: dict[str, float], limits: SanitizerThresholds | None = None,
-) -> tuple[list[DFTResult], dict[str, str]]:
-    """The labels whose cohesive energy was not judged at validation (their E0s came later) judged now against
-    `e0s`: (those that pass or still cannot be judged, uid → why for those outside the window)."""
-    kept, unphysical = [], {}
-    for label in labels:
-        if label.cohesive_energy is not None:
-            kept.append(label)
-            continue
-        check = cohesive_check(label.energy, label.structure.to_atoms().get_chemical_symbols(), e0s, limits)
-        if check.problems:
-            unphysical[label.uid] = "; ".join(check.problems)
-        else:
-            kept.append(label)
-    return kept, unphysical
-
-
-def write_labels(
-    results: list[DFTResult], path: str | Path, include_marked: bool = False, format: str = "mace-extxyz",
-    config_type: str | None = None, limits: SanitizerThresholds | None = None,
-) -> Export:
-    """Write the labelled structures as a training set (results.write_training_set's rules and formats) and the E0s
-    made with exactly their settings: first in the file as MACE's `config_type=IsolatedAtom` frames (MACE takes them
-    as its E0s and does not train on them), and as `<name>.e0s.json` beside it (MACE's `--E0s=<file>`). Labels
-    validated before their E0s existed are judged against them here (judge_cohesive, `limits`: the sanitizer's
-    thresholds) and left out when outside the window."""
-    labels = [r for r in results if not is_reference(r) and r.succeeded and (include_marked or r.nominal_settings)]
-    found, missing = matching_references(labels, [r for r in results if is_reference(r)])
-    energies = {element: float(result.energy) for element, result in found.items()}
-    labels, unphysical = judge_cohesive(labels, energies, limits)
-    references = [found[element] for element in sorted(found, key=atomic_numbers.get)]
-    written = write_training_set(labels, path, include_marked, format, config_type, references)
-    e0s_file = write_e0s(path, energies) if energies else None
-    if e0s_file is None:
-        e0s_path(path).unlink(missing_ok=True)  # never leave an older data set's E0s beside this one
-    return Export(written, energies, missing, e0s_file, unphysical)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -120,80 +119,3 @@ class DFTFatalError(RuntimeError):
         report = self.result.model_dump(mode="json")
         error_type, message = report.pop("error_type") or "UNKNOWN", report.pop("error_message") or ""
         return outcome_details(self.outcome, error_type, message, **report)
-
-
-EXPORT_FORMATS = ("mace-extxyz", "nequip-extxyz", "ase-db")
-
-
-def training_atoms(result: DFTResult, ase_keys: bool = False, config_type: str | None = None) -> Atoms:
-    """A label as an MLIP trainer reads it. Default: REF_energy, REF_forces, REF_stress (MACE's keys); `ase_keys`:
-    ASE's own energy, forces, stress in a SinglePointCalculator (what NequIP/Allegro read by default and `ase db`
-    shows). Stress in eV/Å³, ASE's sign (NequIP's too). `config_type` for a structure that brought none."""
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.stress import full_3x3_to_voigt_6_stress
-
-    atoms = result.to_atoms()
-    if config_type is not None:
-        atoms.info.setdefault("config_type", config_type)
-    if ase_keys:
-        energy, stress = atoms.info.pop("REF_energy"), atoms.info.pop("REF_stress").reshape(3, 3)
-        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=atoms.arrays.pop("REF_forces"),
-                                           stress=full_3x3_to_voigt_6_stress(stress))
-    return atoms
-
-
-def db_key_value_pairs(result: DFTResult, config_type: str | None = None) -> dict[str, Any]:
-    """`ase db` columns of a label: uid, config_type, outcome flags, settings, pseudopotential files, effort."""
-    system = result.parameters.get("system", {})
-    pairs = {
-        "uid": result.uid, "config_type": result.structure.config_type or config_type,
-        "succeeded": result.succeeded, "nominal_settings": result.nominal_settings, "error_type": result.error_type,
-        "deviations": ",".join(sorted(result.label_deviations)) or None, "problems": len(result.problems),
-        "attempts": len(result.attempts), "recovered": len(result.attempts) > 1,
-        "ecutwfc": result.ecutwfc, "ecutrho": result.ecutrho, "smearing": system.get("smearing"),
-        "degauss": system.get("degauss"), "kpoints": "x".join(map(str, result.kpoints or [])) or None,
-        "pw_version": result.pw_version, "scf_iterations": result.scf_iterations, "wall_time": result.wall_time,
-        "total_magnetization": result.total_magnetization,
-        **{f"pseudo_{element}": entry.get("filename") for element, entry in result.pseudopotentials.items()},
-    }
-    return {key: value for key, value in pairs.items() if value is not None}
-
-
-def write_training_set(
-    results: Iterable[DFTResult], path, include_marked: bool = False, format: str = "mace-extxyz",
-    config_type: str | None = None, references: Iterable[DFTResult] = (),
-) -> int:
-    """Write the labelled structures as a training set (the file is made anew); returns how many.
-
-    Formats (EXPORT_FORMATS): "mace-extxyz" (REF_energy, REF_forces, REF_stress), "nequip-extxyz" (energy, forces,
-    stress), "ase-db" (an ASE database: ASE's keys, db_key_value_pairs as columns, every pw.x parameter in its data).
-    Only sanitized results; those made with settings other than the nominal ones (label_deviations) are left out
-    unless `include_marked`. Failures have no label and are not written. `config_type` for structures without one.
-    `references` (isolated-atom results, the E0s, whose structures carry no config_type) go first as
-    `config_type=IsolatedAtom` frames (MACE's convention: it takes them as its E0s and does not train on them); they
-    are not counted.
-    """
-    from pathlib import Path
-
-    from ase.io import write
-
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"unknown training-set format {format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-    keep = (r for r in results if r.succeeded and (include_marked or r.nominal_settings))
-    isolated = [(reference, "IsolatedAtom") for reference in references]
-    Path(path).unlink(missing_ok=True)
-    count = 0
-    if format == "ase-db":
-        from ase.db import connect
-
-        with connect(path, type="db", append=False) as db:  # one transaction
-            for result, kind in [*isolated, *((r, config_type) for r in keep)]:
-                db.write(training_atoms(result, True, kind), key_value_pairs=db_key_value_pairs(result, kind),
-                         data={"parameters": result.parameters})
-                count += kind != "IsolatedAtom"
-        return count
-    with open(path, "w") as handle:
-        for result, kind in [*isolated, *((r, config_type) for r in keep)]:
-            write(handle, training_atoms(result, format == "nequip-extxyz", kind), format="extxyz")
-            count += kind != "IsolatedAtom"
-    return count

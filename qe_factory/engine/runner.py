@@ -32,8 +32,6 @@ from qe_factory.engine.parallel import (
     missing_program,
     pw_command,
     pw_environment,
-    seconds_left_in_allocation,
-    slurm_job_ending,
 )
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_run_texts
 from qe_factory.engine.preflight import nominal_input
@@ -57,6 +55,7 @@ from qe_factory.engine.recovery import (
 )
 from qe_factory.engine.results import UNPHYSICAL, Attempt, DFTFatalError, DFTResult, MagneticBranch
 from qe_factory.engine.sanitize import cohesive_check, provenance_problems, sanitize, xml_problems
+from qe_factory.engine.scheduler import seconds_left_in_allocation, slurm_job_ending
 from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, closest_contact
 
 log = logging.getLogger(__name__)
@@ -155,7 +154,7 @@ class RunEnded(Document):
     ranks: int
     pools: int
     oom_killed: bool = False  # the OOM killer's counter of this cgroup rose during the run
-    ended_by: str | None = None  # what SLURM said as it ended the job pw.x ran in (parallel.slurm_job_end)
+    ended_by: str | None = None  # what SLURM said as it ended the job pw.x ran in (scheduler.slurm_job_end)
 
 
 def _without_time_limit(text: str) -> str:

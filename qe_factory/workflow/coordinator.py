@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from qe_factory.engine.config import ExecutionSettings
 from qe_factory.engine.outcomes import DiskFullError, EnvironmentFault, Outcome
-from qe_factory.engine.parallel import available_ranks, seconds_left_in_allocation
+from qe_factory.engine.parallel import available_ranks
 from qe_factory.engine.process import STOP
+from qe_factory.engine.scheduler import queue_job_alive, seconds_left_in_allocation
 from qe_factory.workflow import state
 from qe_factory.workflow.fireworks_adapter import jobflow_store, without_ping_thread
-from qe_factory.workflow.home import embedded_file, factory_home, use_execution, worker_execution
+from qe_factory.workflow.home import embedded_file, executing, factory_home, worker_execution
 from qe_factory.workflow.inbox import LAUNCHPAD_WORKFLOWS, take_in
 from qe_factory.workflow.lock import command_line, coordinate
-from qe_factory.workflow.offline import OfflineRun, RunState, pending_runs, queue_job_alive, reserve, take_back
+from qe_factory.workflow.offline import OfflineRun, RunState, pending_runs, reserve, take_back
 from qe_factory.workflow.workers import LocalWorkers
 
 if TYPE_CHECKING:
@@ -228,7 +229,11 @@ class Coordinator:
             return
         back = f"Firework(s) {requeued} back to READY"
         if failure.outcome is Outcome.DISK_FULL:
-            raise DiskFullError(28, f"{failure.message}; {back}. Free space, then run the same command again")
+            with executing(self.execution):
+                scratch = str(worker_execution().work_dir)
+            where = "pw.x's scratch" if scratch in failure.message else "a disk"
+            raise DiskFullError(28, f"{where} is full ({failure.message}); {back}. Free space, then run the same "
+                                "command again")
         if failure.error_type == "StoreBusy" and time.monotonic() - self.progress.store_busy_since < STORE_PATIENCE:
             self.say(f"the JobStore is locked by another process; {back}, trying again")
             time.sleep(1.0)
@@ -261,7 +266,7 @@ class Coordinator:
         """Until nothing is READY and nothing runs (or no new work may start and only SLURM jobs run on); returns
         the Fireworks run. Raises Stopped after SIGTERM/SIGINT, once the running structures are back to READY."""
         completed = False
-        with self.signal_handlers(), executing_with(self.execution):
+        with self.signal_handlers(), executing(self.execution):
             try:
                 while True:
                     if self.accepting():
@@ -357,16 +362,6 @@ def run_coordinator(
         if hasattr(coordinator.workers, "adopt"):  # SLURM jobs an earlier coordinator submitted, still in the queue
             coordinator.workers.adopt(pending_runs(coordinator.launchpad))
         return coordinator.run()
-
-
-@contextlib.contextmanager
-def executing_with(execution: ExecutionSettings):
-    """Jobs run in this process use `execution` while the block runs."""
-    use_execution(execution)
-    try:
-        yield
-    finally:
-        use_execution(None)
 
 
 def log_line(log: Path | None, line: str) -> None:

@@ -135,12 +135,33 @@ def write_store(store: Any, path: Path | None = None) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         replace_keeping_previous(tmp, target)
+        remove_leftovers(target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(exc.errno, f"no space left to save {target} (the last saved state is intact; "
                                 "free space, then run the command again)") from exc
         raise
+
+
+def remove_leftovers(target: Path) -> None:
+    """Remove the temporary files (`<name>.tmp<pid>`, `<name>.prev<pid>`) that writers killed mid-save left beside
+    `target` (their process is gone)."""
+    for path in target.parent.glob(f"{target.name}.*"):
+        suffix = path.name[len(target.name) + 1:]
+        pid = suffix.removeprefix("tmp").removeprefix("prev")
+        if pid != suffix and pid.isdigit() and not process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def extended_json(value: Any) -> dict:

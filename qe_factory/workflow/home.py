@@ -13,6 +13,9 @@ import re
 import secrets
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
@@ -175,20 +178,26 @@ def create_jobstore(store: JobStore | None = None) -> None:
     store.close()
 
 
-_worker_execution: ExecutionSettings | None = None
+# The run context of the jobs a coordinator or worker runs: where and how pw.x runs. A context variable, set only
+# for the duration of a `with executing(...)` block (jobflow calls a job's function with its own arguments only).
+_EXECUTION: ContextVar[ExecutionSettings | None] = ContextVar("qe_factory_execution", default=None)
 
 
-def use_execution(settings: ExecutionSettings | None) -> None:
-    """Set the execution settings this process's jobs run pw.x with (None: back to the default)."""
-    global _worker_execution
-    _worker_execution = settings
+@contextmanager
+def executing(settings: ExecutionSettings | None) -> Iterator[None]:
+    """Jobs run inside the block run pw.x with `settings` (None: the default, worker_execution's)."""
+    token = _EXECUTION.set(settings)
+    try:
+        yield
+    finally:
+        _EXECUTION.reset(token)
 
 
 def worker_execution() -> ExecutionSettings:
-    """Where and how this worker process runs pw.x: the settings given with `use_execution`, else
-    ExecutionSettings() from its QE_FACTORY_<KEY> environment; a relative work_dir is taken inside the factory
-    home (default <home>/runs), since FireWorks runs each job in its own launch directory."""
-    settings = _worker_execution or ExecutionSettings()
+    """Where and how the running job's pw.x runs: the settings of the enclosing `executing` block, else
+    ExecutionSettings() from this process's QE_FACTORY_<KEY> environment; a relative work_dir is taken inside the
+    factory home (default <home>/runs), since FireWorks runs each job in its own launch directory."""
+    settings = _EXECUTION.get() or ExecutionSettings()
     work_dir = Path(settings.work_dir) if "work_dir" in settings.model_fields_set else Path("runs")
     if not work_dir.is_absolute():
         work_dir = factory_home() / work_dir

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from qe_factory.engine.config import ExecutionSettings
 from qe_factory.engine.errors import DFTErrorType, scheduler_error
 from qe_factory.engine.outcomes import Outcome, outcome_details
-from qe_factory.engine.parallel import slurm_job_end
+from qe_factory.engine.scheduler import slurm_job_end
 from qe_factory.workflow import state
 
 if TYPE_CHECKING:
@@ -134,7 +133,7 @@ def run_offline(launch_dir: Path, execution: ExecutionSettings | None = None) ->
     from maggma.stores import MemoryStore
 
     from qe_factory.workflow.fireworks_adapter import jobflow_store, mend_offline_rocket
-    from qe_factory.workflow.home import use_execution
+    from qe_factory.workflow.home import executing
 
     mend_offline_rocket()
     launch_dir = Path(launch_dir)
@@ -145,12 +144,8 @@ def run_offline(launch_dir: Path, execution: ExecutionSettings | None = None) ->
     if given:
         store.docs_store.update(given, key=["uuid", "index"])
     known = {(doc["uuid"], doc["index"]) for doc in given}
-    use_execution(execution)
-    try:
-        with contextlib.chdir(launch_dir), jobflow_store(store):
-            launch_rocket(None, FWorker(), strm_lvl="WARNING")
-    finally:
-        use_execution(None)
+    with contextlib.chdir(launch_dir), jobflow_store(store), executing(execution):
+        launch_rocket(None, FWorker(), strm_lvl="WARNING")
     written = {
         "docs": [_plain(d) for d in store.docs_store.query({}) if (d["uuid"], d["index"]) not in known],
         **{name: [_plain(d) for d in sub.query({})] for name, sub in store.additional_stores.items()},
@@ -211,7 +206,7 @@ def give_back(launchpad: LaunchPad, run: OfflineRun) -> str:
 
 
 def job_end(run: OfflineRun) -> str | None:
-    """What SLURM said about the end of the run's job (parallel.slurm_job_end; its stderr as the project's template
+    """What SLURM said about the end of the run's job (scheduler.slurm_job_end; its stderr as the project's template
     names it, `<job name>-<job id>.error` in the launch directory); None for a local worker or when nothing says."""
     if not run.job_id:
         return None
@@ -233,15 +228,3 @@ def pending_runs(launchpad: LaunchPad) -> list[OfflineRun]:
     """Offline runs the LaunchPad still waits for (reserved and not yet taken back), with their SLURM job ids."""
     return [OfflineRun(e.launch_id, e.fw_id, e.launch_dir, e.job_id, RunState(e.run_state or "RESERVED"))
             for e in state.offline_entries(launchpad)]
-
-
-def queue_job_alive(job_id: str) -> bool:
-    """Whether a SLURM job is still pending or running (squeue knows it in a live state)."""
-    try:
-        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return True  # cannot tell: never take a live job's Firework away
-    if proc.returncode != 0:  # SLURM forgot the job (MinJobAge), or did not answer (a busy slurmctld): cannot tell
-        return "Invalid job id" not in proc.stderr
-    return proc.stdout.strip() in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
-                                   "RESIZING")

@@ -14,8 +14,9 @@ from ase import Atoms
 from pydantic import BaseModel
 
 from qe_factory.engine.config import DFTConfig
-from qe_factory.engine.references import E0, REFERENCE_UID, Export, element_references, write_labels
-from qe_factory.engine.results import EXPORT_FORMATS, DFTResult
+from qe_factory.engine.export import EXPORT_FORMATS, Export, write_labels
+from qe_factory.engine.references import E0, REFERENCE_UID, element_references
+from qe_factory.engine.results import DFTResult
 from qe_factory.engine.structure import read_structures
 from qe_factory.workflow import state
 from qe_factory.workflow.coordinator import local_workers, run_coordinator

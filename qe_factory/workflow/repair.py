@@ -75,7 +75,6 @@ def rebuild_from_launch_dirs(home: Path, launchpad, store) -> list[str]:
     """Add back the workflows of structures that left a launch directory but are neither in the LaunchPad nor
     finished in the JobStore, from the inputs Firework's FW.json (its Maker carries the config and policy)."""
     from fireworks import Firework
-    from jobflow.managers.fireworks import flow_to_workflow
 
     present, finished = state.workflow_uids(launchpad), state.labelled_uids(store)
     rebuilt, unreadable = {}, []
@@ -91,10 +90,7 @@ def rebuild_from_launch_dirs(home: Path, launchpad, store) -> list[str]:
         uid = job.metadata.get("uid")
         if uid in present or uid in finished or uid in rebuilt:
             continue
-        structure, _ = job.function_args
-        key = job.metadata.get("qe_factory_key")
-        flow = job.function.__self__.make(structure.to_atoms(), uid, None, key)
-        rebuilt[uid] = flow_to_workflow(flow, metadata={"uid": uid, "qe_factory_key": key})
+        rebuilt[uid] = rebuilt_workflow(firework)
     if rebuilt:
         state.add_workflows(launchpad, list(rebuilt.values()))
     lines = [f"rebuilt {len(rebuilt)} unfinished workflow(s) from launch directories: {sorted(rebuilt)}"]
@@ -103,6 +99,35 @@ def rebuild_from_launch_dirs(home: Path, launchpad, store) -> list[str]:
     if unreadable:
         lines.append(f"  {len(unreadable)} launch director(ies) had no readable FW.json: {unreadable[:3]}")
     return lines
+
+
+def rebuilt_workflow(inputs_firework):
+    """A new workflow for the structure of an inputs Firework (its job's Maker carries the config and policy; its
+    FireWorks priority is kept)."""
+    from jobflow.managers.fireworks import flow_to_workflow
+
+    from qe_factory.workflow.jobs import PRIORITY
+
+    job = inputs_firework.tasks[0]["job"]
+    uid, key = job.metadata.get("uid"), job.metadata.get("qe_factory_key")
+    structure, _ = job.function_args
+    priority = inputs_firework.spec.get("_priority", PRIORITY["inputs"]) - PRIORITY["inputs"]
+    flow = job.function.__self__.make(structure.to_atoms(), uid, None, key, priority)
+    return flow_to_workflow(flow, allow_external_references=True, metadata={"uid": uid, "qe_factory_key": key})
+
+
+def restart_without_lost_outputs(launchpad, store) -> list[str]:
+    """Rebuild the unfinished workflows whose finished jobs' outputs are not in the JobStore (a JobStore repaired
+    between a structure's SCF and its validation): their next job could not resolve its references."""
+    lost = state.workflows_missing_outputs(launchpad, store)
+    for inputs_fw_id in lost.values():
+        firework = launchpad.get_fw_by_id(inputs_fw_id)
+        state.archive(launchpad, inputs_fw_id)
+        state.add_workflows(launchpad, [rebuilt_workflow(firework)])
+    if not lost:
+        return []
+    return [f"{len(lost)} unfinished workflow(s) had finished jobs whose outputs the JobStore lost: started again "
+            f"from their inputs: {sorted(lost)}"]
 
 
 def repair(home: Path) -> list[str]:
@@ -118,6 +143,7 @@ def repair(home: Path) -> list[str]:
             lines += found
         lines += repair_jobstore(home)
         launchpad, store = state.get_launchpad(), state.get_jobstore()
+        lines += restart_without_lost_outputs(launchpad, store)
         if file is not None:
             lines += rebuild_from_launch_dirs(home, launchpad, store)
             if lost := rerun_orphans(launchpad):

@@ -376,6 +376,21 @@ def completed_workflows(launchpad: LaunchPad) -> list[tuple[int, str | None]]:
             for wf in launchpad.workflows.find({"state": "COMPLETED"}, {"nodes": 1, "metadata.uid": 1})]
 
 
+def workflows_missing_outputs(launchpad: LaunchPad, store: JobStore) -> dict[str, int]:
+    """uid → the inputs Firework of each unfinished workflow with a COMPLETED job whose output is not in the
+    JobStore (its next jobs cannot resolve their references)."""
+    lost = {}
+    for wf in launchpad.workflows.find(UNFINISHED, {"nodes": 1, "metadata.uid": 1}):
+        done = {fw["spec"]["_tasks"][0]["job"]["uuid"]: fw for fw in launchpad.fireworks.find(
+            {"fw_id": {"$in": wf["nodes"]}, "state": "COMPLETED"}, {"fw_id": 1, "spec._tasks.job.uuid": 1})}
+        stored = {doc["uuid"] for doc in store.query({"uuid": {"$in": list(done)}}, properties=["uuid"])}
+        if set(done) - stored:
+            inputs = launchpad.fireworks.find_one({"fw_id": {"$in": wf["nodes"]}, "spec.stage": "inputs"},
+                                                  {"fw_id": 1})
+            lost[wf["metadata"].get("uid")] = inputs["fw_id"]
+    return lost
+
+
 # --- the JobStore: labels and isolated-atom references
 
 def labelled_uids(store: JobStore) -> set[str]:

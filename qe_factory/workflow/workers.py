@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from qe_factory.engine.config import ExecutionSettings
-from qe_factory.workflow.offline import OfflineRun, queue_job_alive
+from qe_factory.engine.scheduler import queue_job_alive
+from qe_factory.workflow.offline import OfflineRun
 
 PR_SET_PDEATHSIG = 1
 

@@ -5,7 +5,7 @@ What SLURM 22.05 does then (KillWait=30, SLURM's default; at 5 s a worker on a l
 it recorded the attempt): slurmstepd writes "*** JOB N ON host CANCELLED AT <time> ***" to the job's stderr, then
 sends SIGCONT and SIGTERM to every process of the job — the batch shell, the worker and pw.x, which runs in its own
 session — and SIGKILL to what is left 30 s later; scontrol meanwhile says JobState=COMPLETING Reason=None,
-and CANCELLED once all are gone. The worker, stopped by its SIGTERM, asks SLURM why (parallel.slurm_job_ending),
+and CANCELLED once all are gone. The worker, stopped by its SIGTERM, asks SLURM why (scheduler.slurm_job_ending),
 records the attempt as SLURM_CANCELLED and gives up on it (no correction: a cancel is a person's order).
 At the time limit the same happens with "... DUE TO TIME LIMIT ***" (scontrol: COMPLETING Reason=TimeLimit): the
 attempt is SLURM_WALLTIME and is rerun in a new job.

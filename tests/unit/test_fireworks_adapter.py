@@ -197,3 +197,48 @@ def test_a_rocket_pings_from_a_thread_unless_run_without_it(home, tmp_path, monk
     assert threads == ([] if quiet else [launch_id])  # the heartbeat thread (its target a recorder here), or none
     assert set(pings) == {launch_id}  # the rocket's own pings, with or without the thread
     assert rocket.start_ping_launch.__module__ == "fireworks.core.rocket"  # put back
+
+
+def test_a_failed_task_s_outcome_is_kept_as_data_and_requeue_reads_it(home, tmp_path, monkeypatch):
+    """Contract of state.launch_failure / state.requeue: FireWorks' Rocket stores `exception.to_dict()` of a failed
+    task under the FIZZLED launch's `action.stored_data._exception._details`; requeue puts back only the outcomes
+    asked for."""
+    from fireworks import Firework, FWorker, PyTask
+    from fireworks.core.rocket_launcher import launch_rocket
+
+    from qe_factory.engine.outcomes import Outcome
+    from qe_factory.workflow import state
+
+    launchpad = state.get_launchpad()
+    (refused,) = launchpad.add_wf(Firework(PyTask(func="qe_factory.engine.structure.check_uid", args=["a b"]))).values()
+    (stopped,) = launchpad.add_wf(Firework(PyTask(func="qe_factory.engine.process.execute",
+                                                  args=[["true"], ".", {}, -1]))).values()
+    monkeypatch.chdir(tmp_path)
+    from qe_factory.engine.process import STOP
+
+    STOP.set()  # execute raises Interrupted before it starts anything
+    try:
+        for fw_id in (refused, stopped):
+            launch_rocket(launchpad, FWorker(), fw_id=fw_id, strm_lvl="ERROR")
+    finally:
+        STOP.clear()
+    failure = state.last_failure(launchpad, refused)
+    assert failure.outcome is Outcome.REFUSED and failure.error_type == "StructureError" and "a b" in failure.message
+    assert state.last_failure(launchpad, stopped).outcome is Outcome.INTERRUPTED
+    assert sorted(state.requeue(launchpad, [Outcome.INTERRUPTED])) == [stopped]
+    assert launchpad.get_fw_by_id(stopped).state == "READY" and launchpad.get_fw_by_id(refused).state == "FIZZLED"
+
+
+def test_a_save_removes_what_writers_killed_mid_save_left(home):
+    from qe_factory.workflow.fireworks_adapter import embedded_store, store_file, write_store
+    from qe_factory.workflow.state import get_launchpad
+
+    launchpad = get_launchpad()
+    target = store_file(embedded_store(launchpad))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid names no process now
+    leftovers = [target.with_name(f"{target.name}.tmp{gone.pid}"), target.with_name(f"{target.name}.prev{gone.pid}")]
+    for path in leftovers:
+        path.write_text("")
+    write_store(embedded_store(launchpad))
+    assert not any(path.exists() for path in leftovers) and target.with_name(f"{target.name}.prev").exists()

@@ -61,7 +61,7 @@ def test_a_new_coordinator_leaves_live_slurm_jobs_alone_and_takes_the_rest_back(
 
 
 def test_qlaunch_options_are_stock_qlaunchs():
-    from qe_factory.cli import qlaunch_options
+    from qe_factory.cli.workers import qlaunch_options
 
     options = qlaunch_options(["rapidfire", "-m", "8", "--nlaunches", "20", "--timeout", "600"])
     assert (options.maxjobs_queue, options.nlaunches, options.timeout, options.offline) == (8, 20, 600, False)
@@ -74,6 +74,7 @@ def test_qlaunch_on_a_mongodb_home_is_stock_qlaunch(home, tmp_path, monkeypatch)
     """Without MONGOMOCK_SERVERSTORE_FILE the home is a MongoDB one: stock qlaunch, online (no server needed to see
     the command it would run)."""
     from qe_factory import cli
+    from qe_factory.cli import workers
     from qe_factory.workflow.home import init_home
 
     home = init_home(tmp_path / "mongo")
@@ -82,7 +83,7 @@ def test_qlaunch_on_a_mongodb_home_is_stock_qlaunch(home, tmp_path, monkeypatch)
                                   if not line.startswith("MONGOMOCK_SERVERSTORE_FILE")))
     monkeypatch.delenv("MONGOMOCK_SERVERSTORE_FILE", raising=False)  # FireWorks exports it for the embedded `home`
     seen = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda argv, env: seen.append((argv, env)) or type("P", (), {
+    monkeypatch.setattr(workers.subprocess, "run", lambda argv, env: seen.append((argv, env)) or type("P", (), {
         "returncode": 0})())
     assert cli.main(["--home", str(home), "qlaunch", "rapidfire", "-m", "3"]) == 0
     (argv, env), = seen
@@ -107,3 +108,22 @@ def test_a_lost_run_names_what_slurm_said_and_a_cancelled_one_is_not_rerun(home,
     failure = launch_failure(launchpad.launches.find_one({"fw_id": cancelled, "state": "FIZZLED"}))
     assert failure.error_type == "SLURM_CANCELLED" and "*** JOB 73 ON vm CANCELLED AT" in failure.message
     assert take_back(launchpad, runs[node_lost], store) == "READY" == launchpad.get_fw_by_id(node_lost).state
+
+
+def test_each_offline_run_s_state_is_recorded_as_it_moves(home, tmp_path):
+    """RESERVED at reservation, RUNNING once a worker started it (FireWorks' offline Rocket writes started_on),
+    FINISHED or LOST, then TAKEN_BACK: recorded with FireWorks' own entry for the run, which status counts."""
+    from qe_factory.workflow.offline import RunState
+    from qe_factory.workflow.state import offline_entries, run_state_counts
+
+    launchpad, store = get_launchpad(), get_jobstore()
+    done, lost = add_scf(launchpad), add_scf(launchpad)
+    runs = {fw_id: reserve(launchpad, FWorker(), tmp_path / f"launch-{fw_id}", store, fw_id) for fw_id in (done, lost)}
+    assert {e.fw_id: e.run_state for e in offline_entries(launchpad)} == {done: "RESERVED", lost: "RESERVED"}
+    assert not runs[done].started()
+    run_offline(runs[done].launch_dir)
+    assert runs[done].started() and runs[done].finished()
+    take_back(launchpad, runs[done], store)
+    take_back(launchpad, runs[lost], store)  # its worker never ran it
+    assert runs[done].state is runs[lost].state is RunState.TAKEN_BACK
+    assert run_state_counts(launchpad) == {"TAKEN_BACK": 2} and offline_entries(launchpad) == []

@@ -6,16 +6,9 @@ import os
 
 import pytest
 
-from qe_factory.engine.parallel import (
-    available_ranks,
-    choose_pools,
-    parse_slurm_time,
-    pw_command,
-    pw_environment,
-    slurm_job_end,
-    slurm_job_ending,
-)
+from qe_factory.engine.parallel import available_ranks, choose_pools, pw_command, pw_environment
 from qe_factory.engine.runner import time_budget
+from qe_factory.engine.scheduler import parse_slurm_time, slurm_job_end, slurm_job_ending
 
 
 def test_ranks_from_slurm_else_cores():

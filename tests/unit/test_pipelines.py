@@ -3,19 +3,23 @@ process holds locked. pw.x is tests/fake_pw.py replaying a recorded real run: th
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from ase import Atoms
 from ase.build import bulk
-from ase.io import read
+from ase.io import read, write
 
 from qe_factory import DFTConfig
 from qe_factory.workflow import coordinator, pipelines
 
 FAKE_PW = Path(__file__).resolve().parents[1] / "fake_pw.py"
+BIN = Path(sys.executable).parent
+FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
 
 
 @pytest.fixture
@@ -80,3 +84,30 @@ def test_a_jobstore_locked_by_another_process_is_waited_for_and_nothing_fails(ho
     report = pipelines.label(silicon("si-a", "si-b"), fake_config, home, None, e0s=False)
     assert any("JobStore is locked by another process" in line for line in said), said
     assert report.labelled == ["si-a", "si-b"] and not report.failed and not report.refused, report
+
+
+def test_a_jobstore_repaired_between_scf_and_validation_restarts_the_structure(tmp_path, fake_config):
+    """Before: the validation FIZZLED with `ValueError: Could not resolve reference` (the SCF's output was in the
+    lost JobStore)."""
+    env = {k: v for k, v in os.environ.items() if k not in FACTORY_ENV}
+    home = tmp_path / "home"
+
+    def qef(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "qe-factory"), "--home", str(home), *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path)
+
+    write(tmp_path / "si.extxyz", silicon("si-a"))
+    (tmp_path / "fake.yaml").write_text(
+        "kpoint_spacing: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\nmax_retries: 1\nmpi_ranks: 1\n"
+        f"command: {sys.executable} {FAKE_PW}\n")
+    assert qef("submit", "si.extxyz", "-c", "fake.yaml", "--no-e0s").returncode == 0
+    ran = qef("worker", "-c", "fake.yaml", "--nlaunches", "2")  # inputs, scf: the validation waits READY
+    assert ran.returncode == 0 and "READY" in qef("lpad", "get_fws", "-n", "validate si-a", "-d", "more").stdout
+    for path in (home / "state" / "jobstore").rglob("*.collection"):
+        path.write_bytes(b"this is not a database" * 100)
+    repaired = qef("repair")
+    assert repaired.returncode == 0 and "started again from their inputs: ['si-a']" in repaired.stdout, (
+        repaired.stdout + repaired.stderr)
+    assert qef("worker", "-c", "fake.yaml").returncode == 0
+    status = qef("status").stdout
+    assert "1 labelled" in status and "0 failed" in status, status

@@ -10,12 +10,8 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from qe_factory import DFTConfig, InputGenerator
-from qe_factory.engine.references import (
-    isolated_atom,
-    matching_references,
-    references_for,
-    settings_key,
-)
+from qe_factory.engine.export import matching_references
+from qe_factory.engine.references import isolated_atom, references_for, settings_key
 from qe_factory.engine.results import DFTResult
 from qe_factory.engine.structure import StructureDoc, check_uid
 from qe_factory.workflow.jobs import PRIORITY, REFERENCE_PRIORITY
@@ -137,8 +133,8 @@ def test_export_judges_labels_validated_before_their_e0s_and_leaves_out_the_unph
     export and left out by cause; the crystal is written, and so is the E0."""
     from ase.io import read
 
+    from qe_factory.engine.export import write_labels
     from qe_factory.engine.parsers import parse_pw_output
-    from qe_factory.engine.references import write_labels
 
     data = Path(__file__).resolve().parents[1] / "data"
     energy = {name: parse_pw_output((data / name / "pw.out").read_text()).energy

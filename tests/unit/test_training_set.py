@@ -15,7 +15,7 @@ from ase.io import read
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from qe_factory import QERunner
-from qe_factory.engine.results import write_training_set
+from qe_factory.engine.export import write_training_set
 
 FAKE_PW = Path(__file__).resolve().parents[1] / "fake_pw.py"
 BIN = Path(sys.executable).parent

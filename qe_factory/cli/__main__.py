@@ -1,0 +1,7 @@
+"""`python -m qe_factory.cli`."""
+
+import sys
+
+from qe_factory.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""What the qe-factory command prints: one line per structure, progress bars, export notes."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from ase.units import GPa
+from tqdm import tqdm
+
+from qe_factory.engine.results import DFTResult
+
+
+def summary_line(result: DFTResult) -> str:
+    """One line per structure: outcome, energy, largest force, pressure, attempts, wall time."""
+    head = f"{result.uid:<24} {result.formula:<10}"
+    tries = f"{len(result.attempts)} attempt(s) {result.wall_time:7.1f} s"
+    if not result.succeeded:
+        return f"{head} FAILED  {tries}  {result.error_message}"
+    fmax = float(np.linalg.norm(result.forces, axis=1).max())
+    pressure = -np.trace(result.stress) / 3 / GPa
+    marks = "" if result.nominal_settings else f"  [settings differ: {result.label_deviations}]"
+    return f"{head} OK  E={result.energy:.6f} eV  Fmax={fmax:.4f} eV/Å  P={pressure:.3f} GPa  {tries}{marks}"
+
+
+def failure_line(story) -> str:
+    """One line for a structure that failed or was refused (a history.Story)."""
+    from qe_factory.workflow.history import cause
+
+    return f"{story.uid:<24} {story.outcome.upper()} {cause(story)}"
+
+
+def reference_lines(reports: list) -> list[str]:
+    """Lines saying which isolated-atom references (E0s) were refused and how many were submitted."""
+    lines = [f"{uid:<24} REFUSED {why}" for report in reports for uid, why in report.refused.items()]
+    added = sum(len(report.fw_ids) + len(report.queued) for report in reports)
+    return lines + ([f"{added} isolated-atom reference(s) (E0s) submitted ahead of the structures"] if added else [])
+
+
+def export_lines(export, output) -> None:
+    """Say where the E0s went and what was left out of an export."""
+    from qe_factory.engine.export import mace_e0s
+
+    for uid, why in export.unphysical.items():
+        print(f"{uid:<24} LEFT OUT: {why}")
+    if export.e0s_file is not None:
+        print(f"E0s of {', '.join(export.e0s)} as IsolatedAtom frames in {output} and in {export.e0s_file}: "
+              f"mace_run_train ... --E0s='{mace_e0s(export.e0s)}'")
+    for element, why in export.missing.items():
+        print(f"no E0 for {element}: {why}")
+
+
+PROGRESS_FROM = 100  # structures from which a step (checking, making workflows, export) shows a progress bar
+
+
+def progress_bar(items, description: str):
+    """`items` with a progress bar on stderr that goes away when done (none for fewer than PROGRESS_FROM)."""
+    items = list(items)
+    return tqdm(items, desc=description, unit="structure", file=sys.stderr, leave=False,
+                disable=len(items) < PROGRESS_FROM)

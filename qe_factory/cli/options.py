@@ -1,0 +1,24 @@
+"""Options several qe-factory commands share, and what they turn into."""
+
+from __future__ import annotations
+
+import argparse
+
+from qe_factory.engine.config import DFTConfig
+from qe_factory.engine.export import EXPORT_FORMATS
+
+
+def config_from(args: argparse.Namespace) -> DFTConfig:
+    return DFTConfig.from_yaml(args.config) if args.config else DFTConfig.create()
+
+
+def resources_from(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("ntasks", args.ntasks), ("walltime", args.walltime)) if v}
+
+
+def training_set_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-marked", action="store_true", help="also export labels made with other settings")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
+                   help="mace-extxyz: REF_energy/REF_forces/REF_stress; nequip-extxyz: energy/forces/stress; "
+                   "ase-db: an ASE database (ase db FILE)")
+    p.add_argument("--config-type", help="config_type of the structures whose input had none (atoms.info)")
