@@ -15,7 +15,6 @@ from qe_factory.engine.config import ConfigError
 from qe_factory.engine.outcomes import EnvironmentFault
 from qe_factory.engine.structure import StructureError
 
-
 DESCRIPTION = "Quantum ESPRESSO labels for MLIPs: compute directly, or submit/run/watch/export through FireWorks."
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qe_factory.cli.format import reference_lines
+from qe_factory.cli.format import refusal_lines
 from qe_factory.cli.options import config_from
 from qe_factory.engine.runner import REFUSALS
 from qe_factory.workflow.pipelines import Listener, home_e0s
@@ -19,7 +19,7 @@ def e0s(args: argparse.Namespace) -> int:
 
     class Refusals(Listener):
         def references_submitted(self, reports: list) -> None:
-            for line in reference_lines(reports)[:-1] if reports else []:
+            for line in refusal_lines(reports):
                 print(line)
 
     try:

@@ -30,9 +30,14 @@ def failure_line(story) -> str:
     return f"{story.uid:<24} {story.outcome.upper()} {cause(story)}"
 
 
+def refusal_lines(reports: list) -> list[str]:
+    """A line for each structure the submissions (submit.SubmitReport) refused."""
+    return [f"{uid:<24} REFUSED {why}" for report in reports for uid, why in report.refused.items()]
+
+
 def reference_lines(reports: list) -> list[str]:
     """Lines saying which isolated-atom references (E0s) were refused and how many were submitted."""
-    lines = [f"{uid:<24} REFUSED {why}" for report in reports for uid, why in report.refused.items()]
+    lines = refusal_lines(reports)
     added = sum(len(report.fw_ids) + len(report.queued) for report in reports)
     return lines + ([f"{added} isolated-atom reference(s) (E0s) submitted ahead of the structures"] if added else [])
 
