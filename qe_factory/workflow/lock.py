@@ -21,8 +21,6 @@ from typing import Any
 
 from qe_factory.workflow.home import embedded_file
 
-_held: dict[Path, int] = {}  # homes whose lock this process holds → lock file descriptor
-
 
 class HomeBusy(RuntimeError):
     """Another process is the home's coordinator; the message names it and says what to do."""
@@ -35,15 +33,13 @@ def lock_file(home: Path) -> Path:
 def holder(home: Path) -> dict[str, Any] | None:
     """The home's running coordinator ({pid, host, command, since}), or None when there is none."""
     path = lock_file(home)
-    if home in _held:
-        return json.loads(path.read_text())
     if not path.exists():
         return None
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError:  # held: by another process, or by this one through another descriptor
             text = path.read_text()
             return json.loads(text) if text.strip() else {"pid": "?", "command": "?", "since": "?"}
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -63,8 +59,8 @@ def busy_message(home: Path, who: dict[str, Any], wanted: str) -> str:
 @contextmanager
 def coordinate(home: Path, command: str) -> Iterator[None]:
     """Be the home's one coordinator while the block runs; raise HomeBusy if another process is. Re-entrant in one
-    process; nothing to hold for a MongoDB home."""
-    if home in _held or embedded_file(home) is None:
+    process (the lock itself says who holds it: no record in this process); nothing to hold for a MongoDB home."""
+    if embedded_file(home) is None:
         yield
         return
     path = lock_file(home)
@@ -74,17 +70,21 @@ def coordinate(home: Path, command: str) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise HomeBusy(busy_message(home, holder(home) or {}, command)) from None
+        fd = None
+    if fd is None:
+        who = holder(home) or {}
+        if (who.get("pid"), who.get("host")) != (os.getpid(), socket.gethostname()):  # another process holds it
+            raise HomeBusy(busy_message(home, who, command))
+        yield  # this process holds it already
+        return
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({
         "pid": os.getpid(), "host": socket.gethostname(), "command": command,
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
     }).encode())
-    _held[home] = fd
     try:
         yield
     finally:
-        del _held[home]
         os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
