@@ -24,7 +24,7 @@ from qe_factory.engine.inputs import (
     irreducible_kpoint_count,
     render,
 )
-from qe_factory.engine.outcomes import DiskFullError, EnvironmentFault
+from qe_factory.engine.outcomes import DISK_FULL_ERRNOS, DiskFullError, EnvironmentFault
 from qe_factory.engine.parallel import (
     UNLAUNCHABLE,
     available_ranks,
@@ -431,10 +431,16 @@ class QERunner:
         """One attempt of the current magnetic branch: the state for its next attempt, or the branch's outcome."""
         correction = state.correction
         previous = state.attempts[-1] if state.attempts else None
-        attempt, output, pw_input = self.run_attempt(
-            atoms, self.run_dir(uid), len(state.attempts) + 1, attempt_parameters(state.params, correction),
-            correction, previous,
-        )
+        try:
+            attempt, output, pw_input = self.run_attempt(
+                atoms, self.run_dir(uid), len(state.attempts) + 1, attempt_parameters(state.params, correction),
+                correction, previous,
+            )
+        except OSError as exc:  # the factory's own files in the run directory (pw.in, ended.json)
+            if exc.errno not in DISK_FULL_ERRNOS or isinstance(exc, DiskFullError):
+                raise
+            raise DiskFullError(exc.errno, f"{uid}: no space left to write in {self.run_dir(uid)} ({exc.strerror}). "
+                                "Free space there, then run it again") from exc
         attempts = [*state.attempts, attempt]
         error_type = DFTErrorType[attempt.error_type]
         if error_type is DFTErrorType.DISK_FULL:  # not the structure's failure: nothing to correct, run it later
