@@ -1,10 +1,14 @@
-"""The suite in three folders, by what a test needs (markers follow the folder):
+"""The suite in four folders, by what a test needs (markers follow the folder):
 
-  tests/unit/   no pw.x, no SLURM: recorded real pw.x outputs (tests/data), tests/fake_pw.py, FireWorks in-process
-  tests/pwx/    the real pw.x binary on tiny cells                                   (marker `pwx`)
-  tests/slurm/  real pw.x through the single-node SLURM cluster (scripts/slurm_cluster.sh)  (markers `pwx`, `slurm`)
+  tests/unit/      in this process: no pw.x, no SLURM; recorded real pw.x outputs (tests/data), tests/fake_pw.py
+  tests/commands/  the installed `qe-factory` command in subprocesses, FireWorks' web GUI over HTTP, headless
+                   Chromium; no pw.x (the stand-in tests/fake_pw.py)                            (marker `commands`)
+  tests/pwx/       the real pw.x binary on tiny cells                                      (marker `pwx`)
+  tests/slurm/     real pw.x through the single-node SLURM cluster (scripts/slurm_cluster.sh)
+                                                                                          (markers `pwx`, `slurm`)
 
-Quick loops: `scripts/test.sh tests/unit` (seconds), `scripts/test.sh -m "not slurm"` (a few minutes).
+Quick loops (2 cores): `scripts/test.sh tests/unit` (about a minute), `scripts/test.sh tests/unit tests/commands`
+(under 3 min); `scripts/test.sh` alone is the whole suite.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import pytest
 from qe_factory import DFTConfig
 
 TESTS = Path(__file__).resolve().parent
-MARKERS = {"unit": ("unit",), "pwx": ("pwx",), "slurm": ("pwx", "slurm")}
+MARKERS = {"unit": ("unit",), "commands": ("commands",), "pwx": ("pwx",), "slurm": ("pwx", "slurm")}
 FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
 
 
@@ -67,7 +71,7 @@ def home(tmp_path, monkeypatch):
 def scontrol(tmp_path, monkeypatch):
     """A stand-in `scontrol` first on PATH (no SLURM in unit tests; the real one: tests/slurm): `scontrol show job
     -o ID` prints what the test sets with `scontrol(text)` (a line as scontrol 22.05 prints it), or fails as for a job
-    SLURM no longer knows."""
+    SLURM no longer knows; `squeue` beside it knows no job."""
     bin_dir = tmp_path / "scontrol-bin"
     bin_dir.mkdir()
     said = tmp_path / "scontrol.txt"
@@ -75,5 +79,8 @@ def scontrol(tmp_path, monkeypatch):
     script.write_text(f'#!/bin/sh\n[ -s "{said}" ] && exec cat "{said}"\n'
                       'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1\n')
     script.chmod(0o755)
+    squeue = bin_dir / "squeue"  # no time left to tell (else a real squeue without a controller waits 30 s)
+    squeue.write_text('#!/bin/sh\necho "slurm_load_jobs error: Invalid job id specified" >&2; exit 1\n')
+    squeue.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return said.write_text
