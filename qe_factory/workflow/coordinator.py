@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qe_factory.engine.config import ExecutionSettings
-from qe_factory.engine.outcomes import DiskFullError, EnvironmentFault, Outcome
+from qe_factory.engine.outcomes import DiskFullError, EnvironmentFault, Outcome, StoreBusy
 from qe_factory.engine.parallel import available_ranks
 from qe_factory.engine.process import STOP
 from qe_factory.engine.scheduler import queue_job_alive, seconds_left_in_allocation
@@ -209,6 +209,8 @@ class Coordinator:
         for fw_id in fw_ids:
             if fw_id not in requeued and (finished := state.finished_structure(self.launchpad, fw_id)):
                 self.finished(fw_id, *finished)
+        if not any(failure.error_type == StoreBusy.__name__ for failure in requeued.values()):
+            self.progress.store_busy_since = None  # the JobStore answered
         for failure in requeued.values():
             self.stop_for(failure, sorted(requeued))
 
@@ -223,8 +225,6 @@ class Coordinator:
     def stop_for(self, failure: state.Failure, requeued: list[int]) -> None:
         """Stop taking work when what put a Firework back to READY will not pass by itself; wait for a JobStore
         another process holds locked (up to STORE_PATIENCE)."""
-        self.progress.store_busy_since = None if failure.error_type != "StoreBusy" else (
-            self.progress.store_busy_since or time.monotonic())
         if self.signals or failure.outcome is Outcome.INTERRUPTED:
             return
         back = f"Firework(s) {requeued} back to READY"
@@ -234,10 +234,12 @@ class Coordinator:
             where = "pw.x's scratch" if scratch in failure.message else "a disk"
             raise DiskFullError(28, f"{where} is full ({failure.message}); {back}. Free space, then run the same "
                                 "command again")
-        if failure.error_type == "StoreBusy" and time.monotonic() - self.progress.store_busy_since < STORE_PATIENCE:
-            self.say(f"the JobStore is locked by another process; {back}, trying again")
-            time.sleep(1.0)
-            return
+        if failure.error_type == StoreBusy.__name__:
+            self.progress.store_busy_since = since = self.progress.store_busy_since or time.monotonic()
+            if time.monotonic() - since < STORE_PATIENCE:
+                self.say(f"the JobStore is locked by another process; {back}, trying again")
+                time.sleep(1.0)
+                return
         raise EnvironmentFault(f"{failure.message}; {back}. Nothing was counted against the structures: mend this "
                                "machine, then run the same command again")
 
