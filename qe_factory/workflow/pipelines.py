@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.export import EXPORT_FORMATS, Export, write_labels
-from qe_factory.engine.references import E0, REFERENCE_UID, element_references
+from qe_factory.engine.references import E0, element_references
 from qe_factory.engine.results import DFTResult
 from qe_factory.engine.structure import read_structures
 from qe_factory.workflow import state
@@ -91,16 +91,20 @@ def label(
     with coordinate(home, command_line()):  # the home's one writer from the first submit to the last save
         given = read_structures(structures)
         workers = local_workers(config.execution, parallel, len(given), log)  # they start up while we submit
-        launchpad, store = state.get_launchpad(), state.get_jobstore()
-        listener.started(home, str(embedded_file(home) or "MongoDB"), len(given))
-        references = structure_references([atoms for _, atoms in given], config)  # uid → Reference (E0)
-        if e0s:
-            listener.references_submitted(submit_references(references.values(), launchpad, store))
-        for uid, atoms in given:
-            atoms.info["uid"] = uid
-        submitted = submit([atoms for _, atoms in given], config, launchpad=launchpad, store=store)
-        before = {result.uid: result for result in state.load_results(store, list(submitted.duplicates))}
-        listener.submitted(submitted, before)
+        try:
+            launchpad, store = state.get_launchpad(), state.get_jobstore()
+            listener.started(home, str(embedded_file(home) or "MongoDB"), len(given))
+            references = structure_references([atoms for _, atoms in given], config)  # uid → Reference (E0)
+            if e0s:
+                listener.references_submitted(submit_references(references.values(), launchpad, store))
+            for uid, atoms in given:
+                atoms.info["uid"] = uid
+            submitted = submit([atoms for _, atoms in given], config, launchpad=launchpad, store=store)
+            before = {result.uid: result for result in state.load_results(store, list(submitted.duplicates))}
+            listener.submitted(submitted, before)
+        except BaseException:
+            workers.close()  # the coordinator, which closes them, never started
+            raise
 
         def finished(uid: str, fw_state: str) -> None:
             for story in home_history(home, launchpad, store, uids=[uid], load=True):
@@ -163,6 +167,3 @@ def home_e0s(
                                                  "not computed (see qe-factory status)")
     return out
 
-
-def is_reference_uid(uid: str | None) -> bool:
-    return bool(REFERENCE_UID.match(uid or ""))
