@@ -3,6 +3,7 @@ inbox, one workflow each (jobs.LabelMaker), with refusal and de-duplication."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -100,7 +101,7 @@ def _submit(
     from qe_factory.workflow.fireworks_adapter import embedded_store
     from qe_factory.workflow.home import embedded_file
     from qe_factory.workflow.inbox import LAUNCHPAD_WORKFLOWS, take_in
-    from qe_factory.workflow.lock import coordinate, holder
+    from qe_factory.workflow.lock import HomeBusy, coordinate
     from qe_factory.workflow.state import get_launchpad, save_launchpad
 
     if launchpad is None and embedded_file(home) is None:
@@ -110,12 +111,17 @@ def _submit(
                                             progress, priority)
         add_workflows(launchpad, report, workflows)
         return report
-    if launchpad is None and holder(home) is not None:  # another process coordinates the home
-        report, planned = plan_workflows(structures, config, get_launchpad(read_only=True), store, uid_prefix,
-                                         progress)
-        post_planned(home, report, progress(planned, "workflows"), config, resources, recovery, priority)
-        return report
-    with coordinate(home, "submit"):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(coordinate(home, "submit"))
+        except HomeBusy:
+            if launchpad is not None:  # a client of the caller's: writing through it needs the lock
+                raise
+            # another process coordinates the home (also one that took the lock a moment ago): all to its inbox
+            report, planned = plan_workflows(structures, config, get_launchpad(read_only=True), store, uid_prefix,
+                                             progress)
+            post_planned(home, report, progress(planned, "workflows"), config, resources, recovery, priority)
+            return report
         launchpad = launchpad or get_launchpad()
         report, planned = plan_workflows(structures, config, launchpad, store, uid_prefix, progress)
         post_planned(home, report, progress(planned, "workflows"), config, resources, recovery, priority)
