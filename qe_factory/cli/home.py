@@ -37,6 +37,7 @@ def status(args: argparse.Namespace) -> int:
     from qe_factory.workflow import state
     from qe_factory.workflow.history import cause, home_history, outcome_counts, split_references
     from qe_factory.workflow.home import activate, embedded_file
+    from qe_factory.workflow.host import host_records, queue_folder
     from qe_factory.workflow.inbox import waiting
     from qe_factory.workflow.lock import holder
     from qe_factory.workflow.offline import pending_runs
@@ -67,6 +68,9 @@ def status(args: argparse.Namespace) -> int:
         jobs = [run.job_id for run in runs if run.job_id]
         print(f"  workers: {len(runs)} SCF run(s) reserved offline" + (f", {len(jobs)} of them in SLURM job(s) "
                                                                       f"{', '.join(jobs)}" if jobs else ""))
+    for record in host_records(queue_folder(home)):
+        print(f"  pilot host {record.host_id}: {record.state}, {record.done} launch(es) done, {record.running} "
+              f"running, busy {record.busy_fraction():.0%} of {record.slots} slot(s)")
     if run_states := state.run_state_counts(launchpad):
         print("  offline runs by state: " + ", ".join(f"{n} {name}" for name, n in sorted(run_states.items())))
     for name, stages in sorted(state.firework_counts(launchpad).items()):

@@ -40,10 +40,16 @@ def qlaunch(args: argparse.Namespace) -> int:
     from fireworks.utilities.fw_serializers import load_object_from_file
 
     from qe_factory.workflow.coordinator import run_coordinator
+    from qe_factory.workflow.host import PilotJobs, SlurmHosts, queue_folder
     from qe_factory.workflow.workers import QueueWorkers
 
-    jobs = QueueWorkers(load_object_from_file(QUEUEADAPTER_LOC), options.maxjobs_queue, options.sleep,
-                        options.nlaunches)
+    qadapter = load_object_from_file(QUEUEADAPTER_LOC)
+    if options.pilot:  # many launches per job, `--slots` at once
+        hosts = SlurmHosts(qadapter, home, options.slots, options.idle_exit)
+        jobs = PilotJobs(queue_folder(home), hosts, options.maxjobs_queue, options.slots, options.sleep,
+                         options.nlaunches)
+    else:
+        jobs = QueueWorkers(qadapter, options.maxjobs_queue, options.sleep, options.nlaunches)
     launched = run_coordinator(launch_root=home / "launches", workers=jobs, timeout=options.timeout,
                                log=None if args.verbose else home / "logs" / "worker.log")
     waiting = len(jobs.running())
@@ -62,10 +68,35 @@ def qlaunch_options(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--nlaunches", type=int, default=0, help="jobs to submit in all (0: until done)")
     parser.add_argument("--timeout", type=float, help="seconds after which no new job is submitted")
     parser.add_argument("--sleep", type=float, default=10, help="seconds between looks at the queue")
+    parser.add_argument("--pilot", action="store_true",
+                        help="pilot jobs: each job runs launch after launch, --slots at once, for its whole allocation")
+    parser.add_argument("--slots", type=int, default=1, help="launches a pilot job runs at once")
+    parser.add_argument("--idle-exit", type=float, default=60,
+                        help="seconds a pilot job waits for work before it ends")
     options = parser.parse_args(argv)
     if options.mode == "singleshot":
         options.maxjobs_queue, options.nlaunches = 1, 1
     return options
+
+
+def host(args: argparse.Namespace) -> int:
+    """Be a pilot host (what a pilot job runs): claim launches from the home's queue and run them, --slots at once,
+    until none has waited for --idle-exit seconds or the allocation's time runs short."""
+    from qe_factory.engine.config import ExecutionSettings
+    from qe_factory.engine.parallel import available_ranks
+    from qe_factory.workflow.home import activate
+    from qe_factory.workflow.host import queue_folder, run_host
+
+    home = activate(args.home)
+    execution = config_from(args).execution if args.config else ExecutionSettings()
+    ranks = execution.mpi_ranks or available_ranks()
+    slots = args.slots or ranks
+    execution = execution.model_copy(update={"mpi_ranks": max(1, ranks // slots)})
+    record = run_host(queue_folder(home), slots, execution, None if args.verbose else home / "logs" / "worker.log",
+                      idle_exit=args.idle_exit)
+    print(f"host {record.host_id}: {record.done} launch(es) run, busy {record.busy_fraction():.0%} of "
+          f"{record.slots} slot(s)")
+    return 0
 
 
 def launch_offline(args: argparse.Namespace) -> int:

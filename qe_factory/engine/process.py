@@ -119,6 +119,17 @@ def _wait(proc: subprocess.Popen, deadline: float) -> bool:
             continue
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGTERM the process group of proc, SIGKILL it after 5 s."""
     for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, None)):

@@ -29,6 +29,7 @@ from qe_factory.engine.scheduler import queue_job_alive, seconds_left_in_allocat
 from qe_factory.workflow import state
 from qe_factory.workflow.fireworks_adapter import jobflow_store, without_ping_thread
 from qe_factory.workflow.home import embedded_file, executing, factory_home, worker_execution
+from qe_factory.workflow.host import forget_ticket, queue_folder, ticket_alive
 from qe_factory.workflow.inbox import LAUNCHPAD_WORKFLOWS, take_in
 from qe_factory.workflow.lock import command_line, coordinate
 from qe_factory.workflow.offline import OfflineRun, RunState, pending_runs, reserve, take_back
@@ -78,17 +79,24 @@ def rerun_orphans(launchpad: LaunchPad) -> list[int]:
     return sorted(lost_fw_ids)
 
 
-def settle_offline_runs(launchpad: LaunchPad, store, queue_alive=None) -> tuple[list[int], list[int]]:
+def settle_offline_runs(launchpad: LaunchPad, store, queue_alive=None, queue: Path | None = None
+                        ) -> tuple[list[int], list[int]]:
     """Take in the offline runs an earlier coordinator left: finished ones (also SLURM jobs that ended while no
     coordinator ran), and lost ones — a local worker dies with its coordinator; a SLURM job left the queue
-    unfinished — back to READY. Runs of SLURM jobs still queued or running are left alone. Returns the Firework ids
-    (taken in, lost)."""
+    unfinished; a pilot host (its ticket in `queue`) ended without finishing it — back to READY. Runs whose SLURM
+    job is still queued or running, or whose ticket still waits or is held by a live host, are left alone. Returns
+    the Firework ids (taken in, lost)."""
     alive = queue_alive or queue_job_alive
     taken_in, lost = [], []
     for run in pending_runs(launchpad):
-        if run.finished() or run.job_id is None or not alive(run.job_id):
+        pilot = ticket_alive(queue, run) if queue is not None else None
+        if pilot is None:
+            pilot = run.job_id is not None and alive(run.job_id)
+        if run.finished() or not pilot:
             (taken_in if run.finished() else lost).append(run.fw_id)
             take_back(launchpad, run, store)
+            if queue is not None:
+                forget_ticket(queue, run)
     return taken_in, lost
 
 
@@ -137,7 +145,7 @@ class Coordinator:
         lost meanwhile, SLURM jobs still queued or running, Fireworks that ended as nobody's failure."""
         if self.embedded and (orphans := rerun_orphans(self.launchpad)):
             self.say(f"{len(orphans)} Firework(s) left RUNNING by a dead worker put back to READY: {orphans}")
-        if lost := settle_offline_runs(self.launchpad, self.store)[1]:
+        if lost := settle_offline_runs(self.launchpad, self.store, queue=queue_folder(self.home))[1]:
             self.say(f"{len(lost)} Firework(s) whose worker was lost put back to READY: {lost}")
         state.requeue(self.launchpad, REQUEUED)
         state.save_launchpad(self.launchpad)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qe_factory.engine.outcomes import DiskFullError
+from qe_factory.engine.process import process_alive
 
 if TYPE_CHECKING:
     from fireworks import LaunchPad
@@ -152,16 +153,6 @@ def remove_leftovers(target: Path) -> None:
         pid = suffix.removeprefix("tmp").removeprefix("prev")
         if pid != suffix and pid.isdigit() and not process_alive(int(pid)):
             path.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def extended_json(value: Any) -> dict:

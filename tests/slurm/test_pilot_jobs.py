@@ -1,0 +1,27 @@
+"""Pilot jobs on the real single-node SLURM cluster: `qe-factory qlaunch rapidfire -m 2 --pilot` keeps at most two
+SLURM jobs, each a `qe-factory host` that runs launch after launch from the home's queue directory (real pw.x on
+tiny cells), instead of one job per launch."""
+
+from __future__ import annotations
+
+import subprocess
+
+from test_slurm import QE_FACTORY, base_env, make_home, rattled_si, stored_results, submit
+
+
+def test_twelve_structures_through_at_most_two_pilot_jobs(slurm, tmp_path, monkeypatch):
+    home = make_home(tmp_path, walltime="00:10:00")
+    config = {"kpoint_spacing": 0.8, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True, "timeout": 300}
+    structures = {f"si-{n}": rattled_si(n) for n in range(12)}
+    submit(home, tmp_path, structures, config)
+    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "2", "--pilot", "--slots", "1",
+            "--sleep", "1", "--idle-exit", "5"]
+    ran = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=base_env(), timeout=1200)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    submitted = int(ran.stdout.split("qlaunch: ")[1].split()[0])
+    assert 1 <= submitted <= 2, ran.stdout  # twelve SCF launches (was: twelve jobs)
+    results = stored_results(home, monkeypatch)
+    assert sorted(r.uid for r in results) == sorted(structures) and all(r.succeeded for r in results)
+    outputs = sorted((home / "queue" / "jobs").glob("*/*.out"))
+    assert len(outputs) == submitted and sum(text.count("Finished job - scf") for text in
+                                             (out.read_text() for out in outputs)) == 12, outputs
