@@ -131,6 +131,8 @@ class ExecutionSettings(BaseSettings):
     timeout: PositiveInt = Field(3600, description="wall-clock limit of one pw.x run, seconds")
     work_dir: Path = Field(Path("qe_runs"), description="each structure runs in work_dir/run_<uid>/")
     keep_files: bool = Field(False, description="keep wavefunctions and the scratch dir after a run")
+    pilot: bool = Field(False, description="runs in a pilot host (many launches per SLURM job): a cancelled job "
+                        "ends the host, not the structure, whose run then goes back to READY")
 
 
 EXECUTION_KEYS = tuple(ExecutionSettings.model_fields)

@@ -15,7 +15,7 @@ from ase import Atoms
 
 from qe_factory.engine.config import DFTConfig, ExecutionSettings
 from qe_factory.engine.document import Document
-from qe_factory.engine.errors import DFTErrorType, Diagnosis, classify, oom_kill_count
+from qe_factory.engine.errors import DFTErrorType, Diagnosis, classify, oom_kill_count, scheduler_error
 from qe_factory.engine.inputs import (
     InputError,
     InputGenerator,
@@ -188,10 +188,12 @@ def check_environment(execution: ExecutionSettings, ranks: int, pw_input: PwInpu
                                "pseudos) or point pseudo_dir at a shared copy")
 
 
-def run_pw(argv: list[str], cwd: Path, env: dict[str, str], budget: float) -> tuple[Execution, str | None]:
+def run_pw(argv: list[str], cwd: Path, env: dict[str, str], budget: float, pilot: bool = False
+           ) -> tuple[Execution, str | None]:
     """Run pw.x (process.execute) and say what SLURM said if it ended the job meanwhile (slurm_job_ending): its
     SIGTERM came as a stop request, and reached pw.x too (which may have died first). Any other stop request raises
-    Interrupted: nobody's failure, nothing to record."""
+    Interrupted: nobody's failure, nothing to record; so does a cancelled `pilot` job (the host's end, not the
+    structure's)."""
     try:
         process, stopped = execute(argv, cwd, env, budget), None
     except Interrupted as stop:
@@ -202,6 +204,8 @@ def run_pw(argv: list[str], cwd: Path, env: dict[str, str], budget: float) -> tu
         return process, None
     if (ended_by := slurm_job_ending()) is None:
         raise stopped or Interrupted(f"pw.x in {cwd} ended as a stop request came")
+    if pilot and scheduler_error(ended_by) is DFTErrorType.SLURM_CANCELLED:
+        raise Interrupted(f"the pilot job running pw.x in {cwd} was cancelled: {ended_by}", process)
     return process, ended_by
 
 
@@ -314,7 +318,8 @@ class QERunner:
             (attempt_dir / "pw.in").write_text(render(atoms, pw_input))
             argv = pw_command(execution.command, execution.mpi_launcher, ranks, pools)
             oom_before = oom_kill_count()
-            process, ended_by = run_pw(argv, attempt_dir, pw_environment(execution.omp_threads), budget)
+            process, ended_by = run_pw(argv, attempt_dir, pw_environment(execution.omp_threads), budget,
+                                       execution.pilot)
             oom_after = oom_kill_count()
             ended = RunEnded(returncode=process.returncode, timed_out=process.timed_out,
                              wall_time=round(process.wall_time, 3), ranks=ranks, pools=pools,

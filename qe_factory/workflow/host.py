@@ -126,6 +126,7 @@ def run_host(queue: Path, slots: int, execution: ExecutionSettings, log: Path | 
     `idle_exit` seconds with nothing running, or the allocation's time runs short (or SIGTERM/SIGUSR1: finish
     what runs, claim nothing more). Returns the host's final record."""
     job_id = os.environ.get("SLURM_JOB_ID")
+    execution = execution.model_copy(update={"pilot": True})
     record = HostRecord(host_id_for(job_id), os.getpid(), socket.gethostname(), job_id, slots)
     stopping: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: stopping.append(signum))
@@ -186,6 +187,7 @@ def ticket_alive(queue: Path, run: OfflineRun, claims: dict[str, str] | None = N
     host = (claims if claims is not None else claimed_by(queue)).get(name)
     if host is None:
         return None
+    run.pilot = True
     if host.startswith("slurm-"):
         run.job_id = host.removeprefix("slurm-")  # what SLURM says of its end names a lost run's cause
     return host_alive(host)

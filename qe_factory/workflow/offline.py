@@ -61,6 +61,7 @@ class OfflineRun:
     launch_dir: Path
     job_id: str | None = None
     state: RunState = RunState.RESERVED
+    pilot: bool = False  # claimed by a pilot host (host.py): its job's end is the host's, not the structure's
 
     def finished(self) -> bool:
         return (self.launch_dir / OUTPUTS).is_file()
@@ -192,7 +193,7 @@ def give_back(launchpad: LaunchPad, run: OfflineRun) -> str:
     launchpad.forget_offline(run.launch_id)
     where = f"SLURM job {run.job_id}" if run.job_id else "local worker process"
     said = job_end(run)
-    if said and scheduler_error(said) is DFTErrorType.SLURM_CANCELLED:
+    if said and scheduler_error(said) is DFTErrorType.SLURM_CANCELLED and not run.pilot:
         return fizzle(launchpad, run, DFTErrorType.SLURM_CANCELLED.name,
                       f"{where} was cancelled before its worker recorded an outcome: {said}")
     if lost < MAX_LOST_RUNS:
