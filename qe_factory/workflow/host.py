@@ -135,19 +135,19 @@ def run_host(queue: Path, slots: int, execution: ExecutionSettings, log: Path | 
     idle_since, last = time.monotonic(), time.monotonic()
     try:
         while True:
-            while not stopping and workers.free() and time_left_for_a_launch():
-                run = claim(queue, record.host_id)
-                if run is None:
-                    break
+            taking = not stopping and time_left_for_a_launch()  # one look at the allocation per round
+            while taking and workers.free() and (run := claim(queue, record.host_id)) is not None:
                 workers.start(run)
             now = time.monotonic()
-            record.idle_seconds += workers.free() * (now - last)
+            record.idle_seconds += workers.free() * (now - last)  # slots left free since the last round
             last = now
             if workers.running():
                 idle_since = now
-            elif stopping or not time_left_for_a_launch() or now - idle_since >= idle_exit:
+                record.done += len(workers.wait(poll))
+            elif not taking or now - idle_since >= idle_exit:
                 break
-            record.done += len(workers.wait(poll)) if workers.running() else (time.sleep(poll) or 0)
+            else:
+                time.sleep(poll)  # for new tickets
             record.running, record.updated = len(workers.running()), time.time()
             write_record(queue, record)
     finally:

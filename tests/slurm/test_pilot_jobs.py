@@ -6,8 +6,17 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 from test_slurm import QE_FACTORY, base_env, make_home, rattled_si, stored_results, submit
+
+
+def running_pw_x(home: Path) -> str | None:
+    """The pilot host (slurm-<job id>) whose claimed launch has pw.x writing its output, if any."""
+    for ticket in (home / "queue" / "claimed").glob("slurm-*/*.json"):
+        if any(path.stat().st_size for path in (home / "runs").glob("run_*/attempt_*/pw.out")):
+            return ticket.parent.name
+    return None
 
 
 def test_twelve_structures_through_at_most_two_pilot_jobs(slurm, tmp_path, monkeypatch):
@@ -40,11 +49,10 @@ def test_a_cancelled_pilot_job_gives_its_launch_back_and_another_job_finishes_it
     qlaunch = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=base_env())
     deadline = time.monotonic() + 600  # only keeps a broken build from hanging the suite
-    while not subprocess.run(["pgrep", "-f", "pw.x"], capture_output=True).stdout.strip():  # pw.x runs in the job
+    while (host := running_pw_x(home)) is None:  # this test's pw.x, in this test's pilot job (other tests run too)
         assert qlaunch.poll() is None and time.monotonic() < deadline, "no pw.x ever started"
         time.sleep(0.2)
-    job = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True).stdout.split()
-    subprocess.run(["scancel", *job], check=True)
+    subprocess.run(["scancel", host.removeprefix("slurm-")], check=True)
     output, _ = qlaunch.communicate(timeout=900)
     assert qlaunch.returncode == 0, output
     assert int(output.split("qlaunch: ")[1].split()[0]) >= 2, output  # the cancelled host was replaced
