@@ -26,7 +26,7 @@ from qe_factory.engine.config import ExecutionSettings
 from qe_factory.engine.process import process_alive
 from qe_factory.engine.scheduler import queue_job_alive, seconds_left_in_allocation
 from qe_factory.workflow.offline import OfflineRun, write_json
-from qe_factory.workflow.workers import LocalWorkers
+from qe_factory.workflow.workers import LocalWorkers, poll_for_ended
 
 READY, CLAIMED, HOSTS = "ready", "claimed", "hosts"
 MIN_SECONDS_FOR_A_LAUNCH = 60  # a host in a SLURM job claims no ticket with less time left
@@ -240,17 +240,16 @@ class PilotJobs:
     def wait(self, timeout: float | None = None) -> list[OfflineRun]:
         """Runs whose host finished them, or whose host ended without finishing them; polls every poll_seconds
         until one ended or `timeout` (at most poll_seconds) passed."""
-        deadline = time.monotonic() + (self.poll_seconds if timeout is None else min(self.poll_seconds, timeout))
-        while True:
-            self.ensure_hosts()  # also the hosts' liveness, looked at before their claims
-            claims = claimed_by(self.queue)
-            ended = [run for run in self.runs if run.finished() or ticket_alive(self.queue, run, claims) is False]
-            if ended or time.monotonic() >= deadline:
-                self.runs = [run for run in self.runs if run not in ended]
-                for run in ended:
-                    forget_ticket(self.queue, run)
-                return ended
-            time.sleep(min(self.poll_seconds, max(0.0, deadline - time.monotonic())))
+        ended = poll_for_ended(self.ended, self.poll_seconds, timeout)
+        self.runs = [run for run in self.runs if run not in ended]
+        for run in ended:
+            forget_ticket(self.queue, run)
+        return ended
+
+    def ended(self) -> list[OfflineRun]:
+        self.ensure_hosts()  # also the hosts' liveness, looked at before their claims
+        claims = claimed_by(self.queue)
+        return [run for run in self.runs if run.finished() or ticket_alive(self.queue, run, claims) is False]
 
     def signal(self, signum: int) -> None:
         """Nothing: hosts run on by themselves; the next coordinator takes their runs in."""

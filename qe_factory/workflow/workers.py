@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -160,19 +161,26 @@ class QueueWorkers:
     def wait(self, timeout: float | None = None) -> list[OfflineRun]:
         """Runs whose job finished the launch, or left the queue without finishing it; polls every poll_seconds
         until one ended or `timeout` (at most poll_seconds) passed."""
-        deadline = time.monotonic() + (self.poll_seconds if timeout is None else min(self.poll_seconds, timeout))
-        while True:
-            ended = [run for run in self.runs if run.finished() or not queue_job_alive(run.job_id or "")]
-            if ended or time.monotonic() >= deadline:
-                self.runs = [run for run in self.runs if run not in ended]
-                return ended
-            time.sleep(min(self.poll_seconds, max(0.0, deadline - time.monotonic())))
+        ended = poll_for_ended(
+            lambda: [run for run in self.runs if run.finished() or not queue_job_alive(run.job_id or "")],
+            self.poll_seconds, timeout)
+        self.runs = [run for run in self.runs if run not in ended]
+        return ended
 
     def signal(self, signum: int) -> None:
         """Nothing: SLURM jobs run on by themselves; the next coordinator takes them in."""
 
     def close(self) -> None:
         """Nothing: jobs still queued or running are taken in by the next coordinator."""
+
+
+def poll_for_ended(ended: Callable[[], list[OfflineRun]], poll_seconds: float, timeout: float | None
+                   ) -> list[OfflineRun]:
+    """`ended()` every poll_seconds until it names a run, or `timeout` (at most poll_seconds) passed."""
+    deadline = time.monotonic() + (poll_seconds if timeout is None else min(poll_seconds, timeout))
+    while not (runs := ended()) and time.monotonic() < deadline:
+        time.sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))
+    return runs
 
 
 def submit_job(qadapter, run: OfflineRun) -> str:
