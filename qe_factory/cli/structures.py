@@ -90,10 +90,13 @@ class RunLines(Listener):
 def run(args: argparse.Namespace) -> int:
     """Submit, run locally in this process, and export: the whole pipeline with no server
     (workflow.pipelines.label)."""
-    uids = [uid for uid, _ in read_structures(args.structures)]
-    report = label(args.structures, config_from(args), args.home, args.output, parallel=args.parallel,
-                   export_format=args.format, config_type=args.config_type, include_marked=args.include_marked,
-                   e0s=not args.no_e0s, live_logs=args.verbose,
+    structures = read_structures(args.structures)  # once: a big file takes seconds to read
+    for uid, atoms in structures:
+        atoms.info["uid"] = uid
+    uids = [uid for uid, _ in structures]
+    report = label([atoms for _, atoms in structures], config_from(args), args.home, args.output,
+                   parallel=args.parallel, export_format=args.format, config_type=args.config_type,
+                   include_marked=args.include_marked, e0s=not args.no_e0s, live_logs=args.verbose,
                    listener=RunLines(set(uids), args.output))
     print(report.summary())
     return 0 if report.written == len(uids) else 1

@@ -160,13 +160,18 @@ def _tell_failure(stories: _Stories, uid: str, formula: str | None, firework: di
 
 
 def home_history(
-    home: Path, launchpad: LaunchPad, store: JobStore, uids: list[str] | None = None, load: bool = False
+    home: Path, launchpad: LaunchPad, store: JobStore, uids: list[str] | None = None, load: bool = False,
+    submissions: bool = True,
 ) -> list[Story]:
     """The story of every structure the home has seen (or of `uids`), in uid order. `load`: attach each label's
-    DFTResult and each failure's report (every attempt); else only what status counts."""
+    DFTResult and each failure's report (every attempt); else only what status counts. `submissions`: also the inbox
+    and the refusals at submission (not needed for a structure that has just finished: reading every inbox file
+    for each would make a big run quadratic)."""
     stories = _Stories(uids)
     _tell_labels(stories, store, load)
     _tell_workflows(stories, launchpad, load)
+    if not submissions:
+        return [stories.stories[uid] for uid in sorted(stories.stories)]
     for uid, formula in inbox_uids(home).items():
         stories.tell(uid, "waiting", formula=formula, message="in the inbox: the coordinator takes it in")
     for uid, entries in read_refusals(home).items():

@@ -97,8 +97,8 @@ def label(
             references = structure_references([atoms for _, atoms in given], config)  # uid → Reference (E0)
             if e0s:
                 listener.references_submitted(submit_references(references.values(), launchpad, store))
-            for uid, atoms in given:
-                atoms.info["uid"] = uid
+            for index, (uid, atoms) in enumerate(given):
+                atoms.info["uid"] = uid or f"s-{index:06d}"  # as submit names a structure that brought none
             submitted = submit([atoms for _, atoms in given], config, launchpad=launchpad, store=store)
             before = {result.uid: result for result in state.load_results(store, list(submitted.duplicates))}
             listener.submitted(submitted, before)
@@ -107,12 +107,12 @@ def label(
             raise
 
         def finished(uid: str, fw_state: str) -> None:
-            for story in home_history(home, launchpad, store, uids=[uid], load=True):
+            for story in home_history(home, launchpad, store, uids=[uid], load=True, submissions=False):
                 listener.finished(story)
 
         run_coordinator(launchpad, launch_root=home / "launches", on_finished=finished, execution=config.execution,
                         log=log, workers=workers)
-        uids = [uid for uid, _ in given]
+        uids = [atoms.info["uid"] for _, atoms in given]
         report = outcome_report(home, launchpad, store, uids, submitted)
     if output is not None:
         results = state.load_results(store, [uid for uid in uids if uid not in submitted.refused])

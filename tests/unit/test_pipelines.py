@@ -111,3 +111,11 @@ def test_a_jobstore_repaired_between_scf_and_validation_restarts_the_structure(t
     assert qef("worker", "-c", "fake.yaml").returncode == 0
     status = qef("status").stdout
     assert "1 labelled" in status and "0 failed" in status, status
+
+
+def test_structures_without_a_uid_are_reported_under_the_uid_submit_gives_them(home, fake_config):
+    frames = silicon("a", "b")
+    for atoms in frames:
+        del atoms.info["uid"]
+    report = pipelines.label(frames, fake_config, home, None, e0s=False)
+    assert report.labelled == ["s-000000", "s-000001"] and report.neither == 0, report
