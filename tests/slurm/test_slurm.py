@@ -133,6 +133,8 @@ def diagnostics(home: Path, log: Path) -> str:
         parts.append(f"----- {title}\n{proc.stdout}{proc.stderr}")
     if log.exists():
         parts.append("----- qlaunch (last 40 lines)\n" + "\n".join(log.read_text().splitlines()[-40:]))
+    if (worker_log := home / "logs" / "worker.log").exists():
+        parts.append("----- logs/worker.log (last 40 lines)\n" + "\n".join(worker_log.read_text().splitlines()[-40:]))
     for job_id, text in job_outputs(home).items():
         parts.append(f"----- SLURM job {job_id} output (last 40 lines)\n" + "\n".join(text.splitlines()[-40:]))
     jobcomp = Path(os.environ.get("QE_FACTORY_SLURM_STATE", "/var/run/qe_factory_slurm")) / "log" / "jobcomp.log"
@@ -251,7 +253,8 @@ def test_six_structures_through_offline_jobs_three_in_the_queue(slurm, tmp_path,
 
     outputs = job_outputs(home)
     assert not [job for job, text in outputs.items() if "DUE TO TIME LIMIT" in text], outputs  # no job was killed
-    assert len(outputs) == 6 + 2  # one job per SCF attempt: six first attempts, the detour and the restart
+    # one job per SCF attempt: six first attempts, the detour and the restart
+    assert len(outputs) == 6 + 2, diagnostics(home, tmp_path / "qlaunch.log")
     ran_in = {name: [job for job, text in outputs.items() if f"Starting job - {name} " in text]
               for name in ("scf si-walltime attempt 1", "scf si-walltime attempt 2", "scf si-hard attempt 2")}
     assert all(len(jobs) == 1 for jobs in ran_in.values()), ran_in

@@ -24,6 +24,7 @@ import pytest
 from test_slurm import (
     QE_FACTORY,
     base_env,
+    diagnostics,
     factory,
     fireworks_named,
     make_home,
@@ -68,7 +69,10 @@ def run_until_done(home: Path, tmp_path: Path, on_iterating, limit: float = 600)
     try:
         wait_for("pw.x iterating in the SLURM job", lambda: iterating_pw_out(home), 180, log.read_text)
         on_iterating(wait_for("the running SLURM job", running_job, 30))
-        qlaunch.wait(timeout=limit)
+        try:
+            qlaunch.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"qlaunch not finished {limit:.0f} s after the cut\n" + diagnostics(home, log))
     finally:
         if qlaunch.poll() is None:  # a failure: stop the coordinator and the jobs it left
             os.killpg(qlaunch.pid, signal.SIGTERM)
