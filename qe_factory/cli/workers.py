@@ -25,9 +25,10 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def qlaunch(args: argparse.Namespace) -> int:
-    """SLURM worker jobs for this home. Embedded LaunchPad (or --offline): this process is the home's coordinator;
-    it keeps up to -m jobs in the queue, each running one SCF Firework offline (FireWorks' reservation mode, no
-    database access from the job), and takes their results in. MongoDB: stock qlaunch with the home's config."""
+    """SLURM jobs for this home. Embedded LaunchPad (or --offline): this process is the home's coordinator; it keeps
+    up to -m pilot jobs queued or running while work waits, each a `qe-factory host` running launch after launch
+    for its whole allocation (--single: one SCF Firework per job), and takes their results in; no job touches the
+    LaunchPad or the JobStore. MongoDB: stock qlaunch with the home's config."""
     from qe_factory.workflow.home import activate, embedded_file
     from qe_factory.workflow.lpad import qlaunch_command
 
@@ -40,37 +41,37 @@ def qlaunch(args: argparse.Namespace) -> int:
     from fireworks.utilities.fw_serializers import load_object_from_file
 
     from qe_factory.workflow.coordinator import run_coordinator
-    from qe_factory.workflow.host import PilotJobs, SlurmHosts, queue_folder
+    from qe_factory.workflow.host import PilotJobs, SlurmHosts, job_cores, queue_folder
     from qe_factory.workflow.workers import QueueWorkers
 
     qadapter = load_object_from_file(QUEUEADAPTER_LOC)
-    if options.pilot:  # many launches per job, `--slots` at once
-        hosts = SlurmHosts(qadapter, home, options.slots, options.idle_exit)
-        jobs = PilotJobs(queue_folder(home), hosts, options.maxjobs_queue, options.slots, options.sleep,
-                         options.nlaunches)
-    else:
+    if options.single:
         jobs = QueueWorkers(qadapter, options.maxjobs_queue, options.sleep, options.nlaunches)
+    else:  # pilot jobs: many launches per job, --slots at once (default: one per core of the job)
+        slots = options.slots or job_cores(qadapter)
+        hosts = SlurmHosts(qadapter, home, options.slots, options.idle_exit)
+        jobs = PilotJobs(queue_folder(home), hosts, options.maxjobs_queue, slots, options.sleep, options.nlaunches)
     launched = run_coordinator(launch_root=home / "launches", workers=jobs, timeout=options.timeout,
                                log=None if args.verbose else home / "logs" / "worker.log")
     waiting = len(jobs.running())
     print(f"qlaunch: {jobs.submitted} SLURM job(s) submitted, {launched} Firework(s) finished"
-          + (f"; {waiting} job(s) still queued or running: the next `qe-factory qlaunch` (or run/worker) takes "
+          + (f"; {waiting} launch(es) still queued or running: the next `qe-factory qlaunch` (or run/worker) takes "
              "them in" if waiting else ""))
     return 0
 
 
 def qlaunch_options(argv: list[str]) -> argparse.Namespace:
-    """The qlaunch options the offline coordinator understands (as stock qlaunch spells them)."""
+    """The qlaunch options the offline coordinator understands (as stock qlaunch spells them, plus pilot jobs')."""
     parser = argparse.ArgumentParser(prog="qe-factory qlaunch")
     parser.add_argument("--offline", action="store_true", help="offline jobs also with MongoDB")
     parser.add_argument("mode", choices=["rapidfire", "singleshot"], nargs="?", default="rapidfire")
-    parser.add_argument("-m", "--maxjobs_queue", type=int, default=1, help="jobs in the queue at once")
+    parser.add_argument("-m", "--maxjobs_queue", type=int, default=1, help="jobs queued or running at once")
     parser.add_argument("--nlaunches", type=int, default=0, help="jobs to submit in all (0: until done)")
     parser.add_argument("--timeout", type=float, help="seconds after which no new job is submitted")
     parser.add_argument("--sleep", type=float, default=10, help="seconds between looks at the queue")
-    parser.add_argument("--pilot", action="store_true",
-                        help="pilot jobs: each job runs launch after launch, --slots at once, for its whole allocation")
-    parser.add_argument("--slots", type=int, default=1, help="launches a pilot job runs at once")
+    parser.add_argument("--single", action="store_true", help="one SCF Firework per job (no pilot jobs)")
+    parser.add_argument("--slots", type=int, default=0,
+                        help="launches a pilot job runs at once (default: one per core of the job, its ntasks)")
     parser.add_argument("--idle-exit", type=float, default=60,
                         help="seconds a pilot job waits for work before it ends")
     options = parser.parse_args(argv)

@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from qe_factory.engine.scheduler import queue_job_alive, seconds_left_in_allocat
 from qe_factory.workflow import state
 from qe_factory.workflow.fireworks_adapter import jobflow_store, without_ping_thread
 from qe_factory.workflow.home import embedded_file, executing, factory_home, worker_execution
-from qe_factory.workflow.host import forget_ticket, queue_folder, ticket_alive
+from qe_factory.workflow.host import forget_ticket, host_alive, host_id_for, queue_folder, ticket_alive
 from qe_factory.workflow.inbox import LAUNCHPAD_WORKFLOWS, take_in
 from qe_factory.workflow.lock import command_line, coordinate
 from qe_factory.workflow.offline import OfflineRun, RunState, pending_runs, reserve, take_back
@@ -79,25 +80,34 @@ def rerun_orphans(launchpad: LaunchPad) -> list[int]:
     return sorted(lost_fw_ids)
 
 
-def settle_offline_runs(launchpad: LaunchPad, store, queue_alive=None, queue: Path | None = None
-                        ) -> tuple[list[int], list[int]]:
+def settle_offline_runs(launchpad: LaunchPad, store, queue_alive=None, queue: Path | None = None,
+                        owners_alive: bool = False) -> tuple[list[int], list[int]]:
     """Take in the offline runs an earlier coordinator left: finished ones (also SLURM jobs that ended while no
     coordinator ran), and lost ones — a local worker dies with its coordinator; a SLURM job left the queue
     unfinished; a pilot host (its ticket in `queue`) ended without finishing it — back to READY. Runs whose SLURM
-    job is still queued or running, or whose ticket still waits or is held by a live host, are left alone. Returns
-    the Firework ids (taken in, lost)."""
+    job is still queued or running, or whose ticket still waits or is held by a live host, are left alone, and
+    (`owners_alive`: a MongoDB LaunchPad, where other coordinators run beside this one) those of a coordinator
+    still alive. Returns the Firework ids (taken in, lost)."""
     alive = queue_alive or queue_job_alive
+    me = coordinator_id()
     taken_in, lost = [], []
     for run in pending_runs(launchpad):
-        pilot = ticket_alive(queue, run) if queue is not None else None
-        if pilot is None:
-            pilot = run.job_id is not None and alive(run.job_id)
-        if run.finished() or not pilot:
+        worker_alive = ticket_alive(queue, run) if queue is not None else None
+        if worker_alive is None and run.job_id is not None:
+            worker_alive = alive(run.job_id)
+        elif worker_alive is None:  # run by a coordinator's local workers: they die with it
+            worker_alive = owners_alive and run.owner not in (None, me) and host_alive(run.owner)
+        if run.finished() or not worker_alive:
             (taken_in if run.finished() else lost).append(run.fw_id)
             take_back(launchpad, run, store)
             if queue is not None:
                 forget_ticket(queue, run)
     return taken_in, lost
+
+
+def coordinator_id() -> str:
+    """This coordinator, as its offline runs name their owner: its SLURM job, else its host and process."""
+    return host_id_for(os.environ.get("SLURM_JOB_ID"))
 
 
 def choose_parallel(ranks: int, structures: int) -> int:
@@ -145,7 +155,8 @@ class Coordinator:
         lost meanwhile, SLURM jobs still queued or running, Fireworks that ended as nobody's failure."""
         if self.embedded and (orphans := rerun_orphans(self.launchpad)):
             self.say(f"{len(orphans)} Firework(s) left RUNNING by a dead worker put back to READY: {orphans}")
-        if lost := settle_offline_runs(self.launchpad, self.store, queue=queue_folder(self.home))[1]:
+        if lost := settle_offline_runs(self.launchpad, self.store, queue=queue_folder(self.home),
+                                       owners_alive=not self.embedded)[1]:
             self.say(f"{len(lost)} Firework(s) whose worker was lost put back to READY: {lost}")
         state.requeue(self.launchpad, REQUEUED)
         state.save_launchpad(self.launchpad)
@@ -158,10 +169,12 @@ class Coordinator:
     def dispatch(self) -> bool:
         """Reserve the next READY SCF Firework for a free worker and start it there (READY → RESERVED, and RUNNING
         once a local worker has it); False when no worker is free or no SCF waits."""
-        if not self.workers.free() or (ready := state.next_ready(self.launchpad, self.fworker, scf=True)) is None:
+        if not self.workers.free():
             return False
-        fw_id = ready[0]
-        run = reserve(self.launchpad, self.fworker, self.launch_root / launch_name("scf", fw_id), self.store, fw_id)
+        run = reserve(self.launchpad, state.stage_fworker(self.fworker, "scf"), new_launch_dir(self.launch_root, "scf"),
+                      self.store, owner=coordinator_id())
+        if run is None:  # no SCF waits (or another coordinator took the last one)
+            return False
         self.workers.start(run)
         if run.job_id:
             self.launchpad.set_reservation_id(run.launch_id, run.job_id)
@@ -174,13 +187,12 @@ class Coordinator:
     def run_quick_stage(self) -> bool:
         """Run the next READY inputs or validate Firework here; False when none waits, or when a new structure
         would start while as many SCF runs wait as there are workers."""
-        if (ready := state.next_ready(self.launchpad, self.fworker, scf=False)) is None:
-            return False
-        fw_id, stage = ready
-        if stage == "inputs" and state.ready_scf_count(self.launchpad) >= self.workers.max_running:
-            return False
+        new_structures = state.ready_scf_count(self.launchpad) < self.workers.max_running
+        fworker = state.stage_fworker(self.fworker, "quick" if new_structures else "validate")
         with jobflow_store(self.store):
-            launch_here(self.launchpad, self.fworker, fw_id, self.launch_root / launch_name(stage, fw_id), self.log)
+            fw_id = launch_here(self.launchpad, fworker, new_launch_dir(self.launch_root, "quick"), self.log)
+        if fw_id is None:
+            return False
         self.ended([fw_id])
         return True
 
@@ -383,15 +395,17 @@ def log_line(log: Path | None, line: str) -> None:
             handle.write(line + "\n")
 
 
-def launch_name(kind: str, fw_id: int) -> str:
-    return f"launcher_{time.strftime('%Y-%m-%d-%H-%M-%S')}_{os.getpid()}_{kind}_{fw_id}"
+def new_launch_dir(launch_root: Path, kind: str) -> Path:
+    """A new, unique launch directory (unique also beside other coordinators on other machines)."""
+    launch_root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"launcher_{time.strftime('%Y-%m-%d-%H-%M-%S')}_{kind}_", dir=launch_root))
 
 
-def launch_here(launchpad: LaunchPad, fworker, fw_id: int, launch_dir: Path, log: Path | None) -> None:
-    """Run one Firework in this process, in its own launch directory."""
+def launch_here(launchpad: LaunchPad, fworker, launch_dir: Path, log: Path | None) -> int | None:
+    """Run the next READY Firework for `fworker` in this process, in `launch_dir` (removed if none waits); its
+    fw_id, or None. FireWorks checks it out atomically: two coordinators never run the same one."""
     from fireworks.core.rocket_launcher import launch_rocket
 
-    launch_dir.mkdir(parents=True)
     with contextlib.ExitStack() as quiet:
         quiet.enter_context(contextlib.chdir(launch_dir))
         if log:  # jobflow's handler (made anew in each task), FireWorks' lines and a failed job's traceback
@@ -399,4 +413,8 @@ def launch_here(launchpad: LaunchPad, fworker, fw_id: int, launch_dir: Path, log
             quiet.enter_context(contextlib.redirect_stdout(handle))
             quiet.enter_context(contextlib.redirect_stderr(handle))
         quiet.enter_context(without_ping_thread())  # its last ping would race the rocket's own
-        launch_rocket(launchpad, fworker, fw_id=fw_id, strm_lvl="WARNING")
+        ran = launch_rocket(launchpad, fworker, strm_lvl="WARNING")
+    if not ran:
+        launch_dir.rmdir()
+        return None
+    return state.fw_launched_in(launchpad, launch_dir)

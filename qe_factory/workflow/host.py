@@ -258,6 +258,15 @@ class PilotJobs:
         """Nothing: hosts still queued or running are taken in by the next coordinator."""
 
 
+def job_cores(qadapter) -> int:
+    """The cores (MPI tasks) a job from this queue adapter gets: ntasks, else nodes × ntasks_per_node, else 1."""
+    def number(key: str) -> int:
+        value = qadapter.get(key)
+        return int(value) if str(value).isdigit() else 0
+
+    return number("ntasks") or max(1, number("nodes")) * max(1, number("ntasks_per_node"))
+
+
 class SlurmHosts:
     """Pilot hosts as SLURM jobs, each `qe-factory host` for its whole allocation (the job script from the home's
     queue adapter and template)."""
@@ -274,8 +283,8 @@ class SlurmHosts:
         adapter = load_object(self.qadapter.to_dict())
         adapter.update(job_name="qe-factory-host")
         qe_factory = Path(sys.executable).with_name("qe-factory")
-        adapter["rocket_launch"] = (f"{qe_factory} -v --home {self.home} host --slots {self.slots} --idle-exit "
-                                    f"{self.idle_exit}")
+        slots = f" --slots {self.slots}" if self.slots else ""  # else one per core of the job
+        adapter["rocket_launch"] = f"{qe_factory} -v --home {self.home} host{slots} --idle-exit {self.idle_exit}"
         with contextlib.chdir(folder):
             Path(SUBMIT_SCRIPT_NAME).write_text(adapter.get_script_str(str(folder)))
             job_id = adapter.submit_to_queue(SUBMIT_SCRIPT_NAME)

@@ -62,6 +62,7 @@ class OfflineRun:
     job_id: str | None = None
     state: RunState = RunState.RESERVED
     pilot: bool = False  # claimed by a pilot host (host.py): its job's end is the host's, not the structure's
+    owner: str | None = None  # the coordinator that reserved it (host.host_id_for), whose local workers run it
 
     def finished(self) -> bool:
         return (self.launch_dir / OUTPUTS).is_file()
@@ -79,17 +80,23 @@ class OfflineRun:
         state.record_run_state(launchpad, self.launch_id, to.value)
 
 
-def reserve(launchpad: LaunchPad, fworker: FWorker, launch_dir: Path, store: JobStore, fw_id: int) -> OfflineRun:
-    """Reserve READY Firework `fw_id` for an offline worker in `launch_dir` (created)."""
+def reserve(launchpad: LaunchPad, fworker: FWorker, launch_dir: Path, store: JobStore, fw_id: int | None = None,
+            owner: str | None = None) -> OfflineRun | None:
+    """Reserve the next READY Firework for `fworker` (atomically: FireWorks' reservation, so two coordinators of
+    one MongoDB LaunchPad never take the same one), or READY Firework `fw_id`, for an offline worker in
+    `launch_dir` (created; removed when nothing was READY). `owner`: the coordinator reserving it."""
     from fireworks.queue.queue_launcher import setup_offline_job
 
     launch_dir.mkdir(parents=True, exist_ok=True)
     fw, launch_id = launchpad.reserve_fw(fworker, str(launch_dir), fw_id=fw_id)
+    if fw is None:
+        launch_dir.rmdir()
+        return None
     with contextlib.chdir(launch_dir):
         setup_offline_job(launchpad, fw, launch_id)  # FW.json, FW_offline.json, the offline_runs entry
     write_json(launch_dir / INPUTS, referenced_documents(fw, store))
-    run = OfflineRun(launch_id, fw.fw_id, launch_dir)
-    run.move(launchpad, RunState.RESERVED)
+    run = OfflineRun(launch_id, fw.fw_id, launch_dir, owner=owner)
+    state.record_run_state(launchpad, launch_id, RunState.RESERVED.value, owner)
     return run
 
 
@@ -227,5 +234,5 @@ def fizzle(launchpad: LaunchPad, run: OfflineRun, error_type: str, message: str)
 
 def pending_runs(launchpad: LaunchPad) -> list[OfflineRun]:
     """Offline runs the LaunchPad still waits for (reserved and not yet taken back), with their SLURM job ids."""
-    return [OfflineRun(e.launch_id, e.fw_id, e.launch_dir, e.job_id, RunState(e.run_state or "RESERVED"))
-            for e in state.offline_entries(launchpad)]
+    return [OfflineRun(e.launch_id, e.fw_id, e.launch_dir, e.job_id, RunState(e.run_state or "RESERVED"),
+                       owner=e.owner) for e in state.offline_entries(launchpad)]

@@ -34,7 +34,7 @@ from qe_factory.workflow.fireworks_adapter import (
 from qe_factory.workflow.home import embedded_file
 
 if TYPE_CHECKING:
-    from fireworks import LaunchPad
+    from fireworks import FWorker, LaunchPad
     from jobflow import JobStore
 
 
@@ -257,12 +257,21 @@ SCF = {"spec.stage": "scf"}  # Fireworks run by workers; the others (inputs, val
 QUICK = {"spec.stage": {"$ne": "scf"}}
 
 
-def next_ready(launchpad: LaunchPad, fworker, scf: bool) -> tuple[int, str] | None:
-    """(fw_id, stage) of the READY SCF (or quick-stage) Firework this FWorker would run next (FireWorks' order:
-    highest _priority first, so a structure is finished before the next is started)."""
-    query = {**(fworker.query or {}), **(SCF if scf else QUICK), "state": "READY"}
-    doc = launchpad.fireworks.find_one(query, {"fw_id": 1, "spec.stage": 1}, sort=[("spec._priority", -1)])
-    return (doc["fw_id"], doc.get("spec", {}).get("stage")) if doc else None
+STAGES = {"scf": SCF, "quick": QUICK, "validate": {"spec.stage": "validate"}}
+
+
+def stage_fworker(fworker: FWorker, stages: str) -> FWorker:
+    """The FWorker that takes only Fireworks of `stages` (STAGES): FireWorks then checks out or reserves the next
+    READY one atomically (highest _priority first: a structure is finished before the next is started)."""
+    from fireworks import FWorker
+
+    return FWorker(fworker.name, fworker.category, {**(fworker.query or {}), **STAGES[stages]}, fworker.env)
+
+
+def fw_launched_in(launchpad: LaunchPad, launch_dir: Path) -> int | None:
+    """The Firework launched in `launch_dir`."""
+    doc = launchpad.launches.find_one({"launch_dir": str(launch_dir)}, {"fw_id": 1})
+    return doc["fw_id"] if doc else None
 
 
 def ready_scf_count(launchpad: LaunchPad) -> int:
@@ -297,6 +306,7 @@ class OfflineEntry(NamedTuple):
     launch_dir: Path
     job_id: str | None
     run_state: str | None
+    owner: str | None  # the coordinator that reserved it (host.host_id_for): its local workers run it
 
 
 def offline_entries(launchpad: LaunchPad) -> list[OfflineEntry]:
@@ -309,16 +319,18 @@ def offline_entries(launchpad: LaunchPad) -> list[OfflineEntry]:
             continue
         job_ids = [h["reservation_id"] for h in launch.get("state_history", []) if h.get("reservation_id")]
         entries.append(OfflineEntry(entry["launch_id"], entry["fw_id"], Path(launch["launch_dir"]),
-                                    str(job_ids[-1]) if job_ids else None, entry.get(RUN_STATE)))
+                                    str(job_ids[-1]) if job_ids else None, entry.get(RUN_STATE), entry.get(OWNER)))
     return entries
 
 
 RUN_STATE = "qe_factory_run_state"  # the field of an offline_runs document that holds its offline.RunState
+OWNER = "qe_factory_owner"  # … and the coordinator that reserved it
 
 
-def record_run_state(launchpad: LaunchPad, launch_id: int, run_state: str) -> None:
-    """Record an offline run's state (offline.RunState) with FireWorks' own entry for it."""
-    launchpad.offline_runs.update_one({"launch_id": launch_id}, {"$set": {RUN_STATE: run_state}})
+def record_run_state(launchpad: LaunchPad, launch_id: int, run_state: str, owner: str | None = None) -> None:
+    """Record an offline run's state (offline.RunState), and its owner, with FireWorks' own entry for it."""
+    update = {RUN_STATE: run_state, **({OWNER: owner} if owner else {})}
+    launchpad.offline_runs.update_one({"launch_id": launch_id}, {"$set": update})
 
 
 def run_state_counts(launchpad: LaunchPad) -> dict[str, int]:

@@ -1,5 +1,5 @@
-"""Pilot jobs on the real single-node SLURM cluster: `qe-factory qlaunch rapidfire -m 2 --pilot` keeps at most two
-SLURM jobs, each a `qe-factory host` that runs launch after launch from the home's queue directory (real pw.x on
+"""Pilot jobs (the default) on the real single-node SLURM cluster: `qe-factory qlaunch rapidfire -m 2` keeps at most
+two SLURM jobs, each a `qe-factory host` that runs launch after launch from the home's queue directory (real pw.x on
 tiny cells), instead of one job per launch."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_twelve_structures_through_at_most_two_pilot_jobs(slurm, tmp_path, monke
     config = {"kpoint_spacing": 0.8, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True, "timeout": 300}
     structures = {f"si-{n}": rattled_si(n) for n in range(12)}
     submit(home, tmp_path, structures, config)
-    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "2", "--pilot", "--slots", "1",
+    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "2",
             "--sleep", "1", "--idle-exit", "5"]
     ran = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=base_env(), timeout=1200)
     assert ran.returncode == 0, ran.stdout + ran.stderr
@@ -44,7 +44,7 @@ def test_a_cancelled_pilot_job_gives_its_launch_back_and_another_job_finishes_it
     config = {"kpoint_spacing": 0.6, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True, "timeout": 600}
     structures = {"si16": rattled_si(0, 0.05, (2, 2, 2))}  # long enough (tens of seconds) to be cancelled
     submit(home, tmp_path, structures, config)
-    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "1", "--pilot", "--slots", "1",
+    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "1",
             "--sleep", "1", "--idle-exit", "5"]
     qlaunch = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=base_env())

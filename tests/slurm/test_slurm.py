@@ -1,4 +1,4 @@
-"""End-to-end on a real single-node SLURM: `qe-factory qlaunch rapidfire -m 3` → sbatch → `qe-factory
+"""End-to-end on a real single-node SLURM: `qe-factory qlaunch rapidfire -m 3 --single` → sbatch → `qe-factory
 launch-offline` → real pw.x, with the embedded (file-backed) LaunchPad and no MongoDB.
 
 The cluster comes from scripts/slurm_cluster.sh (conftest.py; root only: the test is skipped with the reason
@@ -151,7 +151,7 @@ def run_qlaunch(home: Path, tmp_path: Path, limit: float) -> tuple[int, str]:
     seen running at once and its output. `limit` only keeps a broken build from hanging the suite."""
     log = tmp_path / "qlaunch.log"
     start = time.monotonic()
-    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "3", "--sleep", "1"]
+    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "3", "--single", "--sleep", "1"]
     with log.open("w") as out:
         qlaunch = subprocess.Popen(argv, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=base_env(),
                                    start_new_session=True)

@@ -59,10 +59,10 @@ def running_job() -> str | None:
 
 
 def run_until_done(home: Path, tmp_path: Path, on_iterating, limit: float = 600) -> str:
-    """`qe-factory qlaunch rapidfire -m 1` until it ends by itself; `on_iterating(job id)` once pw.x iterates in a
-    job. Returns its output."""
+    """`qe-factory qlaunch rapidfire -m 1 --single` until it ends by itself; `on_iterating(job id)` once pw.x
+    iterates in a job. Returns its output."""
     log = tmp_path / "qlaunch.log"
-    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "1", "--sleep", "1"]
+    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "1", "--single", "--sleep", "1"]
     with log.open("w") as out:
         qlaunch = subprocess.Popen(argv, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=base_env(),
                                    start_new_session=True)

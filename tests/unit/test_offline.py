@@ -60,14 +60,71 @@ def test_a_new_coordinator_leaves_live_slurm_jobs_alone_and_takes_the_rest_back(
     assert [(r.fw_id, r.job_id) for r in pending_runs(launchpad)] == [(alive, "101")]
 
 
+
+def test_beside_other_coordinators_a_live_ones_local_runs_are_left_alone(home, tmp_path):
+    """MongoDB: coordinators in several jobs share one LaunchPad. A coordinator starting up takes back only the runs
+    of dead coordinators (and its own from an earlier life); before, it gave every other job's running
+    structures back to READY (they then ran twice)."""
+    import socket
+    import subprocess
+
+    from qe_factory.workflow.coordinator import coordinator_id
+
+    launchpad, store = get_launchpad(), get_jobstore()
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        dead = subprocess.Popen(["true"])
+        dead.wait()  # its pid names no process now
+        owners = {"live": f"local-{socket.gethostname()}-{sleeper.pid}",
+                  "dead": f"local-{socket.gethostname()}-{dead.pid}", "mine": coordinator_id()}
+        fw_ids = {name: add_scf(launchpad) for name in owners}
+        for name, owner in owners.items():
+            reserve(launchpad, FWorker(), tmp_path / name, store, fw_ids[name], owner=owner)
+        lost = sorted([fw_ids["dead"], fw_ids["mine"]])
+        assert settle_offline_runs(launchpad, store, owners_alive=True) == ([], lost)
+        assert [run.fw_id for run in pending_runs(launchpad)] == [fw_ids["live"]]
+        assert settle_offline_runs(launchpad, store) == ([], [fw_ids["live"]])  # embedded: the lock proves it dead
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_reservation_takes_only_a_ready_firework_of_its_stage(home, tmp_path):
+    """Reserving by stage (no fw_id) is FireWorks' atomic find-and-reserve of a READY Firework: one another
+    coordinator reserved meanwhile is not taken again (with an fw_id FireWorks takes a RESERVED one too)."""
+    from qe_factory.workflow.state import stage_fworker
+
+    launchpad, store = get_launchpad(), get_jobstore()
+    fw_id = add_scf(launchpad)
+    launchpad.add_wf(Firework(ScriptTask.from_str("true"), spec={"stage": "validate"}, name="validate x"))
+    first = reserve(launchpad, stage_fworker(FWorker(), "scf"), tmp_path / "a", store)
+    assert first is not None and first.fw_id == fw_id
+    assert reserve(launchpad, stage_fworker(FWorker(), "scf"), tmp_path / "b", store) is None
+    assert not (tmp_path / "b").exists()  # no empty launch directory left behind
+
 def test_qlaunch_options_are_stock_qlaunchs():
     from qe_factory.cli.workers import qlaunch_options
 
     options = qlaunch_options(["rapidfire", "-m", "8", "--nlaunches", "20", "--timeout", "600"])
     assert (options.maxjobs_queue, options.nlaunches, options.timeout, options.offline) == (8, 20, 600, False)
     assert qlaunch_options(["--offline", "singleshot"]).nlaunches == 1
+    assert (options.single, options.slots) == (False, 0)  # pilot jobs by default, a slot per core of the job
+    assert qlaunch_options(["rapidfire", "--single"]).single
     with pytest.raises(SystemExit):
         qlaunch_options(["rapidfire", "--no-such-option"])
+
+
+def test_a_pilot_jobs_slots_are_its_cores_from_the_queue_adapter():
+    from fireworks.user_objects.queue_adapters.common_adapter import CommonAdapter
+
+    from qe_factory.workflow.host import job_cores
+
+    def adapter(**resources):
+        return CommonAdapter("SLURM", **resources)
+
+    assert job_cores(adapter(ntasks=32, nodes=2)) == 32
+    assert job_cores(adapter(nodes=2, ntasks_per_node=48)) == 96
+    assert job_cores(adapter(nodes=None, ntasks=None)) == 1
 
 
 def test_qlaunch_on_a_mongodb_home_is_stock_qlaunch(home, tmp_path, monkeypatch):  # home: the environment restored
