@@ -106,6 +106,71 @@ def embedded_store(launchpad: LaunchPad) -> Any | None:
     return store if getattr(store, "_filename", None) else None
 
 
+# the fields FireWorks (and state.py) look single documents up by, per LaunchPad collection
+INDEXED_FIELDS = {"fireworks": "fw_id", "launches": "launch_id", "workflows": "nodes", "offline_runs": "launch_id"}
+
+
+def index_embedded_collections(launchpad: LaunchPad) -> None:
+    """Give an embedded LaunchPad's collections look-ups by _id and by their id field (INDEXED_FIELDS), instead of
+    mongomock's reading of every document for every query, update and find-and-modify: the coordinator's cost per
+    Firework then no longer grows with the work in progress (benchmarks/README.md, coordinator.py).
+
+    Relies on: every mongomock Collection operation selects its documents through `_iter_documents(filter)`, a
+    filter applied to each of `_store.documents` (CollectionStore, keyed by _id, in insertion order).
+    """
+    for name, field in INDEXED_FIELDS.items():
+        collection = getattr(launchpad, name)
+        collection._iter_documents = IndexedDocuments(collection, field)
+
+
+class IndexedDocuments:
+    """`_iter_documents` of one mongomock collection: a filter naming one _id, or one value of `field`, is
+    applied to the few documents that can match; any other filter to all of them (mongomock's own). The index
+    (value → _ids) is rebuilt when a document was added since, or a value is not in it (a list field that grew), and
+    what it names is checked on each use (deleted, changed)."""
+
+    def __init__(self, collection: Any, field: str):
+        self.collection, self.field, self.scan = collection, field, collection._iter_documents
+        self.ids: dict[Any, list[Any]] = {}
+        self.last: Any = None  # the last document's _id when the index was built
+
+    def __call__(self, filter: Any):
+        from mongomock.filtering import filter_applies
+
+        candidates = self.candidates(filter) if isinstance(filter, dict) else None
+        if candidates is None:
+            return self.scan(filter)
+        return (doc for doc in candidates if filter_applies(filter, doc))
+
+    def candidates(self, filter: dict) -> list[dict] | None:
+        from bson import ObjectId
+
+        documents = self.collection._store._documents
+        key = filter.get("_id")
+        if isinstance(key, str | int | ObjectId):
+            return [documents[key]] if key in documents else []
+        value = filter.get(self.field)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None
+        last = next(reversed(documents), None)  # documents are added at the end (an update keeps their place)
+        if last != self.last or not (found := self.lookup(documents, value)):  # added, or changed, since built
+            self.ids, self.last = {}, last
+            for doc_id, doc in documents.items():
+                field = doc.get(self.field)
+                for item in field if isinstance(field, list) else [field]:
+                    self.ids.setdefault(item, []).append(doc_id)
+            found = self.lookup(documents, value)
+        return found
+
+    def lookup(self, documents: dict, value: int) -> list[dict]:
+        docs = [documents[doc_id] for doc_id in self.ids.get(value, ()) if doc_id in documents]
+        return [doc for doc in docs if self.holds(doc.get(self.field), value)]
+
+    @staticmethod
+    def holds(field: Any, value: int) -> bool:
+        return value in field if isinstance(field, list) else value == field
+
+
 def store_file(store: Any) -> Path:
     """The JSON file an embedded store was loaded from (and that its exit-time write rewrites)."""
     return Path(store._filename)

@@ -28,6 +28,7 @@ from qe_factory.engine.runner import REFUSALS
 from qe_factory.workflow.fireworks_adapter import (
     after_state_changes,
     embedded_store,
+    index_embedded_collections,
     stop_exit_write,
     write_store,
 )
@@ -70,7 +71,12 @@ def get_jobstore() -> JobStore:
             raise DiskFullError(errno.ENOSPC, f"the JobStore {folder} cannot be opened: {free} bytes left on its "
                                 "device; free space, then run the command again") from exc
         raise _state_error(folder, "cannot be read", f"{type(exc).__name__}: {exc}") from exc
-    return named_outcomes_store_class()(store.docs_store, store.additional_stores, save=store.save, load=store.load)
+    docs_store = store.docs_store
+    if embedded_file(factory_home()) is not None:  # this process is the home's one writer: recent_outputs.py
+        from qe_factory.workflow.recent_outputs import RecentOutputs
+
+        docs_store = RecentOutputs(docs_store)
+    return named_outcomes_store_class()(docs_store, store.additional_stores, save=store.save, load=store.load)
 
 
 def free_bytes(path: Path) -> int | None:
@@ -114,6 +120,8 @@ def get_launchpad(read_only: bool = False) -> LaunchPad:
             save_launchpad(launchpad)
             launchpad = LaunchPad.from_file(LAUNCHPAD_LOC)
             stop_exit_write(embedded_store(launchpad))
+    if store is not None:
+        index_embedded_collections(launchpad)
     return launchpad
 
 

@@ -1,0 +1,94 @@
+"""The job outputs a coordinator wrote lately, kept in memory in front of the embedded JobStore.
+
+The embedded JobStore (montydb on sqlite) has no index: each query reads every document, so resolving a job's
+references (the SCF reads its inputs job's output, the validation the SCF's) grew with every structure the home
+ever labelled. The coordinator is the embedded home's one writer (lock.py) and a job reads the outputs of its own
+workflow's earlier jobs, written moments before by the same coordinator: `RecentOutputs` answers those reads from
+what it saw written, and passes every other call to the store. It never answers for a job whose output it has not
+seen from its first index on (jobflow numbers a job's outputs 1, 2, … as detours replace it), so an answer is never
+missing a document the store holds. Writes skip maggma's look-up of the document being replaced (another read of
+every document): a job's output is stored under its own id, `<uuid>:<index>`. Not for MongoDB: other coordinators
+write there too (and it has indexes).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any
+
+CAPACITY = 4096  # jobs (a structure has three); the work in progress is a few hundred structures at most
+
+
+class RecentOutputs:
+    """A maggma docs store (keyed by uuid and index) with the outputs written through it kept for reading back."""
+
+    def __init__(self, store: Any, capacity: int = CAPACITY):
+        self.store, self.capacity = store, capacity
+        self.jobs: OrderedDict[str, dict[int, dict]] = OrderedDict()  # uuid → index → document
+        self.by_id: bool | None = None  # whether job outputs are inserted by their own id (inserts)
+
+    def __getattr__(self, name: str) -> Any:  # everything else: the store's own
+        return getattr(self.store, name)
+
+    def update(self, docs: list[dict] | dict, key: list[str] | str | None = None, **kwargs) -> None:
+        docs = [docs] if isinstance(docs, dict) else list(docs)
+        if key == ["uuid", "index"] and self.inserts():
+            for doc in docs:
+                self.insert(doc)
+        else:
+            self.store.update(docs, key=key, **kwargs)
+        for doc in docs:
+            if isinstance(doc.get("uuid"), str) and isinstance(doc.get("index"), int):
+                self.jobs.setdefault(doc["uuid"], {})[doc["index"]] = copy.deepcopy(doc)
+                self.jobs.move_to_end(doc["uuid"])
+        while len(self.jobs) > self.capacity:
+            self.jobs.popitem(last=False)
+
+    def inserts(self) -> bool:
+        """Whether a job's output can be written by its own id, `<uuid>:<index>` (one sqlite insert; maggma's
+        update first looks for the document by reading them all): a montydb store none of whose job documents has
+        another id (a home written before this kept ObjectIds: there the store's update is used). Asked once."""
+        if self.by_id is None:
+            self.by_id = type(self.store).__name__ == "MontyStore" and not self.store.count(
+                {"_id": {"$not": {"$type": "string"}}, "index": {"$exists": True}})
+        return self.by_id
+
+    def insert(self, doc: dict) -> None:
+        from monty.json import jsanitize
+        from montydb.errors import DuplicateKeyError
+
+        doc = {**jsanitize(doc, allow_bson=True), "_id": f"{doc['uuid']}:{doc['index']}"}
+        try:
+            self.store._collection.insert_one(doc)
+        except DuplicateKeyError:  # the job ran again (a rerun): its new output replaces the old one
+            self.store._collection.replace_one({"_id": doc["_id"]}, doc)
+
+    def query(self, criteria: dict | None = None, properties: dict | list | None = None,
+              sort: dict | None = None, skip: int = 0, limit: int = 0, **kwargs):
+        docs = None if kwargs else self.answer(criteria or {}, sort)
+        if docs is None:
+            yield from self.store.query(criteria=criteria, properties=properties, sort=sort, skip=skip,
+                                        limit=limit, **kwargs)
+            return
+        docs = docs[skip:skip + limit] if limit else docs[skip:]
+        fields = list(properties) if isinstance(properties, list | tuple) else None
+        for doc in docs:
+            yield copy.deepcopy({k: v for k, v in doc.items() if k in fields} if fields else doc)
+
+    def answer(self, criteria: dict, sort: dict | None) -> list[dict] | None:
+        """The documents matching {"uuid": u or {"$in": [...]}[, "index": i]} sorted by index (or as stored),
+        when every job asked for was seen from its first output on; else None (the store answers)."""
+        if not set(criteria) <= {"uuid", "index"} or (sort and set(sort) != {"index"}):
+            return None
+        uuid, index = criteria.get("uuid"), criteria.get("index")
+        uuids = [uuid] if isinstance(uuid, str) else (uuid or {}).get("$in") if isinstance(uuid, dict) else None
+        if not uuids or (isinstance(uuid, dict) and set(uuid) != {"$in"}) or not isinstance(index, int | None):
+            return None
+        outputs = [self.jobs.get(u) for u in uuids]
+        if any(not seen or set(seen) != set(range(1, max(seen) + 1)) for seen in outputs):
+            return None
+        docs = [doc for seen in outputs for i, doc in sorted(seen.items()) if index is None or i == index]
+        if sort:
+            docs.sort(key=lambda doc: doc["index"], reverse=sort["index"] == -1)
+        return docs

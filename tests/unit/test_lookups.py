@@ -1,0 +1,97 @@
+"""The embedded home's fast look-ups: the LaunchPad's indexed collections (fireworks_adapter.IndexedDocuments) answer
+exactly as mongomock's full scans do, and the JobStore's recent outputs (recent_outputs.RecentOutputs) answer only
+what they know whole."""
+
+from __future__ import annotations
+
+import random
+
+import mongomock
+from maggma.stores import MontyStore
+
+from qe_factory.workflow.fireworks_adapter import IndexedDocuments
+from qe_factory.workflow.recent_outputs import RecentOutputs
+
+
+def test_indexed_lookups_answer_as_full_scans_do_through_inserts_updates_and_deletes():
+    client = mongomock.MongoClient()
+    plain, indexed = client.db.plain, client.db.indexed
+    indexed._iter_documents = IndexedDocuments(indexed, "fw_id")
+    rng = random.Random(7)
+    for step in range(400):
+        fw_id = rng.randrange(60)
+        op = rng.choice(["insert", "update", "delete", "replace", "find"])
+        for collection in (plain, indexed):
+            if op == "insert":
+                collection.insert_one({"fw_id": fw_id, "nodes": [fw_id, fw_id + 1], "state": "READY", "n": step})
+            elif op == "update":
+                collection.update_one({"fw_id": fw_id, "state": "READY"}, {"$set": {"state": "RUNNING"}})
+            elif op == "delete":
+                collection.delete_one({"fw_id": fw_id})
+            elif op == "replace":
+                collection.find_one_and_replace({"fw_id": fw_id}, {"fw_id": fw_id, "state": "COMPLETED", "n": step})
+        found = [[{k: v for k, v in doc.items() if k != "_id"} for doc in c.find({"fw_id": fw_id})]
+                 for c in (plain, indexed)]
+        assert found[0] == found[1], (step, op, fw_id)
+        assert plain.count_documents({"fw_id": fw_id, "state": "READY"}) == indexed.count_documents(
+            {"fw_id": fw_id, "state": "READY"})
+    any_doc = indexed.find_one({})
+    assert indexed.find_one({"_id": any_doc["_id"]}) == any_doc  # by _id: the store's own key
+
+
+def test_indexed_lookups_of_list_fields_find_every_document_holding_the_value():
+    client = mongomock.MongoClient()
+    workflows = client.db.workflows
+    workflows._iter_documents = IndexedDocuments(workflows, "nodes")
+    workflows.insert_many([{"nodes": [1, 2, 3]}, {"nodes": [4, 5]}])
+    assert workflows.find_one({"nodes": 5})["nodes"] == [4, 5]
+    workflows.insert_one({"nodes": [6]})  # after the index was built
+    assert workflows.find_one({"nodes": 6})["nodes"] == [6] and workflows.find_one({"nodes": 7}) is None
+
+
+def monty(tmp_path) -> MontyStore:
+    store = MontyStore("outputs", database_path=str(tmp_path), database_name="db", storage="sqlite", key="uuid")
+    store.connect()
+    return store
+
+
+def output(uuid: str, index: int, value: float) -> dict:
+    return {"uuid": uuid, "index": index, "output": {"energy": value}, "metadata": {"stage": "scf"}}
+
+
+def test_recent_outputs_answer_reads_of_what_they_saw_written_from_the_first_index_on(tmp_path):
+    store = RecentOutputs(monty(tmp_path))
+    store.update([output("a", 1, -1.0), output("a", 2, -2.0), output("b", 1, -3.0)], key=["uuid", "index"])
+    store.store.update([output("c", 2, -4.0)], key=["uuid", "index"])  # written by someone else
+    store.update([output("c", 3, -5.0)], key=["uuid", "index"])
+    calls = []
+    real_query = store.store.query
+    store.store.query = lambda **kwargs: calls.append(kwargs) or real_query(**kwargs)
+
+    last = list(store.query({"uuid": "a"}, ["output"], sort={"index": -1}, limit=1))
+    assert last == [{"output": {"energy": -2.0}}] and calls == []
+    both = list(store.query({"uuid": {"$in": ["a", "b"]}}))
+    assert [(d["uuid"], d["index"]) for d in both] == [("a", 1), ("a", 2), ("b", 1)] and calls == []
+    last[0]["output"]["energy"] = 0.0  # a caller's change is its own
+    assert next(store.query({"uuid": "a", "index": 2}))["output"]["energy"] == -2.0
+
+    assert [d["index"] for d in store.query({"uuid": "c"}, sort={"index": 1})] == [2, 3]  # index 1..2 unseen
+    assert len(calls) == 1
+    assert len(list(store.query({"metadata.stage": "scf"}))) == 5 and len(calls) == 2  # other criteria: the store
+
+
+def test_recent_outputs_write_a_job_by_its_own_id_and_a_rerun_replaces_it(tmp_path):
+    store = RecentOutputs(monty(tmp_path))
+    store.update([output("a", 1, -1.0)], key=["uuid", "index"])
+    store.update([output("a", 1, -1.5)], key=["uuid", "index"])  # the job ran again
+    stored = list(store.store.query({"uuid": "a"}))
+    assert [(d["_id"], d["output"]["energy"]) for d in stored] == [("a:1", -1.5)]
+
+
+def test_recent_outputs_keep_the_stores_update_where_jobs_have_other_ids(tmp_path):
+    """A home written before keeps its ObjectIds: inserting by `<uuid>:<index>` would add a second document."""
+    plain = monty(tmp_path)
+    plain.update([output("a", 1, -1.0)], key=["uuid", "index"])  # maggma's: an ObjectId
+    store = RecentOutputs(plain)
+    store.update([output("a", 1, -1.5)], key=["uuid", "index"])
+    assert [d["output"]["energy"] for d in plain.query({"uuid": "a"})] == [-1.5]
