@@ -230,6 +230,14 @@ class RecoveryHandler(Document):
     def _names_as_keys(cls, ladders: dict) -> dict:
         return {key.name if isinstance(key, DFTErrorType) else key: value for key, value in ladders.items()}
 
+    def as_dict(self) -> dict:
+        """As stored in every Firework: the default ladders are left out (half of each Firework's document, copied
+        and written at every step of the LaunchPad), and come back as the defaults."""
+        data = super().as_dict()
+        if self.ladders == type(self).model_fields["ladders"].default_factory():
+            del data["ladders"]
+        return data
+
     @staticmethod
     def analyze(stdout: str, stderr: str = "", crash: str | None = None, returncode: int | None = None) -> DFTErrorType:
         """The spec's entry point: name the failure in raw pw.x texts."""

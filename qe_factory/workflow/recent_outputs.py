@@ -27,6 +27,8 @@ class RecentOutputs:
         self.store, self.capacity = store, capacity
         self.jobs: OrderedDict[str, dict[int, dict]] = OrderedDict()  # uuid → index → document
         self.by_id: bool | None = None  # whether job outputs are inserted by their own id (inserts)
+        self.labels: dict[str, dict] | None = None  # calculation key and uid → a label's metadata (labels_with)
+        self.e0s: dict[str, Any] = {}  # reference uid → its E0, once found (state.stored_e0s)
 
     def __getattr__(self, name: str) -> Any:  # everything else: the store's own
         return getattr(self.store, name)
@@ -39,11 +41,29 @@ class RecentOutputs:
         else:
             self.store.update(docs, key=key, **kwargs)
         for doc in docs:
+            self.remember_label(doc)
             if isinstance(doc.get("uuid"), str) and isinstance(doc.get("index"), int):
                 self.jobs.setdefault(doc["uuid"], {})[doc["index"]] = copy.deepcopy(doc)
                 self.jobs.move_to_end(doc["uuid"])
         while len(self.jobs) > self.capacity:
             self.jobs.popitem(last=False)
+
+    def labels_with(self, keys, uids) -> list[dict]:
+        """Metadata of the labels (validations' outputs) with one of these calculation keys or uids: the store is
+        read once for all of them (not once per inbox file), then kept up to date by the writes."""
+        if self.labels is None:
+            self.labels = {}
+            for doc in self.store.query({"metadata.stage": "validate"}, properties=["metadata"]):
+                self.remember_label(doc)
+        found = {id(meta): meta for value in (*keys, *uids) if (meta := self.labels.get(value)) is not None}
+        return list(found.values())
+
+    def remember_label(self, doc: dict) -> None:
+        meta = doc.get("metadata") or {}
+        if self.labels is not None and meta.get("stage") == "validate":
+            for value in (meta.get("qe_factory_key"), meta.get("uid")):
+                if value:
+                    self.labels[value] = dict(meta)
 
     def inserts(self) -> bool:
         """Whether a job's output can be written by its own id, `<uuid>:<index>` (one sqlite insert; maggma's

@@ -251,6 +251,8 @@ def labels_with(store: JobStore | None, keys: Iterable[str | None], uids: Iterab
     the LaunchPad)."""
     if store is None:
         return []
+    if hasattr(store.docs_store, "labels_with"):  # recent_outputs.RecentOutputs: from memory
+        return store.docs_store.labels_with(keys, uids)
     criteria = {"metadata.stage": "validate", **_either(keys, uids)}
     return [doc["metadata"] for doc in store.query(criteria, properties=["metadata"])]
 
@@ -442,9 +444,20 @@ def load_results(store: JobStore, uids: list[str] | None = None) -> list[DFTResu
 
 
 def stored_e0s(store: JobStore, references: Iterable[Reference]) -> dict[str, E0]:
-    """uid → E0 of the references whose result is in the JobStore (failed ones are absent)."""
+    """uid → E0 of the references whose result is in the JobStore (failed ones are absent). A coordinator's store
+    (recent_outputs.RecentOutputs) keeps the E0s it found (a reference's label never changes) and reads the store
+    only for a reference it knows a label of: a validation no longer reads every document for its E0s."""
     wanted = {ref.uid: ref for ref in references}
-    return {r.uid: E0.from_result(r, wanted[r.uid].key) for r in load_results(store, list(wanted)) if r.succeeded}
+    known: dict[str, E0 | None] | None = getattr(store.docs_store, "e0s", None)
+    missing = [uid for uid in wanted if known is None or uid not in known]
+    if known is not None and missing:
+        missing = [meta["uid"] for meta in store.docs_store.labels_with([], missing)]
+    results = load_results(store, missing) if missing else []
+    found = {r.uid: E0.from_result(r, wanted[r.uid].key) for r in results if r.succeeded}
+    if known is None:
+        return found
+    known.update({r.uid: found.get(r.uid) for r in results})  # None: a failed reference, not read again
+    return {uid: known[uid] for uid in wanted if known.get(uid) is not None}
 
 
 def reference_energies(store: JobStore, config: DFTConfig, elements: Iterable[str]) -> dict[str, float]:

@@ -95,3 +95,18 @@ def test_recent_outputs_keep_the_stores_update_where_jobs_have_other_ids(tmp_pat
     store = RecentOutputs(plain)
     store.update([output("a", 1, -1.5)], key=["uuid", "index"])
     assert [d["output"]["energy"] for d in plain.query({"uuid": "a"})] == [-1.5]
+
+
+def test_recent_outputs_know_the_labels_of_the_store_and_of_their_own_writes(tmp_path):
+    """The coordinator's intake skips structures already labelled; it asked the store (every document read) once
+    per inbox file."""
+    def label(uuid: str, uid: str, key: str) -> dict:
+        return {"uuid": uuid, "index": 1, "metadata": {"stage": "validate", "uid": uid, "qe_factory_key": key}}
+
+    plain = monty(tmp_path)
+    plain.update([label("a", "si-1", "k1"), output("b", 1, -1.0)], key=["uuid", "index"])
+    store = RecentOutputs(plain)
+    assert [m["uid"] for m in store.labels_with(["k1", "k9"], ["si-9"])] == ["si-1"]
+    store.update([label("c", "si-2", "k2")], key=["uuid", "index"])
+    assert sorted(m["uid"] for m in store.labels_with(["k2"], ["si-1", None])) == ["si-1", "si-2"]
+    assert store.labels_with([None], ["si-3"]) == []

@@ -242,3 +242,14 @@ def test_wavefunctions_are_reused_only_when_they_fit(tmp_path):
     assert available_restart(wfc, scratch, si, 1, 1, previous) is rho  # none left
     shutil.rmtree(scratch / "pwscf.save")
     assert available_restart(rho, scratch, si, 1, 1, previous) is scratch_start
+
+
+def test_a_default_recovery_policy_travels_without_its_ladders_and_comes_back_whole():
+    """Every Firework carries its policy: the default ladders were half of each Firework's document."""
+    from qe_factory.engine.recovery import RecoveryHandler
+
+    default, custom = RecoveryHandler(more_steps=3), RecoveryHandler(ladders={"SCF_NOT_CONVERGED": []})
+    assert "ladders" not in default.as_dict() and RecoveryHandler.from_dict(default.as_dict()) == default
+    assert RecoveryHandler.from_dict(default.as_dict()).ladders == RecoveryHandler().ladders
+    assert custom.as_dict()["ladders"] == {"SCF_NOT_CONVERGED": []}
+    assert RecoveryHandler.from_dict(custom.as_dict()) == custom

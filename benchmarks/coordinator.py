@@ -1,0 +1,148 @@
+"""One coordinator at scale, with a stand-in pw.x (prints figures; not a timed test).
+
+C1 flat: the coordinator's own CPU time per Firework (goal ≤ 20 ms, flat) with N structures submitted to the home
+    and as many labelled before (their outputs written straight into the JobStore, three per structure, as the
+    workflows leave them): 2 local worker slots, a stand-in pw.x that prints a converged output at once. Measured
+    between the 5th and the last structure finished (start-up left out), in this process (its workers' CPU apart).
+C2 feed: K slots (local worker processes; hundreds are possible, memory allowing) fed by one coordinator, each
+    stand-in pw.x sleeping S seconds: structures per second sustained, the slots' busy fraction, the coordinator's
+    CPU per structure, and so the cores one coordinator can feed at 60 s per structure (60 s ÷ its CPU seconds per
+    structure, one core per structure; goal ≥ 1,000).
+
+    .venv/bin/python benchmarks/coordinator.py [--only c1,c2] [--sizes 10,10000,100000] [--fireworks 300]
+        [--slots 64] [--sleep 60] [--structures 256]
+    .venv/bin/python benchmarks/coordinator.py --smoke   # tiny sizes (tests/pwx/test_benchmarks.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from ase.build import bulk
+from ase.io import write
+
+BIN = Path(sys.executable).parent
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "si_scf" / "pw.out"
+FACTORY_ENV = ("QE_FACTORY_HOME", "FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE", "MONGOMOCK_SERVERSTORE_FILE")
+# the fixture's settings (4x4x4 k-points, 25/200 Ry): the XML check compares what pw.x says it used with them
+CONFIG = "kpoint_spacing: 0.6\necutwfc: 25\necutrho: 200\nallow_low_cutoffs: true\n"
+
+
+def stand_in(workdir: Path, sleep: float) -> Path:
+    """A pw.x that sleeps, then leaves the fixture's output and XML (in the outdir its pw.in names)."""
+    path = workdir / f"pw-standin-{sleep:g}"
+    path.write_text(
+        "#!/bin/sh\noutdir=$(sed -n \"s/^ *outdir *= *'\\(.*\\)'.*/\\1/p\" pw.in)\n"
+        f"sleep {sleep}\n"
+        f"mkdir -p \"$outdir/pwscf.save\" && cp {FIXTURE.parent / 'data-file-schema.xml'} \"$outdir/pwscf.save/\"\n"
+        f"cat {FIXTURE}\n")
+    path.chmod(0o755)
+    return path
+
+
+def new_home(workdir: Path, name: str, structures: int) -> Path:
+    """A fresh home with `structures` distinct 2-atom Si cells submitted (most wait in its inbox)."""
+    frames = []
+    for seed in range(structures):
+        atoms = bulk("Si", a=5.43 + 1e-4 * (seed % 100))
+        atoms.rattle(0.01, seed=seed)
+        atoms.info["uid"] = f"s-{seed}"
+        frames.append(atoms)
+    write(workdir / f"{name}.extxyz", frames)
+    (workdir / "config.yaml").write_text(CONFIG)
+    env = {k: v for k, v in os.environ.items() if k not in FACTORY_ENV}
+    home = workdir / name
+    subprocess.run([str(BIN / "qe-factory"), "--home", str(home), "submit", f"{name}.extxyz", "-c", "config.yaml",
+                    "--no-e0s"], cwd=workdir, env=env, check=True, capture_output=True)
+    return home
+
+
+def add_labelled(home: Path, structures: int) -> None:
+    """Outputs of `structures` earlier structures (inputs, SCF, validation each), written into the JobStore."""
+    from maggma.stores import MontyStore
+
+    store = MontyStore("outputs", database_path=str(home / "state" / "jobstore"), database_name="qe_factory",
+                       storage="sqlite", key="uuid")
+    store.connect()
+    output = {"energy": -250.0, "forces": [[0.0, 0.0, 0.0]] * 2, "stress": [[0.0] * 3] * 3}
+    for start in range(0, structures, 1000):
+        docs = []
+        for n in range(start, min(structures, start + 1000)):
+            for stage in ("inputs", "scf", "validate"):
+                job = str(uuid.uuid4())
+                docs.append({"_id": f"{job}:1", "uuid": job, "index": 1, "output": output,
+                             "metadata": {"stage": stage, "uid": f"old-{n}", "qe_factory_key": f"old-{n}"}})
+        store._collection.insert_many(docs)
+    store.close()
+
+
+def coordinate(home: Path, command: Path, parallel: int, nlaunches: int | None) -> list[tuple[float, float]]:
+    """Run the home's coordinator here; (wall, this process's CPU) at each structure finished."""
+    from qe_factory.engine.config import ExecutionSettings
+    from qe_factory.workflow.coordinator import run_coordinator
+    from qe_factory.workflow.home import activate
+
+    activate(home)
+    marks: list[tuple[float, float]] = []
+    run_coordinator(nlaunches=nlaunches, launch_root=home / "launches", parallel=parallel,
+                    execution=ExecutionSettings(command=str(command), mpi_ranks=1), log=home / "logs" / "worker.log",
+                    on_finished=lambda uid, state: marks.append((time.perf_counter(), time.process_time())))
+    return marks
+
+
+def c1(workdir: Path, size: int, fireworks: int) -> None:
+    home = new_home(workdir, f"c1-{size}", size)
+    add_labelled(home, size)
+    marks = coordinate(home, stand_in(workdir, 0), 2, fireworks)
+    (w0, c0), (w1, c1_) = marks[min(4, len(marks) - 2)], marks[-1]
+    done = 3 * (len(marks) - 1 - min(4, len(marks) - 2))
+    print(f"C1 {size} submitted, {size} labelled before: {done} Fireworks measured: coordinator CPU "
+          f"{(c1_ - c0) / done * 1e3:.1f} ms per Firework, wall {(w1 - w0) / done * 1e3:.1f} ms (goal ≤ 20 ms CPU)")
+
+
+def c2(workdir: Path, slots: int, sleep: float, structures: int) -> None:
+    home = new_home(workdir, f"c2-{slots}", structures)
+    start = time.perf_counter()
+    marks = coordinate(home, stand_in(workdir, sleep), slots, None)
+    wall = time.perf_counter() - start
+    first = min(slots, len(marks) - 2)  # from when the first wave of slots has finished (start-up left out)
+    (w0, c0), (w1, c1_) = marks[first], marks[-1]
+    rate = (len(marks) - 1 - first) / (w1 - w0)
+    cpu_per_structure = (c1_ - c0) / (len(marks) - 1 - first)
+    busy = len(marks) * sleep / (slots * wall)
+    print(f"C2 {slots} slots, pw.x {sleep:g} s: {len(marks)} structures in {wall:.0f} s; sustained {rate:.2f} "
+          f"structures/s (ideal {slots / sleep:.2f}); slots busy {busy:.0%} of the run; coordinator CPU "
+          f"{cpu_per_structure * 1e3:.0f} ms per structure → one coordinator feeds {60 / cpu_per_structure:.0f} cores "
+          "at 60 s per structure (goal ≥ 1,000)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="c1,c2")
+    parser.add_argument("--sizes", default="10,10000", help="C1: structures submitted (and as many labelled)")
+    parser.add_argument("--fireworks", type=int, default=300, help="C1: Fireworks the coordinator runs")
+    parser.add_argument("--slots", type=int, default=64, help="C2: local worker slots")
+    parser.add_argument("--sleep", type=float, default=60, help="C2: seconds each stand-in pw.x sleeps")
+    parser.add_argument("--structures", type=int, default=256, help="C2: structures")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (the suite's check that it runs)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.fireworks, args.slots, args.sleep, args.structures = "10,30", 30, 3, 1, 9
+    with tempfile.TemporaryDirectory(prefix="qe-factory-coordinator-") as tmp:
+        workdir = Path(tmp)
+        if "c1" in args.only:
+            for size in (int(s) for s in args.sizes.split(",")):
+                c1(workdir, size, min(args.fireworks, 3 * size))
+        if "c2" in args.only:
+            c2(workdir, args.slots, args.sleep, args.structures)
+
+
+if __name__ == "__main__":
+    main()
