@@ -103,6 +103,7 @@ def report(args: argparse.Namespace) -> int:
     settings and pseudopotentials."""
     from qe_factory.workflow.history import home_history, split_references
     from qe_factory.workflow.home import activate
+    from qe_factory.workflow.host import host_records, queue_folder
     from qe_factory.workflow.report import report_html
     from qe_factory.workflow.state import get_jobstore, get_launchpad
 
@@ -115,7 +116,7 @@ def report(args: argparse.Namespace) -> int:
             progress.update(1)
             progress.set_postfix_str(name[:40])
 
-        page = report_html(stories, str(home), step)
+        page = report_html(stories, str(home), step, host_records(queue_folder(home)))
         Path(args.output).write_text(page)
         progress.update(progress.total - progress.n)
     structures, references = split_references(stories)

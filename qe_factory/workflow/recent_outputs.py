@@ -48,33 +48,42 @@ class RecentOutputs:
         while len(self.jobs) > self.capacity:
             self.jobs.popitem(last=False)
 
+    def read(self) -> None:
+        """Read every document once (montydb reads them all for any query): the labels (labels_with), and whether
+        job outputs can be written by their own id (inserts)."""
+        self.labels, others = {}, False
+        for doc in self.store.query({}, properties=["_id", "index", "metadata"]):
+            self.remember_label(doc)
+            others = others or ("index" in doc and not isinstance(doc.get("_id"), str))
+        self.by_id = type(self.store).__name__ == "MontyStore" and not others
+
     def labels_with(self, keys, uids) -> list[dict]:
-        """Metadata of the labels (validations' outputs) with one of these calculation keys or uids: the store is
-        read once for all of them (not once per inbox file), then kept up to date by the writes."""
+        """Metadata of the labels (validations' outputs) with one of these calculation keys or uids: from the one
+        read of the store, kept up to date by the writes."""
         if self.labels is None:
-            self.labels = {}
-            for doc in self.store.query({"metadata.stage": "validate"}, properties=["metadata"]):
-                self.remember_label(doc)
+            self.read()
         found = {id(meta): meta for value in (*keys, *uids) if (meta := self.labels.get(value)) is not None}
         return list(found.values())
 
     def remember_label(self, doc: dict) -> None:
         meta = doc.get("metadata") or {}
         if self.labels is not None and meta.get("stage") == "validate":
-            for value in (meta.get("qe_factory_key"), meta.get("uid")):
+            label = {"uid": meta.get("uid"), "qe_factory_key": meta.get("qe_factory_key")}  # what callers read
+            for value in label.values():
                 if value:
-                    self.labels[value] = dict(meta)
+                    self.labels[value] = label
 
     def inserts(self) -> bool:
         """Whether a job's output can be written by its own id, `<uuid>:<index>` (one sqlite insert; maggma's
         update first looks for the document by reading them all): a montydb store none of whose job documents has
-        another id (a home written before this kept ObjectIds: there the store's update is used). Asked once."""
+        another id (a home written before this kept ObjectIds: there the store's update is used)."""
         if self.by_id is None:
-            self.by_id = type(self.store).__name__ == "MontyStore" and not self.store.count(
-                {"_id": {"$not": {"$type": "string"}}, "index": {"$exists": True}})
-        return self.by_id
+            self.read()
+        return bool(self.by_id)
 
     def insert(self, doc: dict) -> None:
+        """Relies on: maggma's MontyStore keeps its montydb collection as `_collection`, and stores what its update
+        would (the document made JSON-safe by monty's jsanitize)."""
         from monty.json import jsanitize
         from montydb.errors import DuplicateKeyError
 

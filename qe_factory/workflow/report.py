@@ -264,9 +264,17 @@ def table(header: list[str], rows: list[list[Any]], empty: str = "none") -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def report_html(stories: list[Story], home: str, progress: Callable[[str], None] = lambda step: None) -> str:
-    """The report page of a home's stories (with their results loaded); `progress(step)` is called before each
-    slow step."""
+def host_rows(hosts: Iterable[Any]) -> list[list[Any]]:
+    """A row per pilot job (host.HostRecord): what it ran and how busy it kept its slots."""
+    return [[h.host_id, h.hostname, h.state, h.slots, h.done, h.running,
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(h.started)), f"{(h.updated - h.started) / 60:.1f}",
+             f"{h.busy_fraction():.0%}"] for h in hosts]
+
+
+def report_html(stories: list[Story], home: str, progress: Callable[[str], None] = lambda step: None,
+                hosts: Iterable[Any] = ()) -> str:
+    """The report page of a home's stories (with their results loaded) and its pilot jobs (`hosts`, host.py's
+    records); `progress(step)` is called before each slow step."""
     structures, references = split_references(stories)
     counts = outcome_counts(structures)
     results = [s.result for s in structures if s.outcome == "labelled" and s.result is not None]
@@ -301,6 +309,11 @@ def report_html(stories: list[Story], home: str, progress: Callable[[str], None]
               "no pw.x runs"),
         '<p class="note">Core-hours: wall time × MPI ranks; CPU hours: pw.x\'s own CPU time × ranks.</p>',
         table(["pw.x runs", "runs", "core-hours", "CPU hours"], cost_rows(structures, references)),
+        "<h2>Pilot jobs</h2>",
+        '<p class="note">Each SLURM job (or local host) that ran launches from the home\'s queue: launches done, and '
+        "the share of its slot-time spent running them.</p>",
+        table(["job", "node", "state", "slots", "launches done", "running", "started", "minutes", "busy"],
+              host_rows(hosts), "no pilot jobs"),
         f"<h2>Failures and refusals ({counts['failed']} failed, {counts['refused']} refused)</h2>",
         table(["uid", "formula", "outcome", "stage", "error type", "cause", "attempts", "files"],
               problem_rows(structures), "none"),

@@ -60,22 +60,25 @@ def get_jobstore() -> JobStore:
 
     store = jobflow.SETTINGS.JOB_STORE
     folder = Path(getattr(store.docs_store, "database_path", "") or factory_home() / "state" / "jobstore")
-    if embedded_file(factory_home()) is not None and not folder.is_dir():
+    embedded = embedded_file(factory_home()) is not None
+    if embedded and not folder.is_dir():
         raise _state_error(folder, "is missing", "the JobStore's folder was deleted or moved")
+    docs_store = store.docs_store
     try:
         for sub in (store.docs_store, *store.additional_stores.values()):
             connect_store(sub)
-        store.docs_store.count({"metadata.stage": "validate"})
+        if embedded:  # this process is the home's one writer (or a reader): recent_outputs.py; one read of it all
+            from qe_factory.workflow.recent_outputs import RecentOutputs
+
+            docs_store = RecentOutputs(docs_store)
+            docs_store.read()
+        else:
+            store.docs_store.count({"metadata.stage": "validate"})
     except Exception as exc:  # sqlite3.DatabaseError, OSError, bson errors: whatever a damaged file raises
         if (free := free_bytes(folder)) is not None and free < 1 << 20:  # sqlite says "disk I/O error"
             raise DiskFullError(errno.ENOSPC, f"the JobStore {folder} cannot be opened: {free} bytes left on its "
                                 "device; free space, then run the command again") from exc
         raise _state_error(folder, "cannot be read", f"{type(exc).__name__}: {exc}") from exc
-    docs_store = store.docs_store
-    if embedded_file(factory_home()) is not None:  # this process is the home's one writer: recent_outputs.py
-        from qe_factory.workflow.recent_outputs import RecentOutputs
-
-        docs_store = RecentOutputs(docs_store)
     return named_outcomes_store_class()(docs_store, store.additional_stores, save=store.save, load=store.load)
 
 

@@ -109,3 +109,12 @@ def test_e0s_smoke_prints_the_box_study_and_the_element(tmp_path):
     element = line(out, rf"element H: converged yes, (\d+) attempt\(s\), (\d+) SCF iterations, ({NUMBER}) s, "
                         rf"25\.0/200\.0 Ry, E0 ({NUMBER}) eV, moment ({NUMBER})")
     assert float(element.group(5)) == pytest.approx(1.0)  # H's Hund moment
+
+
+def test_coordinator_smoke_prints_its_figures(tmp_path):
+    output = smoke("coordinator.py", tmp_path)
+    for size in (10, 30):
+        line(output, rf"C1 {size} submitted, {size} labelled before: \d+ Fireworks measured: coordinator CPU "
+                     rf"{NUMBER} ms")
+    line(output, rf"C2 3 slots, pw.x 1 s: 9 structures in {NUMBER} s; sustained {NUMBER} structures/s .*feeds "
+                 rf"{NUMBER} cores")

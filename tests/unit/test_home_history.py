@@ -43,3 +43,17 @@ def test_a_home_without_labels_gets_a_report_without_figures():
                        "home")
     assert "<img" not in page and "no labels yet" in page and "too close" in page
     assert '<div class="tile refused"><b>1</b>refused</div>' in page
+
+
+def test_the_report_has_a_row_per_pilot_job():
+    from qe_factory.workflow.host import HostRecord
+    from qe_factory.workflow.report import report_html
+
+    hosts = [HostRecord("slurm-41", 1, "node7", "41", slots=4, state="ENDED", done=23, idle_seconds=60.0,
+                        started=1000.0, updated=1600.0)]
+    page = report_html([], "home", hosts=hosts)
+    row = page[page.index("<h2>Pilot jobs</h2>"):].split("</table>")[0]
+    cells = ("<td>slurm-41</td>", "<td>node7</td>", "<td>ENDED</td>", '<td class="n">23</td>', "<td>10.0</td>",
+             "<td>98%</td>")
+    assert all(cell in row for cell in cells), row
+    assert "no pilot jobs" in report_html([], "home")
