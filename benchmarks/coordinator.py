@@ -8,9 +8,12 @@ C2 feed: K slots (local worker processes; hundreds are possible, memory allowing
     stand-in pw.x sleeping S seconds: structures per second sustained, the slots' busy fraction, the coordinator's
     CPU per structure, and so the cores one coordinator can feed at 60 s per structure (60 s ÷ its CPU seconds per
     structure, one core per structure; goal ≥ 1,000).
+C3 jobs (only with --only c3: needs the SLURM cluster of scripts/slurm_cluster.sh): N structures through pilot jobs
+    (`qe-factory qlaunch rapidfire -m J`, one slot each) with the stand-in pw.x: SLURM jobs per 1,000 structures
+    (goal ≤ 10), launches and busy fraction per job.
 
-    .venv/bin/python benchmarks/coordinator.py [--only c1,c2] [--sizes 10,10000,100000] [--fireworks 300]
-        [--slots 64] [--sleep 60] [--structures 256]
+    .venv/bin/python benchmarks/coordinator.py [--only c1,c2,c3] [--sizes 10,10000,100000] [--fireworks 300]
+        [--slots 64] [--sleep 60] [--structures 256] [--jobs 2] [--slurm-structures 1000]
     .venv/bin/python benchmarks/coordinator.py --smoke   # tiny sizes (tests/pwx/test_benchmarks.py)
 """
 
@@ -123,6 +126,32 @@ def c2(workdir: Path, slots: int, sleep: float, structures: int) -> None:
           "at 60 s per structure (goal ≥ 1,000)")
 
 
+def c3(workdir: Path, structures: int, max_jobs: int, slots: int) -> None:
+    """Pilot jobs on the SLURM cluster this machine runs (scripts/slurm_cluster.sh start), stand-in pw.x at once."""
+    import json
+
+    import yaml
+
+    home = new_home(workdir, "c3", structures)
+    path = home / "fw_config" / "my_qadapter.yaml"
+    settings = yaml.safe_load(path.read_text())
+    settings.update(ntasks=slots, walltime="00:30:00",
+                    pre_rocket=f"{settings['pre_rocket']}; export QE_FACTORY_COMMAND={stand_in(workdir, 0)}")
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in FACTORY_ENV}
+    start = time.perf_counter()
+    out = subprocess.run([str(BIN / "qe-factory"), "--home", str(home), "qlaunch", "rapidfire", "-m", str(max_jobs),
+                          "--sleep", "1", "--idle-exit", "10"], cwd=workdir, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    wall = time.perf_counter() - start
+    jobs = int(out.split("qlaunch: ")[1].split()[0])
+    hosts = [json.loads(p.read_text()) for p in sorted((home / "queue" / "hosts").glob("*.json"))]
+    busy = [1 - h["idle_seconds"] / max(1e-9, (h["updated"] - h["started"]) * h["slots"]) for h in hosts]
+    print(f"C3 {structures} structures through pilot jobs (-m {max_jobs}, {slots} slot(s) each) in {wall:.0f} s: "
+          f"{jobs} SLURM job(s), {1000 * jobs / structures:.1f} per 1,000 structures (goal ≤ 10); launches per job "
+          f"{[h['done'] for h in hosts]}, busy {[f'{b:.0%}' for b in busy]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="c1,c2")
@@ -131,10 +160,13 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=64, help="C2: local worker slots")
     parser.add_argument("--sleep", type=float, default=60, help="C2: seconds each stand-in pw.x sleeps")
     parser.add_argument("--structures", type=int, default=256, help="C2: structures")
+    parser.add_argument("--jobs", type=int, default=2, help="C3: pilot jobs at most (-m)")
+    parser.add_argument("--slurm-structures", type=int, default=1000, help="C3: structures")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (the suite's check that it runs)")
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.fireworks, args.slots, args.sleep, args.structures = "10,30", 30, 3, 1, 9
+        args.slurm_structures = 20
     with tempfile.TemporaryDirectory(prefix="qe-factory-coordinator-") as tmp:
         workdir = Path(tmp)
         if "c1" in args.only:
@@ -142,6 +174,8 @@ def main() -> None:
                 c1(workdir, size, min(args.fireworks, 3 * size))
         if "c2" in args.only:
             c2(workdir, args.slots, args.sleep, args.structures)
+        if "c3" in args.only:
+            c3(workdir, args.slurm_structures, args.jobs, 1)
 
 
 if __name__ == "__main__":

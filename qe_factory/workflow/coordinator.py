@@ -181,7 +181,6 @@ class Coordinator:
         else:  # a local worker process has it now
             run.move(self.launchpad, RunState.RUNNING)
         self.saver.changed()
-        self.saver.flush()  # a reader sees what runs (and a killed coordinator leaves it reserved)
         return True
 
     def run_quick_stage(self) -> bool:
@@ -283,6 +282,7 @@ class Coordinator:
             self.admit(self.capacity)
         while self.accepting() and (self.dispatch() or self.run_quick_stage()):
             pass  # a free worker first: it never waits for the quick stages
+        self.saver.flush()  # a reader sees what runs (and a killed coordinator leaves it reserved)
 
     def run(self) -> int:
         """Until nothing is READY and nothing runs (or no new work may start and only SLURM jobs run on); returns

@@ -106,33 +106,31 @@ def embedded_store(launchpad: LaunchPad) -> Any | None:
     return store if getattr(store, "_filename", None) else None
 
 
-# the fields FireWorks (and state.py) look single documents up by, per LaunchPad collection
-INDEXED_FIELDS = {"fireworks": "fw_id", "launches": "launch_id", "workflows": "nodes", "offline_runs": "launch_id"}
+# the fields FireWorks (and state.py) look documents up by, per LaunchPad collection (values never change, or only grow)
+INDEXED_FIELDS = {"fireworks": ("fw_id", "launches"), "launches": ("launch_id", "fw_id", "launch_dir"),
+                  "workflows": ("nodes",), "offline_runs": ("launch_id",)}
 
 
 def index_embedded_collections(launchpad: LaunchPad) -> None:
-    """Give an embedded LaunchPad's collections look-ups by _id and by their id field (INDEXED_FIELDS), instead of
+    """Give an embedded LaunchPad's collections look-ups by _id and by their id fields (INDEXED_FIELDS), instead of
     mongomock's reading of every document for every query, update and find-and-modify: the coordinator's cost per
     Firework then no longer grows with the work in progress (benchmarks/README.md, coordinator.py).
 
     Relies on: every mongomock Collection operation selects its documents through `_iter_documents(filter)`, a
     filter applied to each of `_store.documents` (CollectionStore, keyed by _id, in insertion order).
     """
-    for name, field in INDEXED_FIELDS.items():
+    for name, fields in INDEXED_FIELDS.items():
         collection = getattr(launchpad, name)
-        collection._iter_documents = IndexedDocuments(collection, field)
+        collection._iter_documents = IndexedDocuments(collection, fields)
 
 
 class IndexedDocuments:
-    """`_iter_documents` of one mongomock collection: a filter naming one _id, or one value of `field`, is
-    applied to the few documents that can match; any other filter to all of them (mongomock's own). The index
-    (value → _ids) is rebuilt when a document was added since, or a value is not in it (a list field that grew), and
-    what it names is checked on each use (deleted, changed)."""
+    """`_iter_documents` of one mongomock collection: a filter naming one _id, or values of one of `fields`, is
+    applied to the few documents that can match; any other filter to all of them (mongomock's own)."""
 
-    def __init__(self, collection: Any, field: str):
-        self.collection, self.field, self.scan = collection, field, collection._iter_documents
-        self.ids: dict[Any, list[Any]] = {}
-        self.last: Any = None  # the last document's _id when the index was built
+    def __init__(self, collection: Any, fields: tuple[str, ...]):
+        self.collection, self.scan = collection, collection._iter_documents
+        self.indexes = [FieldIndex(field) for field in fields]
 
     def __call__(self, filter: Any):
         from mongomock.filtering import filter_applies
@@ -149,25 +147,50 @@ class IndexedDocuments:
         key = filter.get("_id")
         if isinstance(key, str | int | ObjectId):
             return [documents[key]] if key in documents else []
+        for index in self.indexes:
+            if (values := index.values_in(filter)) is not None:
+                return index.documents(documents, values)
+        return None
+
+
+class FieldIndex:
+    """value → _ids of the documents holding it in one field (a list field: each of its items). Rebuilt when a
+    document was added since (documents are added at the end; an update keeps their place), or a value is not in it
+    (a list field that grew); what it names is checked on each use (deleted, changed)."""
+
+    def __init__(self, field: str):
+        self.field = field
+        self.ids: dict[Any, list[Any]] = {}
+        self.last: Any = None  # the last document's _id when the index was built
+        self.place: dict[Any, int] = {}  # _id → its place among the documents then
+
+    def values_in(self, filter: dict) -> list | None:
+        """The values the filter asks this field for (one, or `$in` a list), if they can be looked up."""
         value = filter.get(self.field)
-        if not isinstance(value, int) or isinstance(value, bool):
-            return None
-        last = next(reversed(documents), None)  # documents are added at the end (an update keeps their place)
-        if last != self.last or not (found := self.lookup(documents, value)):  # added, or changed, since built
-            self.ids, self.last = {}, last
-            for doc_id, doc in documents.items():
+        values = value.get("$in") if isinstance(value, dict) and set(value) == {"$in"} else [value]
+        ok = isinstance(values, list) and all(isinstance(v, int | str) and not isinstance(v, bool) for v in values)
+        return values if ok else None
+
+    def documents(self, documents: dict, values: list) -> list[dict]:
+        last = next(reversed(documents), None)
+        if last != self.last or not all(found := [self.lookup(documents, v) for v in values]):
+            self.ids, self.last, self.place = {}, last, {}
+            for place, (doc_id, doc) in enumerate(documents.items()):
+                self.place[doc_id] = place
                 field = doc.get(self.field)
                 for item in field if isinstance(field, list) else [field]:
-                    self.ids.setdefault(item, []).append(doc_id)
-            found = self.lookup(documents, value)
-        return found
+                    if isinstance(item, int | str):
+                        self.ids.setdefault(item, []).append(doc_id)
+            found = [self.lookup(documents, v) for v in values]
+        unique = {id(doc): doc for docs in found for doc in docs}  # a document once, even if it holds two values
+        return sorted(unique.values(), key=lambda doc: self.place.get(doc.get("_id"), 0))  # in mongomock's order
 
-    def lookup(self, documents: dict, value: int) -> list[dict]:
+    def lookup(self, documents: dict, value: Any) -> list[dict]:
         docs = [documents[doc_id] for doc_id in self.ids.get(value, ()) if doc_id in documents]
         return [doc for doc in docs if self.holds(doc.get(self.field), value)]
 
     @staticmethod
-    def holds(field: Any, value: int) -> bool:
+    def holds(field: Any, value: Any) -> bool:
         return value in field if isinstance(field, list) else value == field
 
 

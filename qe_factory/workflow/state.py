@@ -304,9 +304,23 @@ def finished_structure(launchpad: LaunchPad, fw_id: int) -> tuple[str, str] | No
 
 def archive(launchpad: LaunchPad, fw_id: int) -> None:
     """Remove the workflow of `fw_id` from the LaunchPad (a COMPLETED one: its result and history are in the
-    JobStore), so the embedded LaunchPad stays as small as the work in progress."""
-    with contextlib.redirect_stdout(io.StringIO()):  # delete_wf prints every id it removes
-        launchpad.delete_wf(fw_id, delete_launch_dirs=False)
+    JobStore), so the embedded LaunchPad stays as small as the work in progress. What FireWorks' delete_wf does,
+    without its look for other Fireworks sharing a launch (only its duplicate finders share them; the factory uses
+    none), which read every Firework for every launch."""
+    workflow = launchpad.workflows.find_one({"nodes": fw_id}, {"nodes": 1})
+    if workflow is None:
+        return
+    fw_ids = workflow["nodes"]
+    fireworks = launchpad.fireworks.find({"fw_id": {"$in": fw_ids}}, {"launches": 1, "archived_launches": 1})
+    launch_ids = [launch for fw in fireworks for launch in fw.get("launches", []) + fw.get("archived_launches", [])]
+    if launchpad.gridfs_fallback is not None:
+        for launch_id in launch_ids:
+            for file in launchpad.gridfs_fallback.find({"metadata.launch_id": launch_id}):
+                launchpad.gridfs_fallback.delete(file._id)
+    launchpad.launches.delete_many({"launch_id": {"$in": launch_ids}})
+    launchpad.offline_runs.delete_many({"launch_id": {"$in": launch_ids}})
+    launchpad.fireworks.delete_many({"fw_id": {"$in": fw_ids}})
+    launchpad.workflows.delete_one({"nodes": fw_id})
 
 
 # --- offline runs (offline.py): FireWorks' offline_runs collection, and the run state the coordinator records there

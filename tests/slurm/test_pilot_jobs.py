@@ -19,24 +19,6 @@ def running_pw_x(home: Path) -> str | None:
     return None
 
 
-def test_twelve_structures_through_at_most_two_pilot_jobs(slurm, tmp_path, monkeypatch):
-    home = make_home(tmp_path, walltime="00:10:00")
-    config = {"kpoint_spacing": 0.8, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True, "timeout": 300}
-    structures = {f"si-{n}": rattled_si(n) for n in range(12)}
-    submit(home, tmp_path, structures, config)
-    argv = [QE_FACTORY, "--home", str(home), "qlaunch", "rapidfire", "-m", "2",
-            "--sleep", "1", "--idle-exit", "5"]
-    ran = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=base_env(), timeout=1200)
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    submitted = int(ran.stdout.split("qlaunch: ")[1].split()[0])
-    assert 1 <= submitted <= 2, ran.stdout  # twelve SCF launches (was: twelve jobs)
-    results = stored_results(home, monkeypatch)
-    assert sorted(r.uid for r in results) == sorted(structures) and all(r.succeeded for r in results)
-    outputs = sorted((home / "queue" / "jobs").glob("*/*.out"))
-    assert len(outputs) == submitted and sum(text.count("Finished job - scf") for text in
-                                             (out.read_text() for out in outputs)) == 12, outputs
-
-
 def test_a_cancelled_pilot_job_gives_its_launch_back_and_another_job_finishes_it(slurm, tmp_path, monkeypatch):
     """`scancel` of a pilot job ends the host, not the structure it was running (a single-launch job's cancel stays
     a person's order, SLURM_CANCELLED): the launch goes back to READY and a later pilot job labels it."""
@@ -59,3 +41,16 @@ def test_a_cancelled_pilot_job_gives_its_launch_back_and_another_job_finishes_it
     results = stored_results(home, monkeypatch)
     assert sorted(r.uid for r in results) == sorted(structures), output
     assert all(r.succeeded and [a.error_type for a in r.attempts] == ["OK"] for r in results), output
+
+
+def test_the_pilot_jobs_benchmark_smoke_prints_its_figures(slurm, tmp_path):
+    """benchmarks/coordinator.py C3 (20 structures, stand-in pw.x) on the test cluster: it completes and prints."""
+    import re
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "coordinator.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--only", "c3"], cwd=tmp_path, env=base_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^C3 20 structures through pilot jobs .*: [12] SLURM job\(s\), [\d.]+ per 1,000", proc.stdout,
+                     re.MULTILINE), proc.stdout

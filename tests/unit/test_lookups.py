@@ -16,7 +16,7 @@ from qe_factory.workflow.recent_outputs import RecentOutputs
 def test_indexed_lookups_answer_as_full_scans_do_through_inserts_updates_and_deletes():
     client = mongomock.MongoClient()
     plain, indexed = client.db.plain, client.db.indexed
-    indexed._iter_documents = IndexedDocuments(indexed, "fw_id")
+    indexed._iter_documents = IndexedDocuments(indexed, ("fw_id",))
     rng = random.Random(7)
     for step in range(400):
         fw_id = rng.randrange(60)
@@ -42,7 +42,7 @@ def test_indexed_lookups_answer_as_full_scans_do_through_inserts_updates_and_del
 def test_indexed_lookups_of_list_fields_find_every_document_holding_the_value():
     client = mongomock.MongoClient()
     workflows = client.db.workflows
-    workflows._iter_documents = IndexedDocuments(workflows, "nodes")
+    workflows._iter_documents = IndexedDocuments(workflows, ("nodes",))
     workflows.insert_many([{"nodes": [1, 2, 3]}, {"nodes": [4, 5]}])
     assert workflows.find_one({"nodes": 5})["nodes"] == [4, 5]
     workflows.insert_one({"nodes": [6]})  # after the index was built
@@ -110,3 +110,14 @@ def test_recent_outputs_know_the_labels_of_the_store_and_of_their_own_writes(tmp
     store.update([label("c", "si-2", "k2")], key=["uuid", "index"])
     assert sorted(m["uid"] for m in store.labels_with(["k2"], ["si-1", None])) == ["si-1", "si-2"]
     assert store.labels_with([None], ["si-3"]) == []
+
+
+def test_indexed_lookups_of_several_values_answer_as_full_scans_do():
+    client = mongomock.MongoClient()
+    plain, indexed = client.db.plain, client.db.indexed
+    indexed._iter_documents = IndexedDocuments(indexed, ("nodes",))
+    for collection in (plain, indexed):
+        collection.insert_many([{"nodes": [1, 2], "n": 0}, {"nodes": [3], "n": 1}, {"nodes": [4, 5], "n": 2}])
+    for query in ({"nodes": {"$in": [2, 1]}}, {"nodes": {"$in": [5, 1, 9]}}, {"nodes": {"$in": []}},
+                  {"nodes": {"$in": [3]}, "n": 0}):
+        assert [d["n"] for d in plain.find(query)] == [d["n"] for d in indexed.find(query)], query
