@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -106,8 +107,10 @@ def c1(workdir: Path, size: int, fireworks: int) -> None:
     marks = coordinate(home, stand_in(workdir, 0), 2, fireworks)
     (w0, c0), (w1, c1_) = marks[min(4, len(marks) - 2)], marks[-1]
     done = 3 * (len(marks) - 1 - min(4, len(marks) - 2))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"C1 {size} submitted, {size} labelled before: {done} Fireworks measured: coordinator CPU "
-          f"{(c1_ - c0) / done * 1e3:.1f} ms per Firework, wall {(w1 - w0) / done * 1e3:.1f} ms (goal ≤ 20 ms CPU)")
+          f"{(c1_ - c0) / done * 1e3:.1f} ms per Firework, wall {(w1 - w0) / done * 1e3:.1f} ms (goal ≤ 20 ms CPU); "
+          f"peak RSS of the coordinator's process so far {rss:.0f} MB")
 
 
 def c2(workdir: Path, slots: int, sleep: float, structures: int) -> None:
@@ -116,12 +119,12 @@ def c2(workdir: Path, slots: int, sleep: float, structures: int) -> None:
     marks = coordinate(home, stand_in(workdir, sleep), slots, None)
     wall = time.perf_counter() - start
     first = min(slots, len(marks) - 2)  # from when the first wave of slots has finished (start-up left out)
-    (w0, c0), (w1, c1_) = marks[first], marks[-1]
-    rate = (len(marks) - 1 - first) / (w1 - w0)
+    (_, c0), (_, c1_) = marks[first], marks[-1]
     cpu_per_structure = (c1_ - c0) / (len(marks) - 1 - first)
     busy = len(marks) * sleep / (slots * wall)
-    print(f"C2 {slots} slots, pw.x {sleep:g} s: {len(marks)} structures in {wall:.0f} s; sustained {rate:.2f} "
-          f"structures/s (ideal {slots / sleep:.2f}); slots busy {busy:.0%} of the run; coordinator CPU "
+    print(f"C2 {slots} slots, pw.x {sleep:g} s: {len(marks)} structures in {wall:.0f} s ({len(marks) / wall:.2f} "
+          f"structures/s; {slots / sleep:.2f} with no start-up and no gaps); slots busy {busy:.0%} of the run, "
+          f"start-up included; coordinator CPU "
           f"{cpu_per_structure * 1e3:.0f} ms per structure → one coordinator feeds {60 / cpu_per_structure:.0f} cores "
           "at 60 s per structure (goal ≥ 1,000)")
 

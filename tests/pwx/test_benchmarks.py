@@ -116,5 +116,4 @@ def test_coordinator_smoke_prints_its_figures(tmp_path):
     for size in (10, 30):
         line(output, rf"C1 {size} submitted, {size} labelled before: \d+ Fireworks measured: coordinator CPU "
                      rf"{NUMBER} ms")
-    line(output, rf"C2 3 slots, pw.x 1 s: 9 structures in {NUMBER} s; sustained {NUMBER} structures/s .*feeds "
-                 rf"{NUMBER} cores")
+    line(output, rf"C2 3 slots, pw.x 1 s: 9 structures in {NUMBER} s \({NUMBER} structures/s.*feeds {NUMBER} cores")
