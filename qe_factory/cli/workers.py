@@ -102,16 +102,27 @@ def host(args: argparse.Namespace) -> int:
 
 def launch_offline(args: argparse.Namespace) -> int:
     """Run the Firework reserved in a launch directory, with no LaunchPad or JobStore access (a SLURM job)."""
+    import faulthandler
     import signal
+    import sys
+    import time
 
     from qe_factory.engine.process import STOP
     from qe_factory.workflow.home import activate
     from qe_factory.workflow.offline import run_offline
 
     activate(args.home)
+    faulthandler.enable()  # a crash leaves its Python stacks in the job's stderr
+
+    def stop(signum: int, frame) -> None:
+        STOP.set()
+        print(f"launch-offline: {signal.Signals(signum).name} at {time.strftime('%H:%M:%S')}: stopping pw.x",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback_later(10)  # still here 10 s later: where it waits, in the job's stderr
+
     signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # the time limit is near: pw.x's max_seconds acts
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: STOP.set())
+        signal.signal(sig, stop)
     state = run_offline(Path(args.launch_dir).resolve())
     print(f"launch-offline: {state}")
     return 0
