@@ -255,7 +255,14 @@ class PilotJobs:
         """Nothing: hosts run on by themselves; the next coordinator takes their runs in."""
 
     def close(self) -> None:
-        """Nothing: hosts still queued or running are taken in by the next coordinator."""
+        """Hosts still queued when no launch is left are cancelled (nothing waits for them); any other host runs on,
+        and the next coordinator takes its runs in."""
+        if self.runs or waiting_tickets(self.queue):
+            return
+        started = {record.host_id for record in host_records(self.queue)}
+        for job in self.jobs:
+            if job not in started:
+                self.hosts.cancel(job)
 
 
 def job_cores(qadapter) -> int:
@@ -295,6 +302,9 @@ class SlurmHosts:
     def alive(self, host_id: str) -> bool:
         return queue_job_alive(host_id.removeprefix("slurm-"))
 
+    def cancel(self, host_id: str) -> None:
+        subprocess.run(["scancel", host_id.removeprefix("slurm-")], capture_output=True, timeout=60)
+
 
 class LocalHosts:
     """Pilot hosts as processes on this machine (`qe-factory host`), each with `slots` worker processes."""
@@ -316,3 +326,7 @@ class LocalHosts:
     def alive(self, host_id: str) -> bool:
         process = self.processes.get(host_id)
         return process is not None and process.poll() is None
+
+    def cancel(self, host_id: str) -> None:
+        if (process := self.processes.get(host_id)) is not None:
+            process.terminate()

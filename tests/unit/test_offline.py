@@ -184,3 +184,41 @@ def test_each_offline_run_s_state_is_recorded_as_it_moves(home, tmp_path):
     take_back(launchpad, runs[lost], store)  # its worker never ran it
     assert runs[done].state is runs[lost].state is RunState.TAKEN_BACK
     assert run_state_counts(launchpad) == {"TAKEN_BACK": 2} and offline_entries(launchpad) == []
+
+
+def test_pilot_jobs_still_queued_when_no_launch_is_left_are_cancelled(tmp_path):
+    """1,000 structures through -m 4 on a 2-core node: two jobs did all the work, two waited in the queue; they
+    would have started after the coordinator ended, to find nothing."""
+    from pathlib import Path
+
+    from qe_factory.workflow.host import HostRecord, PilotJobs, write_record
+    from qe_factory.workflow.offline import OfflineRun
+
+    class Hosts:
+        def __init__(self):
+            self.submitted, self.cancelled = 0, []
+
+        def submit(self) -> str:
+            self.submitted += 1
+            return f"slurm-{self.submitted}"
+
+        def alive(self, host_id: str) -> bool:
+            return host_id not in self.cancelled
+
+        def cancel(self, host_id: str) -> None:
+            self.cancelled.append(host_id)
+
+    hosts = Hosts()
+    jobs = PilotJobs(tmp_path / "queue", hosts, max_jobs=3, slots=1, poll_seconds=0.01)
+    runs = [OfflineRun(n, n, Path(tmp_path / f"l{n}")) for n in range(3)]
+    for run in runs:
+        jobs.start(run)
+    assert hosts.submitted == 3
+    write_record(tmp_path / "queue", HostRecord("slurm-1", 1, "node", "1", slots=1))  # job 1 started
+    jobs.close()
+    assert hosts.cancelled == []  # launches still wait: every job may still take one
+    jobs.runs.clear()
+    for ticket in (tmp_path / "queue" / "ready").glob("*.json"):
+        ticket.unlink()
+    jobs.close()
+    assert hosts.cancelled == ["slurm-2", "slurm-3"]  # the started one ends by itself (idle)
