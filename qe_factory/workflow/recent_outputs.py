@@ -13,8 +13,12 @@ write there too (and it has indexes).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sqlite3
 from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 CAPACITY = 4096  # jobs (a structure has three); the work in progress is a few hundred structures at most
@@ -52,10 +56,28 @@ class RecentOutputs:
         """Read every document once (montydb reads them all for any query): the labels (labels_with), and whether
         job outputs can be written by their own id (inserts)."""
         self.labels, others = {}, False
-        for doc in self.store.query({}, properties=["_id", "index", "metadata"]):
+        for doc in self.every_document():
             self.remember_label(doc)
             others = others or ("index" in doc and not isinstance(doc.get("_id"), str))
         self.by_id = type(self.store).__name__ == "MontyStore" and not others
+
+    def every_document(self) -> Iterator[dict]:
+        """The store's documents one at a time (montydb's own query holds all of them in memory first: a GB at
+        100,000 structures).
+
+        Relies on: a MontyStore on sqlite keeps a collection in
+        `<database_path>/<database_name>/<collection>.collection`, table `documents`, each document BSON in `v`."""
+        path = Path(getattr(self.store, "database_path", "")) / str(getattr(self.store, "database_name", "")) / (
+            f"{getattr(self.store, 'collection_name', '')}.collection")
+        if type(self.store).__name__ != "MontyStore" or getattr(self.store, "storage", "") != "sqlite" or (
+                not path.is_file()):
+            yield from self.store.query({}, properties=["_id", "index", "metadata"])
+            return
+        import bson
+
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as connection:
+            for (value,) in connection.execute("SELECT v FROM documents"):
+                yield bson.decode(value)
 
     def labels_with(self, keys, uids) -> list[dict]:
         """Metadata of the labels (validations' outputs) with one of these calculation keys or uids: from the one
