@@ -158,7 +158,9 @@ SlurmdUser=root
 AuthType=auth/munge
 CryptoType=crypto/munge
 MpiDefault=none
-ProctrackType=proctrack/linuxproc
+# pgid, not linuxproc: linuxproc finds a job's processes by walking /proc, and with the test suite's process churn
+# beside it the worker of a job at its time limit went without SLURM's SIGTERM until the SIGKILL 30 s later
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory

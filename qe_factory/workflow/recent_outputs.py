@@ -8,7 +8,7 @@ what it saw written, and passes every other call to the store. It never answers 
 seen from its first index on (jobflow numbers a job's outputs 1, 2, … as detours replace it), so an answer is never
 missing a document the store holds. Writes skip maggma's look-up of the document being replaced (another read of
 every document): a job's output is stored under its own id, `<uuid>:<index>`. Not for MongoDB: other coordinators
-write there too (and it has indexes).
+write there too (and it has indexes). Figures: benchmarks/README.md, "coordinator.py".
 """
 
 from __future__ import annotations
