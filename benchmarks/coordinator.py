@@ -77,13 +77,13 @@ def add_labelled(home: Path, structures: int) -> None:
                        storage="sqlite", key="uuid")
     store.connect()
     output = {"energy": -250.0, "forces": [[0.0, 0.0, 0.0]] * 2, "stress": [[0.0] * 3] * 3}
-    for start in range(0, structures, 1000):
-        docs = []
-        for n in range(start, min(structures, start + 1000)):
-            for stage in ("inputs", "scf", "validate"):
-                job = str(uuid.uuid4())
-                docs.append({"_id": f"{job}:1", "uuid": job, "index": 1, "output": output,
-                             "metadata": {"stage": stage, "uid": f"old-{n}", "qe_factory_key": f"old-{n}"}})
+    docs = []
+    for n in range(structures):
+        for stage in ("inputs", "scf", "validate"):
+            job = str(uuid.uuid4())
+            docs.append({"_id": f"{job}:1", "uuid": job, "index": 1, "output": output,
+                         "metadata": {"stage": stage, "uid": f"old-{n}", "qe_factory_key": f"old-{n}"}})
+    if docs:  # at once: montydb reads every key of the collection at each insert_many
         store._collection.insert_many(docs)
     store.close()
 
