@@ -151,9 +151,9 @@ def c2(workdir: Path, slots: int, sleep: float, structures: int) -> None:
 
 def c3(workdir: Path, structures: int, max_jobs: int, slots: int) -> None:
     """Pilot jobs on the SLURM cluster this machine runs (scripts/slurm_cluster.sh start), stand-in pw.x at once."""
-    import json
-
     import yaml
+
+    from qe_factory.workflow.host import host_records, queue_folder
 
     home = new_home(workdir, "c3", structures)
     path = home / "fw_config" / "my_qadapter.yaml"
@@ -168,11 +168,10 @@ def c3(workdir: Path, structures: int, max_jobs: int, slots: int) -> None:
                          capture_output=True, text=True).stdout
     wall = time.perf_counter() - start
     jobs = int(out.split("qlaunch: ")[1].split()[0])
-    hosts = [json.loads(p.read_text()) for p in sorted((home / "queue" / "hosts").glob("*.json"))]
-    busy = [1 - h["idle_seconds"] / max(1e-9, (h["updated"] - h["started"]) * h["slots"]) for h in hosts]
+    hosts = host_records(queue_folder(home))
     print(f"C3 {structures} structures through pilot jobs (-m {max_jobs}, {slots} slot(s) each) in {wall:.0f} s: "
           f"{jobs} SLURM job(s), {1000 * jobs / structures:.1f} per 1,000 structures (goal ≤ 10); launches per job "
-          f"{[h['done'] for h in hosts]}, busy {[f'{b:.0%}' for b in busy]}")
+          f"{[h.done for h in hosts]}, busy {[f'{h.busy_fraction():.0%}' for h in hosts]}")
 
 
 def main() -> None:

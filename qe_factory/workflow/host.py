@@ -226,9 +226,7 @@ class PilotJobs:
         """Submit hosts while more tickets wait than the hosts not yet started (queued) will take, up to max_jobs
         queued or running."""
         self.jobs = [job for job in self.jobs if self.hosts.alive(job)]
-        started = {record.host_id for record in host_records(self.queue)}
-        pending = sum(job not in started for job in self.jobs)
-        needed = -(-waiting_tickets(self.queue) // self.slots) - pending
+        needed = -(-waiting_tickets(self.queue) // self.slots) - len(self.queued())
         while needed > 0 and len(self.jobs) < self.max_jobs and (
                 not self.max_submissions or self.submitted < self.max_submissions):
             self.jobs.append(self.hosts.submit())
@@ -259,10 +257,13 @@ class PilotJobs:
         and the next coordinator takes its runs in."""
         if self.runs or waiting_tickets(self.queue):
             return
+        for job in self.queued():
+            self.hosts.cancel(job)
+
+    def queued(self) -> list[str]:
+        """The hosts submitted that have not started yet (no record of their own in the queue)."""
         started = {record.host_id for record in host_records(self.queue)}
-        for job in self.jobs:
-            if job not in started:
-                self.hosts.cancel(job)
+        return [job for job in self.jobs if job not in started]
 
 
 def job_cores(qadapter) -> int:
