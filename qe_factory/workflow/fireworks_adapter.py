@@ -12,6 +12,7 @@ import datetime
 import errno
 import functools
 import importlib
+import itertools
 import json
 import os
 import sys
@@ -120,13 +121,36 @@ def index_embedded_collections(launchpad: LaunchPad) -> None:
     filter applied to each of `_store.documents` (CollectionStore, keyed by _id, in insertion order).
     """
     for name, fields in INDEXED_FIELDS.items():
-        collection = getattr(launchpad, name)
-        collection._iter_documents = IndexedDocuments(collection, fields)
+        index_collection(getattr(launchpad, name), fields)
+
+
+def index_collection(collection: Any, fields: tuple[str, ...]) -> None:
+    """Give one mongomock collection IndexedDocuments on `fields` and a find_one that copies only what it returns.
+
+    Relies on: mongomock's `find_one` and `_find_and_modify` (find_one_and_update, FireWorks' checkout of the next
+    READY Firework) go through `self.find_one`, looked up on the instance; its Cursor copies every matching
+    document (`_get_dataset`, a generator of copies, made into a list) before returning the first.
+    """
+    collection._iter_documents = IndexedDocuments(collection, fields)
+    collection.find_one = functools.partial(find_first, collection, collection.find_one)
+
+
+def find_first(collection: Any, find_one: Callable, filter: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """mongomock's `find_one(filter, projection=, sort=)`, copying only the document it returns (the sort still
+    orders every match); any other call goes to mongomock's own `find_one`."""
+    from mongomock import helpers
+
+    if args or not isinstance(filter, dict) or set(kwargs) - {"projection", "sort"} or \
+            collection.codec_options.tz_aware:
+        return find_one(filter, *args, **kwargs)
+    spec = helpers.patch_datetime_awareness_in_document(filter)
+    return next(collection._get_dataset(spec, kwargs.get("sort"), kwargs.get("projection"), dict), None)
 
 
 class IndexedDocuments:
     """`_iter_documents` of one mongomock collection: a filter naming one _id, or values of one of `fields`, is
-    applied to the few documents that can match; any other filter to all of them (mongomock's own)."""
+    applied to the few documents that can match; any other filter to all of them, after a cheap test of its plain
+    equalities (`may_equal`)."""
 
     def __init__(self, collection: Any, fields: tuple[str, ...]):
         self.collection, self.scan = collection, collection._iter_documents
@@ -135,10 +159,15 @@ class IndexedDocuments:
     def __call__(self, filter: Any):
         from mongomock.filtering import filter_applies
 
-        candidates = self.candidates(filter) if isinstance(filter, dict) else None
-        if candidates is None:
+        if not isinstance(filter, dict):
             return self.scan(filter)
-        return (doc for doc in candidates if filter_applies(filter, doc))
+        candidates = self.candidates(filter)
+        if candidates is None:
+            candidates = self.collection._store._documents.values()
+        equal = [(key.split("."), value) for key, value in filter.items() if not key.startswith("$")
+                 and isinstance(value, str | int) and not isinstance(value, bool)]
+        return (doc for doc in list(candidates) if all(may_equal(doc, path, value) for path, value in equal)
+                and filter_applies(filter, doc))
 
     def candidates(self, filter: dict) -> list[dict] | None:
         from bson import ObjectId
@@ -153,16 +182,30 @@ class IndexedDocuments:
         return None
 
 
+def may_equal(doc: dict, path: list[str], value: str | int) -> bool:
+    """False only where MongoDB's `{path: value}` cannot match `doc` (a cheap test before mongomock's filter, ~1000
+    times slower): the field is missing, or a plain value that differs. A list met on the way may match."""
+    node: Any = doc
+    for part in path:
+        if not isinstance(node, dict):
+            return True
+        if part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, list | dict) or node == value
+
+
 class FieldIndex:
-    """value → _ids of the documents holding it in one field (a list field: each of its items). Rebuilt when a
-    document was added since (documents are added at the end; an update keeps their place), or a value is not in it
-    (a list field that grew); what it names is checked on each use (deleted, changed)."""
+    """value → _ids of the documents holding it in one field (a list field: each of its items). The documents added
+    since it last looked (at the end: a new document has a new _id; an update keeps its place) are added to it;
+    it is rebuilt when a value is not in it (a list field that grew) or it names many deleted documents. What it
+    names is checked on each use (deleted, changed)."""
 
     def __init__(self, field: str):
         self.field = field
         self.ids: dict[Any, list[Any]] = {}
-        self.last: Any = None  # the last document's _id when the index was built
-        self.place: dict[Any, int] = {}  # _id → its place among the documents then
+        self.last: Any = None  # the last document's _id it holds
+        self.place: dict[Any, int] = {}  # _id → its place in insertion order
 
     def values_in(self, filter: dict) -> list | None:
         """The values the filter asks this field for (one, or `$in` a list), if they can be looked up."""
@@ -172,18 +215,30 @@ class FieldIndex:
         return values if ok else None
 
     def documents(self, documents: dict, values: list) -> list[dict]:
-        last = next(reversed(documents), None)
-        if last != self.last or not all(found := [self.lookup(documents, v) for v in values]):
-            self.ids, self.last, self.place = {}, last, {}
-            for place, (doc_id, doc) in enumerate(documents.items()):
-                self.place[doc_id] = place
-                field = doc.get(self.field)
-                for item in field if isinstance(field, list) else [field]:
-                    if isinstance(item, int | str):
-                        self.ids.setdefault(item, []).append(doc_id)
+        self.add_new(documents)
+        if not all(found := [self.lookup(documents, v) for v in values]):
+            self.ids, self.last, self.place = {}, None, {}
+            self.add_new(documents)
             found = [self.lookup(documents, v) for v in values]
         unique = {id(doc): doc for docs in found for doc in docs}  # a document once, even if it holds two values
         return sorted(unique.values(), key=lambda doc: self.place.get(doc.get("_id"), 0))  # in mongomock's order
+
+    def add_new(self, documents: dict) -> None:
+        """Index the documents after the last one indexed (all of them if that one is gone, or if most of what the
+        index names is gone)."""
+        if len(self.place) > 2 * len(documents) + 100:
+            self.ids, self.last, self.place = {}, None, {}
+        new = list(itertools.takewhile(lambda doc_id: doc_id != self.last, reversed(documents)))
+        if len(new) == len(documents):
+            self.ids, self.place = {}, {}
+        for doc_id in reversed(new):
+            self.place[doc_id] = len(self.place)
+            field = documents[doc_id].get(self.field)
+            for item in field if isinstance(field, list) else [field]:
+                if isinstance(item, int | str):
+                    self.ids.setdefault(item, []).append(doc_id)
+        if new:
+            self.last = new[0]
 
     def lookup(self, documents: dict, value: Any) -> list[dict]:
         docs = [documents[doc_id] for doc_id in self.ids.get(value, ()) if doc_id in documents]
@@ -192,6 +247,59 @@ class FieldIndex:
     @staticmethod
     def holds(field: Any, value: Any) -> bool:
         return value in field if isinstance(field, list) else value == field
+
+
+def stored_form(workflow: Any) -> dict:
+    """A new workflow as the LaunchPad will hold it (its root Fireworks READY, its ids not yet assigned): the
+    workflow's document (timestamps as ISO text) and its Fireworks' documents, JSON-ready.
+
+    Relies on: FireWorks' `bulk_add_wfs` sets the root Fireworks READY, assigns the ids, then inserts
+    `Workflow.to_db_dict()` and each `Firework.to_db_dict()`; a Firework's document is JSON-ready (its `to_dict` is
+    recursively serialised), a workflow's holds `created_on`/`updated_on` as datetimes.
+    """
+    for fw_id in workflow.root_fw_ids:
+        workflow.id_fw[fw_id].state = "READY"
+        workflow.fw_states[fw_id] = "READY"
+    document = workflow.to_db_dict()
+    for key in ("created_on", "updated_on"):
+        document[key] = document[key].isoformat()
+    return {"workflow": document, "fireworks": [fw.to_db_dict() for fw in workflow]}
+
+
+def add_stored_forms(launchpad: LaunchPad, forms: list[dict]) -> list[list[int]]:
+    """Insert workflows given in `stored_form` as FireWorks' `bulk_add_wfs` inserts them (ids from the LaunchPad's
+    counter, workflows first so that no Firework is checked out before its workflow exists); each one's Firework
+    ids. No Workflow object is rebuilt: the coordinator's intake cost half as much (benchmarks/README.md).
+
+    Relies on: the LaunchPad's `fw_id_assigner` counter `next_fw_id`; a stored workflow names its Fireworks in
+    `nodes`, `links` and `parent_links` (str keys) and `fw_states` (str keys); a Firework's own id is `fw_id`.
+    """
+    total = sum(len(form["fireworks"]) for form in forms)
+    next_id = launchpad.fw_id_assigner.find_one_and_update({}, {"$inc": {"next_fw_id": total}})["next_fw_id"]
+    workflows, fireworks, ids = [], [], []
+    for form in forms:
+        new = {fw["fw_id"]: next_id + n for n, fw in enumerate(form["fireworks"])}
+        next_id += len(new)
+        workflows.append(renumbered_workflow(form["workflow"], new))
+        fireworks.extend({**fw, "fw_id": new[fw["fw_id"]]} for fw in form["fireworks"])
+        ids.append(list(new.values()))
+    if workflows:
+        launchpad.workflows.insert_many(workflows)
+        launchpad.fireworks.insert_many(fireworks)
+    return ids
+
+
+def renumbered_workflow(document: dict, new: dict[int, int]) -> dict:
+    """A stored workflow's document with its Firework ids renumbered (`new`: old → new) and its timestamps back
+    to datetimes."""
+    def links(mapping: dict) -> dict:
+        return {str(new[int(key)]): [new[child] for child in children] for key, children in mapping.items()}
+
+    return {**document, "nodes": [new[node] for node in document["nodes"]], "links": links(document["links"]),
+            "parent_links": links(document["parent_links"]),
+            "fw_states": {str(new[int(key)]): value for key, value in document["fw_states"].items()},
+            "created_on": datetime.datetime.fromisoformat(document["created_on"]),
+            "updated_on": datetime.datetime.fromisoformat(document["updated_on"])}
 
 
 def store_file(store: Any) -> Path:

@@ -98,9 +98,10 @@ def inbox_uids(home: Path) -> dict[str, str | None]:
             workflows = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):  # taken in (deleted) while we read
             continue
-        for wf in workflows:
-            uids[wf.get("metadata", {}).get("uid")] = next(
-                (f for fw in wf.get("fws", []) if (f := state.inputs_formula(fw))), None)
+        for entry in workflows:  # stored_form; files posted before it hold Workflow.to_dict() (metadata, fws)
+            workflow, fireworks = entry.get("workflow", entry), entry.get("fireworks", entry.get("fws", []))
+            uids[workflow.get("metadata", {}).get("uid")] = next(
+                (f for fw in fireworks if (f := state.inputs_formula(fw))), None)
     return uids
 
 

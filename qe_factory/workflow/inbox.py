@@ -46,16 +46,18 @@ def post(home: Path, workflows: Iterable[Workflow], per_file: int = POST_FILE_SI
 
 
 def _post_file(folder: Path, workflows: Iterable[Workflow]) -> Path | None:
-    """One inbox file: the JSON list of the workflows' documents (the text json.dump gives), written beside and
-    renamed into place; None (no file) when there are no workflows."""
+    """One inbox file: the JSON list of the workflows in the form the LaunchPad stores them (`stored_form`),
+    written beside and renamed into place; None (no file) when there are no workflows."""
     from monty.json import MontyEncoder
+
+    from qe_factory.workflow.fireworks_adapter import stored_form
 
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns():020d}.json"
     tmp, count = folder / f".{name}.tmp", 0
     try:
         with open(tmp, "w") as handle:
             for count, workflow in enumerate(workflows, 1):
-                handle.write(("[" if count == 1 else ", ") + json.dumps(workflow.to_dict(), cls=MontyEncoder))
+                handle.write(("[" if count == 1 else ", ") + json.dumps(stored_form(workflow), cls=MontyEncoder))
             handle.write("]")
             handle.flush()
             os.fsync(handle.fileno())
@@ -87,23 +89,34 @@ class Intake(NamedTuple):
 def take_in(home: Path, launchpad: LaunchPad, save, store=None, capacity: int | None = None) -> list[Intake]:
     """Add the inbox's workflows to the LaunchPad, oldest file first, while it holds fewer than `capacity`
     unfinished workflows (None: all); skip a uid or calculation already in the LaunchPad or labelled in `store` (a
-    JobStore). Each file is saved in, then deleted. Only the coordinator calls this."""
-    from fireworks import Workflow
+    JobStore). The files taken in are saved in (once), then deleted. Only the coordinator calls this."""
+    from qe_factory.workflow.fireworks_adapter import add_stored_forms
 
     intakes = []
     for path in waiting(home):
         if capacity is not None and state.unfinished_count(launchpad) >= capacity:
             break
-        workflows = [Workflow.from_dict(d) for d in json.loads(path.read_text())]
-        keys = [wf.metadata.get("qe_factory_key") for wf in workflows]
-        uids = [wf.metadata.get("uid") for wf in workflows]
+        forms = [stored(document) for document in json.loads(path.read_text())]
+        metadata = [form["workflow"]["metadata"] for form in forms]
+        keys, uids = [m.get("qe_factory_key") for m in metadata], [m.get("uid") for m in metadata]
         known = state.workflows_with(launchpad, keys, uids) + state.labels_with(store, keys, uids)
         taken = {value for meta in known for value in (meta.get("qe_factory_key"), meta.get("uid"))}
-        new = [wf for wf in workflows if not {wf.metadata.get("qe_factory_key"), wf.metadata.get("uid")} & taken]
-        if new:
-            state.add_workflows(launchpad, new)
+        new = [form for form, key, uid in zip(forms, keys, uids, strict=True) if not {key, uid} & taken]
+        ids = add_stored_forms(launchpad, new)
+        intakes.append(Intake(path.name, {form["workflow"]["metadata"]["uid"]: sorted(fw_ids)
+                                          for form, fw_ids in zip(new, ids, strict=True)}, len(forms) - len(new)))
+    if intakes:
         save(launchpad)
-        path.unlink()
-        intakes.append(Intake(path.name, {wf.metadata["uid"]: sorted(wf.id_fw) for wf in new},
-                              len(workflows) - len(new)))
+        for intake in intakes:
+            (inbox_folder(home) / intake.file).unlink()
     return intakes
+
+
+def stored(document: dict) -> dict:
+    """An inbox entry in the form the LaunchPad stores (`stored_form`); files posted before that form was the
+    inbox's hold `Workflow.to_dict()` documents."""
+    from fireworks import Workflow
+
+    from qe_factory.workflow.fireworks_adapter import stored_form
+
+    return stored_form(Workflow.from_dict(document)) if "fws" in document else document

@@ -242,3 +242,47 @@ def test_a_save_removes_what_writers_killed_mid_save_left(home):
         path.write_text("")
     write_store(embedded_store(launchpad))
     assert not any(path.exists() for path in leftovers) and target.with_name(f"{target.name}.prev").exists()
+
+
+def test_stored_forms_are_inserted_as_bulk_add_wfs_inserts_workflows(home):
+    """The inbox holds workflows in the LaunchPad's own form; adding them must store what bulk_add_wfs stores."""
+    import datetime
+    import json
+
+    from fireworks import Firework, ScriptTask, Workflow
+    from monty.json import MontyEncoder
+
+    from qe_factory.workflow.fireworks_adapter import add_stored_forms, stored_form
+    from qe_factory.workflow.state import get_launchpad
+
+    def workflow(name: str) -> Workflow:
+        fws = [Firework(ScriptTask.from_str(f"echo {n}"), name=f"{name}-{n}", spec={"stage": n}) for n in "abc"]
+        return Workflow(fws, {fws[0]: [fws[1], fws[2]], fws[1]: [fws[2]]}, name=name, metadata={"uid": name})
+
+    launchpad = get_launchpad()
+    launchpad.bulk_add_wfs([workflow("x")])
+    forms = json.loads(json.dumps([stored_form(workflow("x"))], cls=MontyEncoder))  # through an inbox file
+    [ids] = add_stored_forms(launchpad, forms)
+    first = min(ids) - 3
+
+    def documents(collection: str, nodes: list[int]) -> list[dict]:
+        field = "fw_id" if collection == "fireworks" else "nodes"
+        docs = [{k: v for k, v in doc.items() if k not in ("_id", "created_on", "updated_on")}
+                for doc in getattr(launchpad, collection).find({field: {"$in": nodes}})]
+        return [_renumbered({**doc, "nodes": sorted(doc.get("nodes", []))}, nodes[0]) for doc in docs]  # a set
+
+    assert ids == [first + 3, first + 4, first + 5]
+    assert documents("fireworks", ids) == documents("fireworks", [first, first + 1, first + 2])
+    assert documents("workflows", ids) == documents("workflows", [first, first + 1, first + 2])
+    added = launchpad.workflows.find_one({"nodes": ids[0]})
+    assert isinstance(added["created_on"], datetime.datetime)
+    assert launchpad.fireworks.find_one({"fw_id": ids[0]})["state"] == "READY"
+
+
+def _renumbered(doc: dict, first: int):
+    """A document with Firework ids counted from 0 (ints and str keys alike), to compare two workflows."""
+    if isinstance(doc, dict):
+        return {(str(int(k) - first) if k.isdigit() else k): _renumbered(v, first) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_renumbered(v, first) for v in doc]
+    return doc - first if isinstance(doc, int) and not isinstance(doc, bool) and doc >= first else doc

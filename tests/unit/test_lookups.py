@@ -121,3 +121,31 @@ def test_indexed_lookups_of_several_values_answer_as_full_scans_do():
     for query in ({"nodes": {"$in": [2, 1]}}, {"nodes": {"$in": [5, 1, 9]}}, {"nodes": {"$in": []}},
                   {"nodes": {"$in": [3]}, "n": 0}):
         assert [d["n"] for d in plain.find(query)] == [d["n"] for d in indexed.find(query)], query
+
+
+def test_indexed_collections_find_sort_and_check_out_as_mongomock_does():
+    """The equality pre-test (nested fields, lists, missing fields, numbers) and the find_one that copies only its
+    answer give what mongomock gives, for FireWorks' kind of checkout: find_one_and_update, sorted."""
+    from qe_factory.workflow.fireworks_adapter import index_collection
+
+    client = mongomock.MongoClient()
+    plain, indexed = client.db.plain, client.db.indexed
+    index_collection(indexed, ("fw_id",))
+    rng = random.Random(11)
+    for step in range(300):
+        doc = {"fw_id": rng.randrange(40), "state": rng.choice(["READY", "WAITING", ["READY"]]),
+               "spec": rng.choice([{"stage": rng.choice(["scf", "quick", 1])}, {}, [{"stage": "scf"}], "x"]),
+               "priority": rng.choice([None, 1, 2.0, "a"]), "n": step}
+        query = {"state": "READY", "spec.stage": rng.choice(["scf", "quick", 1])}
+        sort = [("priority", rng.choice([1, -1])), ("n", rng.choice([1, -1]))]
+        results = []
+        for collection in (plain, indexed):
+            collection.insert_one(dict(doc))
+            found = collection.find_one_and_update(query, {"$set": {"state": "RUNNING"}}, sort=sort,
+                                                   projection={"_id": 0})
+            results.append((found, collection.find_one({"fw_id": doc["fw_id"]}, {"_id": 0}),
+                            [d["n"] for d in collection.find(query)]))
+        assert results[0] == results[1], (step, query)
+    answer = indexed.find_one({"state": "RUNNING"})
+    answer["n"] = -1  # a caller's change is its own
+    assert indexed.count_documents({"n": -1}) == 0

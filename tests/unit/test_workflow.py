@@ -135,7 +135,7 @@ def test_the_recovery_policy_and_settings_travel_with_the_workflow(fast_config):
 
 def test_post_streams_workflows_into_inbox_files_of_bounded_size(home, fast_config):
     """A generator of workflows goes to the inbox in files of at most `per_file`, in order, each the JSON list of
-    the workflows' documents."""
+    the workflows in the LaunchPad's form (the workflow's document and its Fireworks')."""
     from qe_factory.workflow.inbox import post, waiting
     from qe_factory.workflow.state import get_jobstore
     from qe_factory.workflow.submit import make_workflows, plan_workflows
@@ -146,5 +146,5 @@ def test_post_streams_workflows_into_inbox_files_of_bounded_size(home, fast_conf
     assert paths == waiting(home) and len(paths) == 3
     documents = [doc for path in paths for doc in json.loads(path.read_text())]
     assert [len(json.loads(path.read_text())) for path in paths] == [3, 3, 1]
-    assert [doc["metadata"]["uid"] for doc in documents] == [f"si-{seed}" for seed in range(7)]
+    assert [doc["workflow"]["metadata"]["uid"] for doc in documents] == [f"si-{seed}" for seed in range(7)]
     assert post(home, iter(())) == [] and len(waiting(home)) == 3
