@@ -149,8 +149,8 @@ def find_first(collection: Any, find_one: Callable, filter: Any = None, *args: A
 
 class IndexedDocuments:
     """`_iter_documents` of one mongomock collection: a filter naming one _id, or values of one of `fields`, is
-    applied to the few documents that can match; any other filter to all of them, after a cheap test of its plain
-    equalities (`may_equal`)."""
+    applied to the few documents that can match; any other filter to all of them. Plain equalities are tested first,
+    cheaply (`plain_match`); mongomock's filter decides the rest."""
 
     def __init__(self, collection: Any, fields: tuple[str, ...]):
         self.collection, self.scan = collection, collection._iter_documents
@@ -164,10 +164,14 @@ class IndexedDocuments:
         candidates = self.candidates(filter)
         if candidates is None:
             candidates = self.collection._store._documents.values()
-        equal = [(key.split("."), value) for key, value in filter.items() if not key.startswith("$")
-                 and isinstance(value, str | int) and not isinstance(value, bool)]
-        return (doc for doc in list(candidates) if all(may_equal(doc, path, value) for path, value in equal)
-                and filter_applies(filter, doc))
+        tests = equality_tests(filter)
+        exact = len(tests) == len(filter)  # every criterion a plain equality: no need for mongomock's filter
+
+        def selected(doc: dict) -> bool:
+            verdicts = [plain_match(doc, path, values) for path, values in tests]
+            return False not in verdicts and ((exact and None not in verdicts) or filter_applies(filter, doc))
+
+        return (doc for doc in list(candidates) if selected(doc))
 
     def candidates(self, filter: dict) -> list[dict] | None:
         from bson import ObjectId
@@ -182,17 +186,38 @@ class IndexedDocuments:
         return None
 
 
-def may_equal(doc: dict, path: list[str], value: str | int) -> bool:
-    """False only where MongoDB's `{path: value}` cannot match `doc` (a cheap test before mongomock's filter, ~1000
-    times slower): the field is missing, or a plain value that differs. A list met on the way may match."""
+def equality_tests(filter: dict) -> list[tuple[list[str], list]]:
+    """(path, values) of a filter's criteria `{field: value}` and `{field: {"$in": values}}` on plain values (str,
+    int, ObjectId): what `plain_match` decides cheaply (mongomock's filter is ~1000 times slower)."""
+    from bson import ObjectId
+
+    def plain(value: Any) -> bool:
+        return isinstance(value, str | int | ObjectId) and not isinstance(value, bool)
+
+    tests = []
+    for key, value in filter.items():
+        values = value.get("$in") if isinstance(value, dict) and set(value) == {"$in"} else [value]
+        if not key.startswith("$") and isinstance(values, list) and all(plain(v) for v in values):
+            tests.append((key.split("."), values))
+    return tests
+
+
+def plain_match(doc: dict, path: list[str], values: list) -> bool | None:
+    """Whether MongoDB's `{path: {"$in": values}}` matches `doc`: False where it cannot (the field is missing, or a
+    plain value equal to none of them), True where it does (a value of the same type, equal), None where mongomock
+    must decide (a list or document on the way, a number of another type)."""
     node: Any = doc
     for part in path:
         if not isinstance(node, dict):
-            return True
+            return None
         if part not in node:
             return False
         node = node[part]
-    return isinstance(node, list | dict) or node == value
+    if isinstance(node, list | dict):
+        return None
+    if any(type(node) is type(value) and node == value for value in values):
+        return True
+    return None if any(node == value for value in values) else False
 
 
 class FieldIndex:
@@ -440,7 +465,9 @@ def mend_offline_rocket() -> None:
 @contextmanager
 def without_ping_thread() -> Iterator[None]:
     """Run rockets in this process without FireWorks' heartbeat thread (the coordinator's quick stages: a fraction
-    of a second each; the coordinator's lock, not pings, tells a dead coordinator on an embedded home).
+    of a second each; the coordinator's lock, not pings, tells a dead coordinator on an embedded home; offline runs:
+    the coordinator tells a lost one by its worker or owner, and the thread's last ping, after the rocket has left
+    the launch directory, wrote FW_ping.json into the worker's own directory).
 
     Relies on: `Rocket.run` starts its heartbeat with `fireworks.core.rocket.start_ping_launch(lp, launch_id)`,
     looked up in that module when it runs, stops it with `stop_backgrounds(ping_stop, ...)`, which accepts None, and

@@ -140,7 +140,7 @@ def run_offline(launch_dir: Path, execution: ExecutionSettings | None = None) ->
     from jobflow import JobStore
     from maggma.stores import MemoryStore
 
-    from qe_factory.workflow.fireworks_adapter import jobflow_store, mend_offline_rocket
+    from qe_factory.workflow.fireworks_adapter import jobflow_store, mend_offline_rocket, without_ping_thread
     from qe_factory.workflow.home import executing
 
     mend_offline_rocket()
@@ -152,8 +152,8 @@ def run_offline(launch_dir: Path, execution: ExecutionSettings | None = None) ->
     if given:
         store.docs_store.update(given, key=["uuid", "index"])
     known = {(doc["uuid"], doc["index"]) for doc in given}
-    with contextlib.chdir(launch_dir), jobflow_store(store), executing(execution):
-        launch_rocket(None, FWorker(), strm_lvl="WARNING")
+    with contextlib.chdir(launch_dir), jobflow_store(store), executing(execution), without_ping_thread():
+        launch_rocket(None, FWorker(), strm_lvl="WARNING")  # the rocket's own last ping: FW_ping.json in there
     written = {
         "docs": [_plain(d) for d in store.docs_store.query({}) if (d["uuid"], d["index"]) not in known],
         **{name: [_plain(d) for d in sub.query({})] for name, sub in store.additional_stores.items()},

@@ -124,7 +124,7 @@ def test_indexed_lookups_of_several_values_answer_as_full_scans_do():
 
 
 def test_indexed_collections_find_sort_and_check_out_as_mongomock_does():
-    """The equality pre-test (nested fields, lists, missing fields, numbers) and the find_one that copies only its
+    """The plain-equality tests (nested fields, lists, missing fields, numbers) and the find_one that copies only its
     answer give what mongomock gives, for FireWorks' kind of checkout: find_one_and_update, sorted."""
     from qe_factory.workflow.fireworks_adapter import index_collection
 
@@ -134,9 +134,11 @@ def test_indexed_collections_find_sort_and_check_out_as_mongomock_does():
     rng = random.Random(11)
     for step in range(300):
         doc = {"fw_id": rng.randrange(40), "state": rng.choice(["READY", "WAITING", ["READY"]]),
-               "spec": rng.choice([{"stage": rng.choice(["scf", "quick", 1])}, {}, [{"stage": "scf"}], "x"]),
+               "spec": rng.choice([{"stage": rng.choice(["scf", "quick", 1, 1.0, True, ["scf"]])}, {},
+                                   [{"stage": "scf"}], "x"]),
                "priority": rng.choice([None, 1, 2.0, "a"]), "n": step}
-        query = {"state": "READY", "spec.stage": rng.choice(["scf", "quick", 1])}
+        stage = rng.choice(["scf", "quick", 1])
+        query = {"state": "READY", "spec.stage": rng.choice([stage, {"$in": [stage, "quick"]}, {"$in": []}])}
         sort = [("priority", rng.choice([1, -1])), ("n", rng.choice([1, -1]))]
         results = []
         for collection in (plain, indexed):

@@ -34,6 +34,19 @@ def test_a_reserved_firework_runs_offline_and_is_taken_back(home, tmp_path):
     assert launchpad.get_fw_by_id(fw_id).state == "COMPLETED" and pending_runs(launchpad) == []
 
 
+def test_an_offline_run_pings_in_its_launch_directory_only(home, tmp_path, monkeypatch):
+    """FireWorks' ping thread pings once more after the rocket has left the launch directory: in a worker process
+    that runs launch after launch, that ping landed in the worker's own directory (a stray FW_ping.json)."""
+    import fireworks.core.rocket as rocket
+
+    pings = []
+    monkeypatch.setattr(rocket, "ping_launch", lambda *args: pings.append(args))
+    launchpad, store = get_launchpad(), get_jobstore()
+    run = reserve(launchpad, FWorker(), tmp_path / "launch", store, add_scf(launchpad))
+    assert run_offline(run.launch_dir) == "COMPLETED"
+    assert pings == [] and (run.launch_dir / "FW_ping.json").is_file()  # the rocket's own last ping, in there
+
+
 def test_a_lost_worker_puts_its_firework_back_and_the_last_time_fizzles_it(home, tmp_path):
     launchpad, store = get_launchpad(), get_jobstore()
     fw_id = add_scf(launchpad)
