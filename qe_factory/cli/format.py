@@ -48,9 +48,13 @@ def export_lines(export, output) -> None:
 
     for uid, why in export.unphysical.items():
         print(f"{uid:<24} LEFT OUT: {why}")
-    if export.e0s_file is not None:
-        print(f"E0s of {', '.join(export.e0s)} as IsolatedAtom frames in {output} and in {export.e0s_file}: "
-              f"mace_run_train ... --E0s='{mace_e0s(export.e0s)}'")
+    elements = ", ".join(export.e0s)
+    if export.isolated_frames:
+        print(f"E0s of {elements} as IsolatedAtom frames in {output} (MACE takes them, whatever --E0s says) and in "
+              f"{export.e0s_file}; for a training file without them: --E0s='{mace_e0s(export.e0s)}'")
+    elif export.nequip_file is not None:
+        print(f"E0s of {elements} in {export.nequip_file} (NequIP's per_type_energy_shifts; no IsolatedAtom frames in "
+              f"{output}: NequIP trains on every frame) and in {export.e0s_file}")
     for element, why in export.missing.items():
         print(f"no E0 for {element}: {why}")
 

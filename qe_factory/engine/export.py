@@ -143,16 +143,40 @@ def write_e0s(training_file: str | Path, energies: dict[str, float]) -> Path:
     return path
 
 
+def nequip_path(training_file: str | Path) -> Path:
+    """Where NequIP's E0s go: labels.extxyz → labels.nequip.yaml (the config `labels.nequip` of a NequIP training
+    config's defaults list, in the same directory)."""
+    path = Path(training_file)
+    return path.with_name(f"{path.stem}.nequip.yaml")
+
+
+def write_nequip_shifts(training_file: str | Path, energies: dict[str, float]) -> Path:
+    """Write NequIP's model settings for these E0s beside the training file: `model_type_names` (the elements, by
+    atomic number) and `per_type_energy_shifts` (element name → E0 in eV: NequIP's PerTypeScaleShift takes a dict
+    keyed by the model's type names, nothing by atomic number and no JSON file). Names are quoted: YAML 1.1, which
+    NequIP's config reader (OmegaConf) speaks, reads a bare No (nobelium) as a boolean. Returns its path."""
+    path = nequip_path(training_file)
+    elements = sorted(energies, key=atomic_numbers.get)
+    shifts = ", ".join(f"{json.dumps(element)}: {float(energies[element])!r}" for element in elements)
+    path.write_text(f"# The isolated-atom energies (E0s, eV) of {Path(training_file).name} for NequIP's model "
+                    "(qe-factory export; examples/nequip.yaml lists this file in its defaults)\n"
+                    f"model_type_names: {json.dumps(elements)}\nper_type_energy_shifts: {{{shifts}}}\n")
+    return path
+
+
 class Export(NamedTuple):
     """What `write_labels` wrote: labels, the E0s beside them (element → eV), elements left without one (why), the
-    E0 file (None when there is no E0), and the labels left out because their cohesive energy, judged here against
-    those E0s, is outside the sanitizer's window (uid → why)."""
+    E0 file (None when there is no E0), the labels left out because their cohesive energy, judged here against
+    those E0s, is outside the sanitizer's window (uid → why), NequIP's E0 file (nequip-extxyz with E0s, else None)
+    and whether the E0s are also IsolatedAtom frames in the training set."""
 
     labels: int
     e0s: dict[str, float]
     missing: dict[str, str]
     e0s_file: Path | None
     unphysical: dict[str, str] = {}
+    nequip_file: Path | None = None
+    isolated_frames: bool = False
 
 
 def judge_cohesive(
@@ -178,17 +202,22 @@ def write_labels(
     config_type: str | None = None, limits: SanitizerThresholds | None = None,
 ) -> Export:
     """Write the labelled structures as a training set (results.write_training_set's rules and formats) and the E0s
-    made with exactly their settings: first in the file as MACE's `config_type=IsolatedAtom` frames (MACE takes them
-    as its E0s and does not train on them), and as `<name>.e0s.json` beside it (MACE's `--E0s=<file>`). Labels
-    validated before their E0s existed are judged against them here (judge_cohesive, `limits`: the sanitizer's
-    thresholds) and left out when outside the window."""
+    made with exactly their settings: as `<name>.e0s.json` beside it (MACE's `--E0s=<file>`); for MACE's extxyz and
+    the database, first in the file as `config_type=IsolatedAtom` frames (MACE takes them as its E0s and does not
+    train on them); for NequIP's extxyz, not in the file (NequIP trains on every frame of it) but as
+    `<name>.nequip.yaml` beside it (its per_type_energy_shifts). Labels validated before their E0s existed are
+    judged against them here (judge_cohesive, `limits`: the sanitizer's thresholds) and left out when outside the
+    window."""
     labels = [r for r in results if not is_reference(r) and r.succeeded and (include_marked or r.nominal_settings)]
     found, missing = matching_references(labels, [r for r in results if is_reference(r)])
     energies = {element: float(result.energy) for element, result in found.items()}
     labels, unphysical = judge_cohesive(labels, energies, limits)
-    references = [found[element] for element in sorted(found, key=atomic_numbers.get)]
+    framed = format != "nequip-extxyz"
+    references = [found[element] for element in sorted(found, key=atomic_numbers.get)] if framed else []
     written = write_training_set(labels, path, include_marked, format, config_type, references)
     e0s_file = write_e0s(path, energies) if energies else None
-    if e0s_file is None:
-        e0s_path(path).unlink(missing_ok=True)  # never leave an older data set's E0s beside this one
-    return Export(written, energies, missing, e0s_file, unphysical)
+    nequip_file = write_nequip_shifts(path, energies) if energies and not framed else None
+    for made, old in ((e0s_file, e0s_path(path)), (nequip_file, nequip_path(path))):
+        if made is None:
+            old.unlink(missing_ok=True)  # never leave an older data set's E0s beside this one
+    return Export(written, energies, missing, e0s_file, unphysical, nequip_file, bool(references))

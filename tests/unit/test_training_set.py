@@ -9,13 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from ase import Atoms
 from ase.build import bulk
 from ase.db import connect
 from ase.io import read
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from qe_factory import QERunner
-from qe_factory.engine.export import write_training_set
+from qe_factory.engine.export import write_labels, write_nequip_shifts, write_training_set
+from qe_factory.engine.results import DFTResult
+from qe_factory.engine.structure import StructureDoc
 
 FAKE_PW = Path(__file__).resolve().parents[1] / "fake_pw.py"
 BIN = Path(sys.executable).parent
@@ -85,3 +89,41 @@ def test_ase_db_rows_carry_uid_flags_and_settings(results, tmp_path):
 def test_an_unknown_format_is_named(results, tmp_path):
     with pytest.raises(ValueError, match="'xyz'.*mace-extxyz, nequip-extxyz, ase-db"):
         write_training_set(results, tmp_path / "x", format="xyz")
+
+
+def made(uid: str, symbols: str, energy: float) -> DFTResult:
+    """A label (or, with an e0- uid and one atom, an isolated-atom reference) at one set of settings."""
+    atoms = Atoms(symbols, cell=[10, 10, 10], pbc=True)
+    atoms.positions[:, 2] = np.arange(len(atoms)) * 1.2
+    return DFTResult(
+        uid=uid, energy=energy, succeeded=True, wall_time=1.0, formula=atoms.get_chemical_formula(),
+        structure=StructureDoc.from_atoms(atoms), ecutwfc=50, ecutrho=400, kpoints=[1, 1, 1],
+        parameters={"system": {"smearing": "cold", "degauss": 0.02}}, forces=[[0.1, 0.0, 0.0]] * len(atoms),
+        stress=[[0.01, 0.0, 0.0], [0.0, 0.01, 0.0], [0.0, 0.0, 0.01]],
+        pseudopotentials={el: {"filename": f"{el}.UPF", "md5": f"md5-{el}"} for el in atoms.symbols.species()})
+
+
+def test_nequip_export_keeps_the_e0s_out_of_its_frames_and_gives_them_by_element_name(tmp_path):
+    """NequIP trains on every frame of its file (its ASEDataset has no filter) and takes E0s only as the model's
+    per_type_energy_shifts, a dict by type name: the nequip-extxyz export has no IsolatedAtom frames and writes
+    labels.nequip.yaml (model_type_names, per_type_energy_shifts) instead; MACE's export keeps the frames."""
+    results = [made("no", "NO", -703.0), made("e0-O-aaaaaaaaaaaa", "O", -430.0),
+               made("e0-N-bbbbbbbbbbbb", "N", -270.0)]
+    nequip = write_labels(results, tmp_path / "labels.extxyz", format="nequip-extxyz")
+    frames = read(tmp_path / "labels.extxyz", index=":")
+    assert nequip.labels == 1 and [a.info["uid"] for a in frames] == ["no"] and not nequip.isolated_frames
+    assert nequip.nequip_file == tmp_path / "labels.nequip.yaml" and nequip.e0s_file == tmp_path / "labels.e0s.json"
+    assert yaml.safe_load(nequip.nequip_file.read_text()) == {
+        "model_type_names": ["N", "O"], "per_type_energy_shifts": {"N": -270.0, "O": -430.0}}
+
+    mace = write_labels(results, tmp_path / "labels.extxyz")  # the same name, MACE's form: no stale NequIP file
+    frames = read(tmp_path / "labels.extxyz", index=":")
+    assert [a.info.get("config_type") for a in frames] == ["IsolatedAtom", "IsolatedAtom", None]
+    assert mace.isolated_frames and mace.nequip_file is None and not (tmp_path / "labels.nequip.yaml").exists()
+
+
+def test_nequip_shifts_quote_element_names_that_yaml_reads_as_booleans(tmp_path):
+    path = write_nequip_shifts(tmp_path / "labels.extxyz", {"No": -1.5, "N": -270.25, "H": -13.604606})
+    assert path.name == "labels.nequip.yaml" and path.read_text().startswith("# ")
+    assert yaml.safe_load(path.read_text()) == {"model_type_names": ["H", "N", "No"],
+                                                 "per_type_energy_shifts": {"H": -13.604606, "N": -270.25, "No": -1.5}}
