@@ -149,8 +149,8 @@ def find_first(collection: Any, find_one: Callable, filter: Any = None, *args: A
 
 class IndexedDocuments:
     """`_iter_documents` of one mongomock collection: a filter naming one _id, or values of one of `fields`, is
-    applied to the few documents that can match; any other filter to all of them. Plain equalities are tested first,
-    cheaply (`plain_match`); mongomock's filter decides the rest."""
+    applied to the few documents that can match; any other filter to all of them. What FireWorks asks is decided
+    cheaply (`decide`); mongomock's filter decides the rest."""
 
     def __init__(self, collection: Any, fields: tuple[str, ...]):
         self.collection, self.scan = collection, collection._iter_documents
@@ -164,12 +164,10 @@ class IndexedDocuments:
         candidates = self.candidates(filter)
         if candidates is None:
             candidates = self.collection._store._documents.values()
-        tests = equality_tests(filter)
-        exact = len(tests) == len(filter)  # every criterion a plain equality: no need for mongomock's filter
 
         def selected(doc: dict) -> bool:
-            verdicts = [plain_match(doc, path, values) for path, values in tests]
-            return False not in verdicts and ((exact and None not in verdicts) or filter_applies(filter, doc))
+            verdict = decide(filter, doc)
+            return verdict if verdict is not None else filter_applies(filter, doc)
 
         return (doc for doc in list(candidates) if selected(doc))
 
@@ -186,35 +184,67 @@ class IndexedDocuments:
         return None
 
 
-def equality_tests(filter: dict) -> list[tuple[list[str], list]]:
-    """(path, values) of a filter's criteria `{field: value}` and `{field: {"$in": values}}` on plain values (str,
-    int, ObjectId): what `plain_match` decides cheaply (mongomock's filter is ~1000 times slower)."""
+MISSING = object()  # a field a document does not have
+
+
+def decide(filter: dict, doc: dict) -> bool | None:
+    """MongoDB's verdict on `doc` for `filter`, decided cheaply (mongomock's filter costs ~1000 times more) where
+    the filter is made of what FireWorks asks: equality to a plain value (str, int, ObjectId) or None, `$in` plain
+    values, `$ne` a plain value, `$exists`, `$and`/`$or` of these, on fields reached through documents only. None:
+    mongomock must decide (another operator, a list on the way or in the field, a number of another type)."""
+    verdict: bool | None = True
+    for key, condition in sorted(filter.items(), key=lambda item: item[0].startswith("$")):  # fields first
+        if key in ("$and", "$or") and isinstance(condition, list) and condition:
+            verdicts = [decide(sub, doc) if isinstance(sub, dict) else None for sub in condition]
+            found = key == "$or"  # the verdict that settles it: one True for $or, one False for $and
+            this = found if found in verdicts else (not found if all(v is not None for v in verdicts) else None)
+        else:
+            this = None if key.startswith("$") else field_verdict(field_value(doc, key), condition)
+        if this is False:
+            return False
+        verdict = verdict if this is True else None
+    return verdict
+
+
+def field_value(doc: dict, path: str) -> Any:
+    """The value at a dotted path, MISSING, or None when something other than a document is met on the way."""
+    node: Any = doc
+    for part in path.split("."):
+        if not isinstance(node, dict):
+            return None if node is not MISSING else MISSING
+        node = node.get(part, MISSING)
+    return node
+
+
+def field_verdict(node: Any, condition: Any) -> bool | None:
+    if isinstance(condition, dict) and set(condition) == {"$exists"} and isinstance(condition["$exists"], bool):
+        return None if node is None else (node is not MISSING) == condition["$exists"]
+    if node is None or isinstance(node, list | dict):
+        return None
+    if condition is None:
+        return node is MISSING
+    if isinstance(condition, dict) and len(condition) == 1:
+        (operator, operand), = condition.items()
+        if operator == "$in" and isinstance(operand, list) and all(map(is_plain, operand)):
+            return equals_one(node, operand)
+        if operator == "$ne" and is_plain(operand):
+            equal = equals_one(node, [operand])
+            return None if equal is None else not equal
+        return None
+    return equals_one(node, [condition]) if is_plain(condition) else None
+
+
+def is_plain(value: Any) -> bool:
     from bson import ObjectId
 
-    def plain(value: Any) -> bool:
-        return isinstance(value, str | int | ObjectId) and not isinstance(value, bool)
-
-    tests = []
-    for key, value in filter.items():
-        values = value.get("$in") if isinstance(value, dict) and set(value) == {"$in"} else [value]
-        if not key.startswith("$") and isinstance(values, list) and all(plain(v) for v in values):
-            tests.append((key.split("."), values))
-    return tests
+    return isinstance(value, str | int | ObjectId) and not isinstance(value, bool)
 
 
-def plain_match(doc: dict, path: list[str], values: list) -> bool | None:
-    """Whether MongoDB's `{path: {"$in": values}}` matches `doc`: False where it cannot (the field is missing, or a
-    plain value equal to none of them), True where it does (a value of the same type, equal), None where mongomock
-    must decide (a list or document on the way, a number of another type)."""
-    node: Any = doc
-    for part in path:
-        if not isinstance(node, dict):
-            return None
-        if part not in node:
-            return False
-        node = node[part]
-    if isinstance(node, list | dict):
-        return None
+def equals_one(node: Any, values: list) -> bool | None:
+    """Whether a plain field value (or MISSING) equals one of `values`: None where only the type differs (1 and
+    1.0; mongomock decides)."""
+    if node is MISSING:
+        return False
     if any(type(node) is type(value) and node == value for value in values):
         return True
     return None if any(node == value for value in values) else False
@@ -222,9 +252,9 @@ def plain_match(doc: dict, path: list[str], values: list) -> bool | None:
 
 class FieldIndex:
     """value → _ids of the documents holding it in one field (a list field: each of its items). The documents added
-    since it last looked (at the end: a new document has a new _id; an update keeps its place) are added to it;
-    it is rebuilt when a value is not in it (a list field that grew) or it names many deleted documents. What it
-    names is checked on each use (deleted, changed)."""
+    since it last looked (at the end: a new document has a new _id; an update keeps its place) are added to it; a
+    value it does not name is looked for in every document (a list field may have grown in place); it is rebuilt
+    when it names many deleted documents. What it names is checked on each use (deleted, changed)."""
 
     def __init__(self, field: str):
         self.field = field
@@ -241,10 +271,7 @@ class FieldIndex:
 
     def documents(self, documents: dict, values: list) -> list[dict]:
         self.add_new(documents)
-        if not all(found := [self.lookup(documents, v) for v in values]):
-            self.ids, self.last, self.place = {}, None, {}
-            self.add_new(documents)
-            found = [self.lookup(documents, v) for v in values]
+        found = [self.lookup(documents, v) or self.rescan(documents, v) for v in values]
         unique = {id(doc): doc for docs in found for doc in docs}  # a document once, even if it holds two values
         return sorted(unique.values(), key=lambda doc: self.place.get(doc.get("_id"), 0))  # in mongomock's order
 
@@ -264,6 +291,12 @@ class FieldIndex:
                     self.ids.setdefault(item, []).append(doc_id)
         if new:
             self.last = new[0]
+
+    def rescan(self, documents: dict, value: Any) -> list[dict]:
+        """The documents holding a value the index does not name: a list field may have grown in place."""
+        docs = [doc for doc in documents.values() if self.holds(doc.get(self.field), value)]
+        self.ids[value] = [doc["_id"] for doc in docs]
+        return docs
 
     def lookup(self, documents: dict, value: Any) -> list[dict]:
         docs = [documents[doc_id] for doc_id in self.ids.get(value, ()) if doc_id in documents]

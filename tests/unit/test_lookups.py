@@ -151,3 +151,42 @@ def test_indexed_collections_find_sort_and_check_out_as_mongomock_does():
     answer = indexed.find_one({"state": "RUNNING"})
     answer["n"] = -1  # a caller's change is its own
     assert indexed.count_documents({"n": -1}) == 0
+
+
+def test_what_the_indexed_collections_decide_themselves_mongomock_decides_alike():
+    """decide() answers FireWorks' kind of filter ($and/$or of equalities, None, $in, $ne, $exists on nested fields)
+    without mongomock: on random documents (missing fields, lists, None, numbers of other types) and random filters
+    of that kind, every find and sorted find_one_and_update gives what mongomock's own gives."""
+    from qe_factory.workflow.fireworks_adapter import index_collection
+
+    rng = random.Random(5)
+    values = ["READY", "scf", 1, 1.0, True, None, ["READY"], {"a": 1}]
+
+    def document(n: int) -> dict:
+        doc = {"n": n, "state": rng.choice(values), "spec": rng.choice([{}, {"stage": rng.choice(values)}, "x",
+                                                                        {"_fworker": rng.choice(values)}, None])}
+        return {k: v for k, v in doc.items() if rng.random() > 0.1 or k == "n"}
+
+    def criterion(depth: int = 0) -> dict:
+        field = rng.choice(["state", "spec.stage", "spec._fworker", "spec", "missing.x"])
+        plain = rng.choice(["READY", "scf", 1])
+        kind = rng.randrange(7 if depth < 2 else 5)
+        if kind == 5:
+            return {rng.choice(["$and", "$or"]): [criterion(depth + 1) for _ in range(rng.randrange(1, 4))]}
+        if kind == 6:
+            return {**criterion(depth + 1), **criterion(depth + 1)}
+        return {field: [plain, None, {"$in": [plain, "scf"]}, {"$ne": plain}, {"$exists": rng.random() < 0.5}][kind]}
+
+    client = mongomock.MongoClient()
+    plain, indexed = client.db.plain, client.db.indexed
+    index_collection(indexed, ("n",))
+    for n in range(120):
+        doc = document(n)
+        plain.insert_one(dict(doc))
+        indexed.insert_one(dict(doc))
+    for _ in range(400):
+        query, sort = criterion(), [("spec.stage", rng.choice([1, -1])), ("n", 1)]
+        assert [d["n"] for d in plain.find(query)] == [d["n"] for d in indexed.find(query)], query
+        update = {"$set": {"state": rng.choice(values)}}
+        found = [c.find_one_and_update(query, update, sort=sort, projection={"_id": 0}) for c in (plain, indexed)]
+        assert found[0] == found[1], query
