@@ -282,7 +282,8 @@ class Coordinator:
             self.admit(self.capacity)
         while self.accepting() and (self.dispatch() or self.run_quick_stage()):
             pass  # a free worker first: it never waits for the quick stages
-        self.saver.flush()  # a reader sees what runs (and a killed coordinator leaves it reserved)
+        if self.workers.outlive_coordinator:  # runs that go on without this coordinator are on disk at once: the
+            self.saver.flush()  # next one takes them in (local workers die with it: their changes wait SAVE_INTERVAL)
 
     def run(self) -> int:
         """Until nothing is READY and nothing runs (or no new work may start and only SLURM jobs run on); returns

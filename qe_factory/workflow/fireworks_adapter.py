@@ -189,8 +189,8 @@ MISSING = object()  # a field a document does not have
 
 def decide(filter: dict, doc: dict) -> bool | None:
     """MongoDB's verdict on `doc` for `filter`, decided cheaply (mongomock's filter costs ~1000 times more) where
-    the filter is made of what FireWorks asks: equality to a plain value (str, int, ObjectId) or None, `$in` plain
-    values, `$ne` a plain value, `$exists`, `$and`/`$or` of these, on fields reached through documents only. None:
+    the filter is made of what FireWorks asks: equality to a plain value (str, int, ObjectId) or None, `$in`/`$nin`
+    plain values, `$ne` a plain value, `$exists`, `$and`/`$or` of these, on fields reached through documents only. None:
     mongomock must decide (another operator, a list on the way or in the field, a number of another type)."""
     verdict: bool | None = True
     for key, condition in sorted(filter.items(), key=lambda item: item[0].startswith("$")):  # fields first
@@ -227,8 +227,9 @@ def field_verdict(node: Any, condition: Any) -> bool | None:
         (operator, operand), = condition.items()
         if operator == "$in" and isinstance(operand, list) and all(map(is_plain, operand)):
             return equals_one(node, operand)
-        if operator == "$ne" and is_plain(operand):
-            equal = equals_one(node, [operand])
+        unequal = [operand] if operator == "$ne" else operand if operator == "$nin" else None
+        if isinstance(unequal, list) and all(map(is_plain, unequal)):
+            equal = equals_one(node, unequal)
             return None if equal is None else not equal
         return None
     return equals_one(node, [condition]) if is_plain(condition) else None

@@ -154,9 +154,9 @@ def test_indexed_collections_find_sort_and_check_out_as_mongomock_does():
 
 
 def test_what_the_indexed_collections_decide_themselves_mongomock_decides_alike():
-    """decide() answers FireWorks' kind of filter ($and/$or of equalities, None, $in, $ne, $exists on nested fields)
-    without mongomock: on random documents (missing fields, lists, None, numbers of other types) and random filters
-    of that kind, every find and sorted find_one_and_update gives what mongomock's own gives."""
+    """decide() answers FireWorks' kind of filter ($and/$or of equalities, None, $in, $nin, $ne, $exists on nested
+    fields) without mongomock: on random documents (missing fields, lists, None, numbers of other types) and random
+    filters of that kind, every find and sorted find_one_and_update gives what mongomock's own gives."""
     from qe_factory.workflow.fireworks_adapter import index_collection
 
     rng = random.Random(5)
@@ -170,12 +170,13 @@ def test_what_the_indexed_collections_decide_themselves_mongomock_decides_alike(
     def criterion(depth: int = 0) -> dict:
         field = rng.choice(["state", "spec.stage", "spec._fworker", "spec", "missing.x"])
         plain = rng.choice(["READY", "scf", 1])
-        kind = rng.randrange(7 if depth < 2 else 5)
-        if kind == 5:
-            return {rng.choice(["$and", "$or"]): [criterion(depth + 1) for _ in range(rng.randrange(1, 4))]}
+        kind = rng.randrange(8 if depth < 2 else 6)
         if kind == 6:
+            return {rng.choice(["$and", "$or"]): [criterion(depth + 1) for _ in range(rng.randrange(1, 4))]}
+        if kind == 7:
             return {**criterion(depth + 1), **criterion(depth + 1)}
-        return {field: [plain, None, {"$in": [plain, "scf"]}, {"$ne": plain}, {"$exists": rng.random() < 0.5}][kind]}
+        return {field: [plain, None, {"$in": [plain, "scf"]}, {"$ne": plain}, {"$exists": rng.random() < 0.5},
+                        {"$nin": [plain, "scf"]}][kind]}
 
     client = mongomock.MongoClient()
     plain, indexed = client.db.plain, client.db.indexed
