@@ -92,9 +92,12 @@ def take_in(home: Path, launchpad: LaunchPad, save, store=None, capacity: int | 
     JobStore). The files taken in are saved in (once), then deleted. Only the coordinator calls this."""
     from qe_factory.workflow.fireworks_adapter import add_stored_forms
 
+    def full() -> bool:
+        return capacity is not None and state.unfinished_count(launchpad) >= capacity
+
     intakes = []
-    for path in waiting(home):
-        if capacity is not None and state.unfinished_count(launchpad) >= capacity:
+    for path in [] if full() else waiting(home):  # the inbox is listed only when there is room (100,000 structures
+        if intakes and full():  # wait there in 5,000 files)
             break
         forms = [stored(document) for document in json.loads(path.read_text())]
         metadata = [form["workflow"]["metadata"] for form in forms]
