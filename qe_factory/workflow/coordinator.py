@@ -282,8 +282,8 @@ class Coordinator:
             self.admit(self.capacity)
         while self.accepting() and (self.dispatch() or self.run_quick_stage()):
             pass  # a free worker first: it never waits for the quick stages
-        if self.workers.outlive_coordinator:  # runs that go on without this coordinator are on disk at once: the
-            self.saver.flush()  # next one takes them in (local workers die with it: their changes wait SAVE_INTERVAL)
+        self.saver.flush()  # a reader sees what runs (and a killed coordinator leaves it reserved): at 64 slots one
+        # save per structure, 17 ms of CPU each (benchmarks/README.md, coordinator.py)
 
     def run(self) -> int:
         """Until nothing is READY and nothing runs (or no new work may start and only SLURM jobs run on); returns
