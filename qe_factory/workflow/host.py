@@ -131,7 +131,6 @@ def run_host(queue: Path, slots: int, execution: ExecutionSettings, log: Path | 
     stopping: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: stopping.append(signum))
                 for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    write_record(queue, record)  # started: a coordinator cancels only hosts with no record (none claimed a launch)
     workers = LocalWorkers(slots, execution, log)
     idle_since, last = time.monotonic(), time.monotonic()
     try:
