@@ -20,7 +20,7 @@ from qe_factory.engine.outcomes import Outcome
 from qe_factory.engine.references import REFERENCE_UID
 from qe_factory.engine.results import DFTResult
 from qe_factory.workflow import state
-from qe_factory.workflow.inbox import waiting
+from qe_factory.workflow.inbox import stored, waiting
 
 if TYPE_CHECKING:
     from fireworks import LaunchPad
@@ -98,10 +98,9 @@ def inbox_uids(home: Path) -> dict[str, str | None]:
             workflows = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):  # taken in (deleted) while we read
             continue
-        for entry in workflows:  # stored_form; files posted before it hold Workflow.to_dict() (metadata, fws)
-            workflow, fireworks = entry.get("workflow", entry), entry.get("fireworks", entry.get("fws", []))
-            uids[workflow.get("metadata", {}).get("uid")] = next(
-                (f for fw in fireworks if (f := state.inputs_formula(fw))), None)
+        for form in map(stored, workflows):
+            uids[form["workflow"]["metadata"].get("uid")] = next(
+                (f for fw in form["fireworks"] if (f := state.inputs_formula(fw))), None)
     return uids
 
 
