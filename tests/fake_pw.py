@@ -14,6 +14,7 @@ file that counts the calls; FAKE_PW_PIDFILE, if set, gets this process's pid. Ac
   hang              sleep until killed    garbage  print bytes that are no pw.x output and exit 0
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -25,11 +26,22 @@ from pathlib import Path
 DATA = Path(__file__).parent / "data"
 
 
+def count_call(counter: Path) -> int:
+    """The calls counted before this one; counts this one. Under a lock: packed runs start stand-ins at once, and
+    one reading the file while another rewrites it read '' (a replay that failed for the test's own reason)."""
+    with open(counter, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        calls = int(handle.read() or 0)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(calls + 1))
+        return calls
+
+
 def main() -> int:
     plan = os.environ["FAKE_PW_PLAN"].split(",")
-    counter = Path(os.environ["FAKE_PW_COUNTER"])
-    calls = int(counter.read_text()) if counter.exists() else 0
-    counter.write_text(str(calls + 1))
+    calls = count_call(Path(os.environ["FAKE_PW_COUNTER"]))
     if os.environ.get("FAKE_PW_PIDFILE"):
         Path(os.environ["FAKE_PW_PIDFILE"]).write_text(str(os.getpid()))
     action = plan[min(calls, len(plan) - 1)]
