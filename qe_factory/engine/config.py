@@ -171,6 +171,10 @@ class DFTConfig(MSONProtocol, BaseSettings):
     mixing_beta: float = Field(0.7, gt=0, le=1)
     electron_maxstep: PositiveInt = 100
     conv_thr_per_atom: PositiveFloat = Field(2e-10, description="Ry per atom")
+    elements: list[str] = Field(
+        default_factory=list, description="the elements the data set may hold: its one cutoff pair is the largest "
+        "any of them asks for (engine/protocol.py); empty: the elements of the home's first submission"
+    )
     ecutwfc: PositiveFloat | None = Field(None, description="Ry; None = max over the elements' advice")
     ecutrho: PositiveFloat | None = Field(None, description="Ry; None = max over the elements' advice")
     allow_low_cutoffs: bool = Field(
@@ -193,6 +197,16 @@ class DFTConfig(MSONProtocol, BaseSettings):
     pw_parameters: dict[Literal["control", "system", "electrons"], dict[str, Any]] = Field(
         default_factory=dict, description="extra pw.x namelist settings, e.g. {'electrons': {'electron_maxstep': 5}}"
     )
+
+    @field_validator("elements")
+    @classmethod
+    def _chemical_symbols(cls, value: list[str]) -> list[str]:
+        from ase.data import atomic_numbers
+
+        unknown = [element for element in value if atomic_numbers.get(element, 0) == 0]
+        if unknown:
+            raise ValueError(f"unknown element(s) {unknown}: give chemical symbols such as Fe")
+        return sorted(set(value))
 
     @field_validator("pw_parameters", mode="before")
     @classmethod

@@ -68,6 +68,7 @@ class DFTResult(Document):
     ecutrho: float | None = None
     pseudopotentials: dict[str, dict[str, str]] = {}
     pw_version: str | None = None
+    protocol_hash: str | None = None  # the settings it was made with (engine/protocol.py): one per data set
     scf_iterations: int | None = None
     total_magnetization: float | None = None
     pw_xml: dict[str, Any] | None = None  # pw.x's own record (data-file-schema.xml, pwxml.PwXml.summary), checked

@@ -36,6 +36,7 @@ from qe_factory.engine.parallel import (
 from qe_factory.engine.parsers import PwOutput, parse_pw_output, read_run_texts
 from qe_factory.engine.preflight import nominal_input
 from qe_factory.engine.process import STOP, ExecutableNotFoundError, Execution, Interrupted, execute
+from qe_factory.engine.protocol import protocol_hash
 from qe_factory.engine.pseudos import PseudopotentialError
 from qe_factory.engine.pwxml import XML_NAME, XmlError, read_pw_xml, xml_path
 from qe_factory.engine.recovery import (
@@ -523,6 +524,7 @@ class QERunner:
             uid=uid, formula=atoms.get_chemical_formula(), structure=StructureDoc.from_atoms(atoms),
             attempts=attempts, wall_time=round(sum(a.wall_time for a in attempts), 3),
             magnetic_branches=outcome.magnetic_branches,
+            protocol_hash=protocol_hash(self.config, self.generator.family),
         )
         if outcome.failure is not None:
             last = attempts[-1]

@@ -1,0 +1,55 @@
+"""A data set's protocol (engine/protocol.py): one cutoff pair for all its elements, pinned settings, refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from qe_factory import DFTConfig
+from qe_factory.engine.protocol import ProtocolError, protocol_for, protocol_hash, settle
+
+
+def test_one_cutoff_pair_is_the_largest_of_every_element_and_the_hash_ignores_the_elements():
+    silicon, germanium, both = (protocol_for(DFTConfig(), elements) for elements in (["Si"], ["Ge"], ["Si", "Ge"]))
+    assert silicon.cutoffs == (45.0, 360.0) and germanium.cutoffs == (35.0, 280.0)  # debian-pbe's table
+    assert both.cutoffs == silicon.cutoffs and both.elements == ["Ge", "Si"]
+    assert both.hash == silicon.hash != germanium.hash  # the same settings, whatever the elements
+    assert protocol_hash(both.config(DFTConfig())) == both.hash  # what the runner stamps on each label
+
+
+def test_declared_elements_set_the_pair_before_any_structure_holds_them():
+    declared = protocol_for(DFTConfig(elements=["Si", "Ge"]), ["Ge"])
+    assert declared.cutoffs == (45.0, 360.0) and declared.elements_from == "declared"
+
+
+def test_a_later_element_that_fits_joins_and_keeps_the_hash():
+    pinned = protocol_for(DFTConfig(), ["Si"])
+    grown = settle(pinned, DFTConfig(), ["Ge", "Si"])
+    assert grown.elements == ["Ge", "Si"] and grown.hash == pinned.hash and grown.cutoffs == pinned.cutoffs
+    assert "Ge added by a later submission" in grown.elements_from
+    assert settle(grown, DFTConfig(), ["Si"]) is grown  # nothing new: the pinned one as it is
+
+
+def test_an_element_needing_higher_cutoffs_is_refused_with_the_reason_and_the_ways_out():
+    pinned = protocol_for(DFTConfig(), ["Ge"])
+    with pytest.raises(ProtocolError, match=r"Si asks for ecutwfc/ecutrho 45/360 Ry, above the data set's 35/280"
+                       r".*--dataset NAME"):
+        settle(pinned, DFTConfig(), ["Si"])
+    assert settle(pinned, DFTConfig(allow_low_cutoffs=True), ["Si"]).cutoffs == (35.0, 280.0)  # asked for
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"degauss": 0.01}, "degauss is 0.01, the data set's is 0.02"),
+    ({"ecutwfc": 50.0}, "ecutwfc is 50.0, the data set's is 45.0"),
+    ({"kpoint_spacing": 0.3}, "kpoint_spacing is 0.3"),
+    ({"pw_parameters": {"system": {"input_dft": "PBEsol"}}}, "pw_parameters is"),
+])
+def test_a_changed_physics_setting_is_refused(change, said):
+    pinned = protocol_for(DFTConfig(), ["Si"])
+    with pytest.raises(ProtocolError, match=said):
+        settle(pinned, DFTConfig(**change), ["Si"])
+
+
+def test_convergence_settings_are_not_physics():
+    pinned = protocol_for(DFTConfig(), ["Si"])
+    easier = DFTConfig(mixing_beta=0.3, max_retries=2, pw_parameters={"electrons": {"electron_maxstep": 300}})
+    assert settle(pinned, easier, ["Si"]) is pinned
