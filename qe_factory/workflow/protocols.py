@@ -1,0 +1,67 @@
+"""The protocols pinned in a home: `<home>/state/protocols/<data set>.json`, one per data set (engine/protocol.py).
+
+The first submission of a data set pins its protocol; every later one is settled against it (the same settings, new
+elements only within its cutoff pair) under a lock, so two submissions at once never pin two protocols or lose an
+element the other added.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from qe_factory.engine.config import ConfigError, DFTConfig
+from qe_factory.engine.protocol import Protocol, settle
+from qe_factory.workflow.offline import write_json
+
+DEFAULT_DATASET = "default"
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def protocols_folder(home: Path) -> Path:
+    return home / "state" / "protocols"
+
+
+def protocol_file(home: Path, dataset: str = DEFAULT_DATASET) -> Path:
+    if not DATASET_NAME.match(dataset):
+        raise ConfigError(f"data set name {dataset!r}: use letters, digits, '_', '.', '-' (at most 64, no '/')")
+    return protocols_folder(home) / f"{dataset}.json"
+
+
+def pinned_protocol(home: Path, dataset: str = DEFAULT_DATASET) -> Protocol | None:
+    """The protocol pinned for `dataset` in the home, or None before its first submission."""
+    path = protocol_file(home, dataset)
+    return Protocol.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def home_protocols(home: Path) -> list[Protocol]:
+    """Every data set's protocol in the home, by name."""
+    return [Protocol.model_validate_json(path.read_text()) for path in sorted(protocols_folder(home).glob("*.json"))]
+
+
+@contextlib.contextmanager
+def protocols_locked(home: Path) -> Iterator[None]:
+    folder = protocols_folder(home)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def pin_protocol(home: Path, config: DFTConfig, elements: Iterable[str], dataset: str = DEFAULT_DATASET) -> Protocol:
+    """Settle a submission of `elements` with `config` against the data set's protocol (pinning it at the first
+    submission, adding elements that fit) and return it; raises protocol.ProtocolError for one that would mix
+    settings. `protocol.config(config)` is what the submission's workflows run with."""
+    path = protocol_file(home, dataset)
+    with protocols_locked(home):
+        pinned = pinned_protocol(home, dataset)
+        protocol = settle(pinned, config, elements, dataset)
+        if protocol != pinned:
+            write_json(path, protocol.model_dump(mode="json"))
+    return protocol
