@@ -10,7 +10,7 @@ import os
 import sys
 
 from qe_factory.cli import compute, e0s, home, pseudos, structures, workers
-from qe_factory.cli.options import training_set_options
+from qe_factory.cli.options import dataset_option, training_set_options
 from qe_factory.engine.config import ConfigError
 from qe_factory.engine.outcomes import EnvironmentFault
 from qe_factory.engine.structure import StructureError
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ntasks", type=int, help="MPI ranks per structure (SLURM, qlaunch -r)")
     p.add_argument("--walltime", help="wall time per SCF job, HH:MM:SS (SLURM, qlaunch -r)")
     p.add_argument("--no-e0s", action="store_true", help="do not add the isolated-atom references (E0s)")
+    dataset_option(p)
     p = command("worker", workers.worker, "run READY Fireworks in this process")
     p.add_argument("-c", "--config", help="YAML whose execution settings (command, mpi_ranks, timeout, work_dir, ...) "
                    "this worker uses; what is computed comes with each workflow")
@@ -57,15 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     training_set_options(p)
     p.add_argument("--no-e0s", action="store_true", help="do not compute the isolated-atom references (E0s) first")
+    dataset_option(p)
     p = command("e0s", e0s.e0s, "isolated-atom energies (E0s) of elements, computed once per settings", config=True)
     p.add_argument("elements", nargs="+", help="chemical symbols, e.g. Fe O H")
+    dataset_option(p)
     p.add_argument("--parallel", type=int, help="pw.x runs at once, each with cores/N ranks (default: automatic)")
     command("status", home.status, "every structure seen, by outcome; failures with reasons")
     command("show", home.show, "one structure's whole story: every attempt and its label").add_argument("uid")
     command("report", home.report, "an HTML page of the home's outcomes, labels and recovery").add_argument(
         "-o", "--output", default="report.html", help="the HTML file (default report.html)")
-    training_set_options(command("export", structures.export, "write validated results as a training set, and "
-                                 "their E0s beside it", output=True))
+    p = command("export", structures.export, "write validated results as a training set, and their E0s beside it",
+                output=True)
+    training_set_options(p)
+    dataset_option(p)
     p = command("qlaunch", workers.qlaunch, "SLURM worker jobs for this home, e.g. qe-factory qlaunch rapidfire -m 8")
     p.add_argument("qlaunch_args", nargs=argparse.REMAINDER, help="arguments for qlaunch")
     p = command("host", workers.host, "be a pilot host: run launches from the home's queue (what a pilot job runs)")

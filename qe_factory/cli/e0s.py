@@ -24,7 +24,7 @@ def e0s(args: argparse.Namespace) -> int:
 
     try:
         found = home_e0s(args.elements, config_from(args), args.home, parallel=args.parallel,
-                         live_logs=args.verbose, listener=Refusals())
+                         live_logs=args.verbose, listener=Refusals(), dataset=args.dataset)
     except (*REFUSALS, ValueError) as exc:
         print(f"qe-factory: {exc}", file=sys.stderr)
         return 2

@@ -22,3 +22,9 @@ def training_set_options(p: argparse.ArgumentParser) -> None:
                    help="mace-extxyz: REF_energy/REF_forces/REF_stress; nequip-extxyz: energy/forces/stress; "
                    "ase-db: an ASE database (ase db FILE)")
     p.add_argument("--config-type", help="config_type of the structures whose input had none (atoms.info)")
+
+
+def dataset_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="default",
+                   help="the home's data set: its protocol (one cutoff pair and one set of settings for all its "
+                   "labels) is pinned by its first submission (default: default)")

@@ -19,7 +19,7 @@ def submit_cmd(args: argparse.Namespace) -> int:
     """Add one workflow per structure to the LaunchPad."""
     from qe_factory.workflow.home import activate
     from qe_factory.workflow.state import get_jobstore
-    from qe_factory.workflow.submit import structure_references, submit, submit_references
+    from qe_factory.workflow.submit import submit_data_set
 
     activate(args.home)
 
@@ -27,13 +27,11 @@ def submit_cmd(args: argparse.Namespace) -> int:
     if config.execution.model_fields_set:
         print(f"note: {', '.join(sorted(config.execution.model_fields_set))} are execution settings: they stay with "
               "the workers (qe-factory worker -c FILE, or QE_FACTORY_<KEY>), not with the workflows")
-    if not args.no_e0s:
-        references = structure_references([atoms for _, atoms in read_structures(args.structures)], config)
-        reports = submit_references(references.values(), None, get_jobstore(), resources_from(args))
-        for line in reference_lines(reports):
-            print(line)
-    report = submit(args.structures, config, resources=resources_from(args), store=get_jobstore(),
-                    progress=progress_bar)
+    submitted = submit_data_set(args.structures, config, store=get_jobstore(), resources=resources_from(args),
+                                dataset=args.dataset, e0s=not args.no_e0s, progress=progress_bar)
+    for line in reference_lines(submitted.reference_reports):
+        print(line)
+    report = submitted.report
     for uid, why in report.refused.items():
         print(f"{uid:<24} REFUSED {why}")
     for uid, other in report.duplicates.items():
@@ -97,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     report = label([atoms for _, atoms in structures], config_from(args), args.home, args.output,
                    parallel=args.parallel, export_format=args.format, config_type=args.config_type,
                    include_marked=args.include_marked, e0s=not args.no_e0s, live_logs=args.verbose,
-                   listener=RunLines(set(uids), args.output))
+                   listener=RunLines(set(uids), args.output), dataset=args.dataset)
     print(report.summary())
     return 0 if report.written == len(uids) else 1
 
@@ -107,10 +105,15 @@ def export(args: argparse.Namespace) -> int:
     from qe_factory.engine.export import write_labels
     from qe_factory.engine.references import is_reference
     from qe_factory.workflow.home import activate
+    from qe_factory.workflow.protocols import in_data_set, pinned_protocol
     from qe_factory.workflow.state import get_jobstore, load_results
 
-    activate(args.home)
-    results = list(progress_bar(load_results(get_jobstore()), "export"))
+    home = activate(args.home)
+    protocol = pinned_protocol(home, args.dataset)
+    results, others = in_data_set(progress_bar(load_results(get_jobstore()), "export"), protocol)
+    if others:
+        print(f"{others} result(s) of other data sets (another protocol than {args.dataset!r}'s "
+              f"{protocol.hash[:12]}) left out")
     written = write_labels(results, args.output, args.include_marked, args.format, args.config_type)
     export_lines(written, args.output)
     print(f"{written.labels} of {sum(not is_reference(r) for r in results)} results written to {args.output} "

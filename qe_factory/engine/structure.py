@@ -193,7 +193,8 @@ def _has_frame(path: Path, count: int) -> bool:
 
 
 def read_structures(source: str | Path | Atoms | Iterable) -> list[tuple[str | None, Atoms]]:
-    """(uid or None, Atoms) for Atoms, pymatgen Structures or files (any format ASE reads, all frames)."""
+    """(uid or None, Atoms) for Atoms, pymatgen Structures or files (any format ASE reads, all frames); pairs it
+    made already pass through."""
 
     if isinstance(source, (str, Path)):
         stem = Path(source).stem
@@ -205,6 +206,8 @@ def read_structures(source: str | Path | Atoms | Iterable) -> list[tuple[str | N
             out.extend(read_structures(item))
         elif isinstance(item, Atoms):
             out.append((item.info.get("uid"), item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Atoms):  # read here already
+            out.append(item)
         elif hasattr(item, "to_ase_atoms"):  # pymatgen Structure / Molecule
             out.append((None, item.to_ase_atoms()))
         else:

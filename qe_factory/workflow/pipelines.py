@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.export import EXPORT_FORMATS, Export, write_labels
-from qe_factory.engine.references import E0, element_references
+from qe_factory.engine.references import E0, element_references, isolated_atom
 from qe_factory.engine.results import DFTResult
 from qe_factory.engine.structure import read_structures
 from qe_factory.workflow import state
@@ -23,7 +23,8 @@ from qe_factory.workflow.coordinator import local_workers, run_coordinator
 from qe_factory.workflow.history import Story, home_history
 from qe_factory.workflow.home import activate, embedded_file
 from qe_factory.workflow.lock import command_line, coordinate
-from qe_factory.workflow.submit import SubmitReport, structure_references, submit, submit_references
+from qe_factory.workflow.protocols import DEFAULT_DATASET, settle_submission
+from qe_factory.workflow.submit import SubmitReport, submit_data_set, submit_references
 
 
 class Listener:
@@ -77,10 +78,13 @@ def label(
     e0s: bool = True,
     live_logs: bool = False,
     listener: Listener | None = None,
+    dataset: str = DEFAULT_DATASET,
 ) -> LabelReport:
     """Label structures (a file ASE reads, Atoms, or an iterable of them) in a factory home — the whole pipeline of
-    `qe-factory run`: the isolated-atom references (E0s) the structures need first (unless `e0s` is False), then
-    one workflow per structure, run by `parallel` local pw.x processes (default: chosen from the cores), and the
+    `qe-factory run`: the structures settled against the protocol of data set `dataset` of the home (pinned by its
+    first submission: raises protocol.ProtocolError for structures or a config that would mix settings in it), the
+    isolated-atom references (E0s) of every element it covers first (unless `e0s` is False), then one workflow per
+    structure, run by `parallel` local pw.x processes (default: chosen from the cores), and the
     labels with their E0s exported to `output` (None: no export). Runs as the home's coordinator (raises
     lock.HomeBusy if another process is). FireWorks' and jobflow's lines go to the home's logs/worker.log
     (`live_logs`: to the terminal)."""
@@ -94,12 +98,13 @@ def label(
         try:
             launchpad, store = state.get_launchpad(), state.get_jobstore()
             listener.started(home, str(embedded_file(home) or "MongoDB"), len(given))
-            references = structure_references([atoms for _, atoms in given], config)  # uid → Reference (E0)
-            if e0s:
-                listener.references_submitted(submit_references(references.values(), launchpad, store))
             for index, (uid, atoms) in enumerate(given):
                 atoms.info["uid"] = uid or f"s-{index:06d}"  # as submit names a structure that brought none
-            submitted = submit([atoms for _, atoms in given], config, launchpad=launchpad, store=store)
+            data_set = submit_data_set([atoms for _, atoms in given], config, launchpad, store, dataset=dataset,
+                                       e0s=e0s)
+            references, submitted = data_set.references, data_set.report  # uid → Reference (E0): every element's
+            if e0s:
+                listener.references_submitted(data_set.reference_reports)
             before = {result.uid: result for result in state.load_results(store, list(submitted.duplicates))}
             listener.submitted(submitted, before)
         except BaseException:
@@ -140,20 +145,24 @@ def outcome_report(home: Path, launchpad, store, uids: list[str], submitted: Sub
 def home_e0s(
     elements: Iterable[str], config: DFTConfig | None = None, home: str | Path | None = None, *,
     parallel: int | None = None, live_logs: bool = False, listener: Listener | None = None,
+    dataset: str = DEFAULT_DATASET,
 ) -> dict[str, E0 | str]:
-    """The isolated-atom energies (E0s) of `elements` with `config`'s settings (its cutoffs, else each element's
-    own), computed once per element and settings through the home's workflows (recovery, parallel workers);
-    element → E0, or why it has none. Raises what engine.references.element_references raises for an element the
-    factory cannot compute."""
+    """The isolated-atom energies (E0s) of `elements` with the settings of data set `dataset` of the home (its
+    protocol, settled with these elements as a submission is), computed once per element and settings through the
+    home's workflows (recovery, parallel workers); element → E0, or why it has none. Raises ValueError for an
+    unknown element, protocol.ProtocolError for one the data set cannot take, and what
+    engine.references.element_references raises for one the factory cannot compute."""
     listener = listener or Listener()
     config = config or DFTConfig()
     home = activate(home)
     log = None if live_logs else home / "logs" / "worker.log"
-    references = element_references(list(elements), config)
     with coordinate(home, command_line()):
+        atoms = [isolated_atom(element, config) for element in elements]  # (a ValueError for an unknown one)
+        protocol = settle_submission(home, config, atoms, dataset)
+        references = element_references(list(elements), protocol.config(config) if protocol else config)
         launchpad, store = state.get_launchpad(), state.get_jobstore()
         pending = len(references) - len(state.stored_e0s(store, references))
-        listener.references_submitted(submit_references(references, launchpad, store))
+        listener.references_submitted(submit_references(references, launchpad, store, dataset=dataset))
         if pending:  # references first (REFERENCE_PRIORITY); no new work once they are done
             workers = local_workers(config.execution, parallel, pending, log)
             run_coordinator(launchpad, max_structures=pending, launch_root=home / "launches",

@@ -13,8 +13,12 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ase import Atoms
+
 from qe_factory.engine.config import ConfigError, DFTConfig
 from qe_factory.engine.protocol import Protocol, settle
+from qe_factory.engine.pseudos import load_family, missing_pseudos
+from qe_factory.engine.results import DFTResult
 from qe_factory.workflow.offline import write_json
 
 DEFAULT_DATASET = "default"
@@ -65,3 +69,27 @@ def pin_protocol(home: Path, config: DFTConfig, elements: Iterable[str], dataset
         if protocol != pinned:
             write_json(path, protocol.model_dump(mode="json"))
     return protocol
+
+
+def servable_elements(config: DFTConfig, structures: Iterable[Atoms]) -> set[str]:
+    """The structures' elements the config's family can serve (a structure with another is refused on its own)."""
+    elements = {symbol for atoms in structures for symbol in atoms.get_chemical_symbols()}
+    return elements - set(missing_pseudos(load_family(config.pseudo_family, config.pseudo_dir), elements))
+
+
+def settle_submission(home: Path, config: DFTConfig, structures: Iterable[Atoms],
+                      dataset: str = DEFAULT_DATASET) -> Protocol | None:
+    """The protocol of data set `dataset` after settling the structures' elements against it (pin_protocol); None
+    while it is unpinned and the structures have no element to serve. `protocol.config(config)` runs them."""
+    elements = servable_elements(config, structures)
+    return pin_protocol(home, config, elements, dataset) if elements else pinned_protocol(home, dataset)
+
+
+def in_data_set(results: Iterable[DFTResult], protocol: Protocol | None) -> tuple[list[DFTResult], int]:
+    """The results made under `protocol` (all of them when None: a home from before protocols), and how many were
+    made under another."""
+    results = list(results)
+    if protocol is None:
+        return results, 0
+    kept = [result for result in results if result.protocol_hash == protocol.hash]
+    return kept, len(results) - len(kept)

@@ -16,12 +16,14 @@ from pydantic import BaseModel
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.inputs import InputGenerator
 from qe_factory.engine.preflight import nominal_input
+from qe_factory.engine.protocol import Protocol
 from qe_factory.engine.recovery import RecoveryHandler
-from qe_factory.engine.references import Reference, isolated_atom, references_for
+from qe_factory.engine.references import Reference, element_references, isolated_atom
 from qe_factory.engine.runner import REFUSALS
 from qe_factory.engine.structure import StructureDoc, StructureError, check_structure, check_uid, read_structures
 from qe_factory.workflow import state
 from qe_factory.workflow.jobs import REFERENCE_PRIORITY, LabelMaker
+from qe_factory.workflow.protocols import DEFAULT_DATASET, settle_submission
 
 
 def structure_key(atoms: Atoms, generator: InputGenerator) -> str:
@@ -69,8 +71,13 @@ def submit(
     recovery: RecoveryHandler | None = None,
     progress: Progress | None = None,
     priority: int = 0,
+    dataset: str = DEFAULT_DATASET,
 ) -> SubmitReport:
     """Add one workflow per structure to the LaunchPad in bulk; bad structures are refused one by one.
+
+    The structures join data set `dataset` of the home and run with its protocol (workflow.protocols: pinned at its
+    first submission; its one cutoff pair replaces `config`'s None); a submission that would mix settings in it
+    raises protocol.ProtocolError before anything is added.
 
     A structure with the same geometry and settings as one already in the LaunchPad (or with a result in `store`,
     a JobStore) is reported, not added. `config` (its physics; execution settings stay with the workers) and
@@ -90,6 +97,9 @@ def submit(
     progress = progress or no_progress
     store = store if store is not None else state.get_jobstore()
     home = factory_home()
+    structures = read_structures(structures)
+    protocol = settle_submission(home, config, [atoms for _, atoms in structures], dataset)
+    config = protocol.config(config) if protocol else config
     report = _submit(structures, config, launchpad, resources, uid_prefix, store, recovery, home, progress, priority)
     record_refusals(home, report.refused, report.formulas)  # status, show and report tell them later
     return report
@@ -237,7 +247,7 @@ def make_workflows(
 
 def submit_references(
     references: Iterable[Reference], launchpad=None, store=None, resources=None,
-    recovery: RecoveryHandler | None = None,
+    recovery: RecoveryHandler | None = None, dataset: str = DEFAULT_DATASET,
 ) -> list[SubmitReport]:
     """Submit the isolated-atom workflows of `references` that have no result yet (one per uid: element and
     settings), ahead of the structures (REFERENCE_PRIORITY); one `submit` per distinct config."""
@@ -252,16 +262,33 @@ def submit_references(
         atoms.info["uid"] = ref.uid
         groups.setdefault(ref.config.model_dump_json(), (ref.config, []))[1].append(atoms)
     return [submit(atoms, config, launchpad=launchpad, store=store, resources=resources, recovery=recovery,
-                   priority=REFERENCE_PRIORITY) for config, atoms in groups.values()]
+                   priority=REFERENCE_PRIORITY, dataset=dataset) for config, atoms in groups.values()]
 
 
-def structure_references(structures: Iterable[Atoms], config: DFTConfig) -> dict[str, Reference]:
-    """The references of the structures (one look per distinct set of elements); a set the factory refuses (e.g. an
-    element without a pseudopotential) needs none: submit reports its structures."""
-    references: dict[str, Reference] = {}
-    for elements in {frozenset(atoms.get_chemical_symbols()) for atoms in structures}:
-        try:
-            references.update(references_for([Atoms(sorted(elements))], config))
-        except (*REFUSALS, ValueError):
-            continue
-    return references
+class DataSetSubmission(NamedTuple):
+    """What `submit_data_set` did: the data set's protocol, the E0 submissions, the structures' submission."""
+
+    protocol: Protocol | None
+    references: dict[str, Reference]  # uid → the E0 of each element the protocol covers
+    reference_reports: list[SubmitReport]
+    report: SubmitReport
+
+
+def submit_data_set(
+    structures: str | Path | Atoms | Iterable, config: DFTConfig, launchpad=None, store=None, resources=None,
+    dataset: str = DEFAULT_DATASET, e0s: bool = True, progress: Progress | None = None,
+) -> DataSetSubmission:
+    """Submit structures to data set `dataset` of the factory home: settle them against its protocol (raises
+    protocol.ProtocolError for a submission that would mix settings), then the E0s of every element the protocol
+    covers that have none yet (unless `e0s` is False), then the structures — all with the protocol's settings."""
+    from qe_factory.workflow.home import factory_home
+
+    given = read_structures(structures)
+    protocol = settle_submission(factory_home(), config, [atoms for _, atoms in given], dataset)
+    config = protocol.config(config) if protocol else config
+    references = {ref.uid: ref for ref in element_references(protocol.elements, config)} if protocol else {}
+    reference_reports = submit_references(references.values(), launchpad, store, resources,
+                                          dataset=dataset) if e0s else []
+    report = submit(given, config, launchpad=launchpad, store=store, resources=resources, progress=progress,
+                    dataset=dataset)
+    return DataSetSubmission(protocol, references, reference_reports, report)

@@ -53,3 +53,46 @@ def test_convergence_settings_are_not_physics():
     pinned = protocol_for(DFTConfig(), ["Si"])
     easier = DFTConfig(mixing_beta=0.3, max_retries=2, pw_parameters={"electrons": {"electron_maxstep": 300}})
     assert settle(pinned, easier, ["Si"]) is pinned
+
+
+def test_a_home_pins_one_protocol_per_data_set_and_submit_runs_with_its_pair(home, fast_config):
+    from ase.build import bulk
+
+    from qe_factory.workflow.protocols import home_protocols, pinned_protocol
+    from qe_factory.workflow.state import get_launchpad
+    from qe_factory.workflow.submit import submit
+
+    config = fast_config.with_changes(ecutwfc=None, ecutrho=None, allow_low_cutoffs=False)
+    germanium = bulk("Ge")
+    germanium.info["uid"] = "ge"
+    submit([germanium], config, launchpad=get_launchpad())
+    pinned = pinned_protocol(home)
+    assert pinned.elements == ["Ge"] and pinned.cutoffs == (35.0, 280.0)
+    (spec,) = [fw["spec"] for fw in get_launchpad().fireworks.find({"spec.stage": "inputs"})]
+    assert '"ecutwfc": 35.0' in str(spec).replace("'", '"')  # the workflow carries the protocol's pair
+
+    silicon = bulk("Si")
+    silicon.info["uid"] = "si"
+    with pytest.raises(ProtocolError, match="Si asks for"):
+        submit([silicon], config, launchpad=get_launchpad())
+    assert get_launchpad().workflows.count_documents({}) == 1 and pinned_protocol(home) == pinned  # nothing added
+    submit([silicon], config, launchpad=get_launchpad(), dataset="silicon")  # another data set of the home
+    assert [p.name for p in home_protocols(home)] == ["default", "silicon"]
+    assert pinned_protocol(home, "silicon").cutoffs == (45.0, 360.0)
+    with pytest.raises(ValueError, match="data set name"):
+        pinned_protocol(home, "../elsewhere")
+
+
+def test_export_keeps_the_labels_of_the_data_set():
+    from qe_factory.engine.protocol import protocol_for
+    from qe_factory.workflow.protocols import in_data_set
+
+    protocol = protocol_for(DFTConfig(), ["Si"])
+
+    class Label:
+        def __init__(self, protocol_hash):
+            self.protocol_hash = protocol_hash
+
+    labels = [Label(protocol.hash), Label("another"), Label(None)]
+    assert in_data_set(labels, protocol) == ([labels[0]], 2)
+    assert in_data_set(labels, None) == (labels, 0)  # a home from before protocols: all of them

@@ -87,20 +87,22 @@ def test_labels_get_the_e0_made_with_exactly_their_settings():
 
 def test_references_are_submitted_once_per_uid_and_run_before_the_structures(home, fast_config):
     from qe_factory.workflow.state import get_jobstore, get_launchpad, reference_energies
-    from qe_factory.workflow.submit import structure_references, submit, submit_references
+    from qe_factory.workflow.submit import submit_data_set, submit_references
 
     silicon = bulk("Si")
     silicon.info["uid"] = "si"
     launchpad = get_launchpad()
-    references = structure_references([silicon, bulk("Si", cubic=True)], fast_config)
+    cubic = bulk("Si", cubic=True)
+    cubic.info["uid"] = "cubic"
+    submitted = submit_data_set([silicon, cubic], fast_config, launchpad)
+    references, (first,) = submitted.references, submitted.reference_reports
     assert [ref.element for ref in references.values()] == ["Si"]  # one E0 for every Si-only structure
-    (first,) = submit_references(references.values(), launchpad)
-    submit([silicon], fast_config, launchpad=launchpad)
-    assert list(first.fw_ids) == list(references)
+    assert list(first.fw_ids) == list(references) and sorted(submitted.report.fw_ids) == ["cubic", "si"]
     (again,) = submit_references(references.values(), launchpad)  # already in the LaunchPad: not added twice
     assert again.fw_ids == {} and list(again.duplicates) == list(references)
     priority = {fw["spec"]["uid"]: fw["spec"]["_priority"] for fw in launchpad.fireworks.find({"spec.stage": "inputs"})}
-    assert priority == {"si": PRIORITY["inputs"], **dict.fromkeys(references, PRIORITY["inputs"] + REFERENCE_PRIORITY)}
+    assert priority == {"si": PRIORITY["inputs"], "cubic": PRIORITY["inputs"],
+                        **dict.fromkeys(references, PRIORITY["inputs"] + REFERENCE_PRIORITY)}
     scf = [fw["spec"]["_priority"] for fw in launchpad.fireworks.find({"spec.stage": "scf"})]
     assert max(scf) > PRIORITY["validate"]  # an E0's SCF goes before any structure's stage
     assert reference_energies(get_jobstore(), fast_config, ["Si"]) == {}  # submitted, not computed yet
