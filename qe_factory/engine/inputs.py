@@ -113,6 +113,20 @@ def starting_moments(atoms: Atoms, valence: np.ndarray, isolated: bool) -> np.nd
     return None
 
 
+def spin_candidates(nominal: PwInput, pseudos: dict[str, ResolvedPseudo]) -> list[float]:
+    """The other spin states worth a run of a lone atom (an E0 reference) held at its Hund's-rule moment M: M−2,
+    M−4, … ≥ 0 μB, the lowest energy kept (psiflow computes every multiplicity). Only where it is cheap: atoms
+    without d projectors (an sp atom converges in a few iterations; a d atom at its family's cutoffs takes up to 18
+    CPU minutes a run, and keeps Hund's). None for anything else."""
+    fixed = nominal.parameters["system"].get("tot_magnetization")
+    if fixed is None or not nominal.isolated or len(pseudos) != 1:
+        return []
+    (pseudo,) = pseudos.values()
+    if 2 in pseudo.header.beta_l:
+        return []
+    return [fixed - 2 * step for step in range(1, int(fixed // 2) + 1)]
+
+
 def high_spin_start(atoms: Atoms, absolute_magnetization: float | None) -> list[float] | None:
     """The start of the magnetic branch check after a run from the Atoms' own moments converged with
     `absolute_magnetization` (μB per cell; None: spin-restricted), or None when no check is due.

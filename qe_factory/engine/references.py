@@ -3,7 +3,8 @@
 An E0 is an ordinary SCF of one atom in a periodic box wide enough that the factory's vacuum detection runs it at Γ
 (`inputs.vacuum_axes`), with exactly the data set's settings: the same pseudopotential file, cutoffs, smearing and
 degauss. `settings_key` identifies those settings, so an element's E0 is computed once per element and settings and
-found again by its uid (`e0_uid`).
+found again by its uid (`e0_uid`). The atom is held at its Hund's-rule moment; where that is cheap, its lower spin
+states run too and the lowest energy is the E0 (inputs.spin_candidates; `E0.spin_states` records each).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class E0(Document):
     attempts: int
     scf_iterations: int | None
     wall_time: float  # s, all attempts
+    spin_states: dict[str, float | None] = {}  # total moment tried (μB) → energy (eV); the E0 is the lowest
 
     @property
     def atomic_number(self) -> int:
@@ -59,6 +61,7 @@ class E0(Document):
             pseudo_md5=pseudo["md5"], pseudo_file=pseudo["filename"], settings_key=key,
             attempts=len(result.attempts), scf_iterations=sum(a.scf_iterations or 0 for a in result.attempts),
             wall_time=result.wall_time,
+            spin_states={f"{branch.start[0]:g}": branch.energy for branch in result.magnetic_branches},
         )
 
 

@@ -23,6 +23,7 @@ from qe_factory.engine.inputs import (
     high_spin_start,
     irreducible_kpoint_count,
     render,
+    spin_candidates,
 )
 from qe_factory.engine.outcomes import DISK_FULL_ERRNOS, DiskFullError, EnvironmentFault
 from qe_factory.engine.parallel import (
@@ -69,6 +70,7 @@ KEPT_FILES = ("pw.in", "pw.out", "pw.err", "CRASH", XML_NAME)  # what clean_scra
 REFUSALS = (StructureError, PseudopotentialError, InputError)
 SCF_ERRORS = (DFTErrorType.SCF_NOT_CONVERGED.name, DFTErrorType.BROYDEN_MIXING.name, DFTErrorType.PW_WALLTIME.name)
 HIGH_SPIN = "high-spin start"  # the magnetic branch check's second run (DFTConfig.magnetic_start)
+SPIN_STATE = "spin state"  # a lone atom's lower spin states, each a magnetic branch (inputs.spin_candidates)
 
 
 class ScfOutcome(Document):
@@ -91,8 +93,9 @@ class RecoveryState(Document):
     before: dict[str, dict[str, Any]] = {}  # the lasting corrections before `correction` (dropped if it made worse)
     converged_output: PwOutput | None = None  # kept while a converged run is re-done at nominal settings
     converged_input: PwInput | None = None
-    branch: ScfOutcome | None = None  # the run from the Atoms' own moments, while a high-spin start runs
+    branch: ScfOutcome | None = None  # the lowest-energy finished magnetic branch, while another one runs
     branch_start: int = 0  # attempts made before the current magnetic branch (each has its own recovery)
+    branches: list[MagneticBranch] = []  # the records of the finished branches
 
 
 def time_budget(timeout: float, allocation_left: float | None, margin: float = 30.0) -> float:
@@ -401,35 +404,56 @@ class QERunner:
         """Run one attempt and decide: the state for the next attempt, or the outcome of the SCF stage."""
         decided = self._attempt_step(atoms, uid, nominal, state)
         if isinstance(decided, RecoveryState):  # the same magnetic branch goes on
-            return decided.model_copy(update={"branch": state.branch, "branch_start": state.branch_start})
-        return self._magnetic_check(atoms, uid, state, decided)
+            return decided.model_copy(update={"branch": state.branch, "branch_start": state.branch_start,
+                                              "branches": state.branches})
+        return self._magnetic_check(atoms, uid, nominal, state, decided)
 
     def _magnetic_check(
-        self, atoms: Atoms, uid: str, state: RecoveryState, outcome: ScfOutcome
+        self, atoms: Atoms, uid: str, nominal: PwInput, state: RecoveryState, outcome: ScfOutcome
     ) -> RecoveryState | ScfOutcome:
-        """After the run from the Atoms' own moments: start a high-spin branch when one is due (magnetic_start='hint',
-        inputs.high_spin_start). After that branch: keep the lower-energy converged one, both recorded."""
-        if state.branch is None:
-            start = None
-            if self.config.magnetic_start == "hint" and outcome.output is not None:
-                start = high_spin_start(atoms, outcome.output.absolute_magnetization)
-            if start is None:
-                return outcome
-            log.warning("uid=%s converged with |M|=%s μB from its own start: checking a high-spin start %s",
-                        uid, outcome.output.absolute_magnetization, start)
-            correction = Correction(name=HIGH_SPIN, changes={"run": {"magmoms": start}})
+        """A magnetic branch ended: start the next one when one is due (_next_branch), else keep the lowest-energy
+        converged branch, all recorded (a tie keeps the earlier)."""
+        records = [*state.branches, _branch(outcome, self._branch_start(atoms, state, outcome), state.branch_start + 1,
+                                            kept=False)]
+        best = outcome if state.branch is None or _energy(outcome) < _energy(state.branch) else state.branch
+        correction = self._next_branch(atoms, nominal, outcome, len(records))
+        if correction is not None:
+            log.warning("uid=%s: magnetic branch %d ended (|M|=%s μB): next, %s", uid, len(records),
+                        outcome.output.absolute_magnetization if outcome.output else None, correction.name)
             start_params = apply_correction({}, correction)  # (also `before`: a rung dropped never drops the start)
-            return RecoveryState(params=start_params, before=start_params, tried=[HIGH_SPIN], attempts=outcome.attempts,
-                                 correction=correction, branch=outcome, branch_start=len(outcome.attempts))
-        first = state.branch
-        keep_second = outcome.output is not None and _energy(outcome) < _energy(first)
-        kept = outcome if keep_second else first
-        branches = [
-            _branch(first, atoms.get_initial_magnetic_moments().tolist(), 1, not keep_second),
-            _branch(outcome, state.params["run"]["magmoms"], state.branch_start + 1, keep_second),
-        ]
-        return ScfOutcome(attempts=outcome.attempts, output=kept.output, pw_input=kept.pw_input,
-                          magnetic_branches=branches)
+            return RecoveryState(params=start_params, before=start_params, tried=[correction.name],
+                                 attempts=outcome.attempts, correction=correction, branch=best,
+                                 branch_start=len(outcome.attempts), branches=records)
+        if len(records) == 1:
+            return outcome
+        kept = min(range(len(records)), key=lambda i: math.inf if records[i].energy is None else records[i].energy)
+        records = [record.model_copy(update={"kept": i == kept}) for i, record in enumerate(records)]
+        return ScfOutcome(attempts=outcome.attempts, output=best.output, pw_input=best.pw_input,
+                          magnetic_branches=records)
+
+    def _next_branch(self, atoms: Atoms, nominal: PwInput, outcome: ScfOutcome, ended: int) -> Correction | None:
+        """The start of the magnetic branch after `ended` branches, or None. magnetic_start='hint' only, and only
+        when the first branch converged: a lone atom's next spin state (inputs.spin_candidates); else, after the
+        first, a high-spin start when one is due (inputs.high_spin_start)."""
+        first = outcome if ended == 1 else None
+        if self.config.magnetic_start != "hint" or (first is not None and first.output is None):
+            return None
+        candidates = spin_candidates(nominal, self.generator.pseudos(atoms)) if len(atoms) == 1 else []
+        if candidates:
+            if ended > len(candidates):
+                return None
+            moment = candidates[ended - 1]
+            return Correction(name=f"{SPIN_STATE} {moment:g} μB", changes={"system": {"tot_magnetization": moment}})
+        start = high_spin_start(atoms, first.output.absolute_magnetization) if first is not None else None
+        return None if start is None else Correction(name=HIGH_SPIN, changes={"run": {"magmoms": start}})
+
+    @staticmethod
+    def _branch_start(atoms: Atoms, state: RecoveryState, outcome: ScfOutcome) -> list[float]:
+        """The start of the branch that ended: its own moments, a lone atom's fixed total moment, or the Atoms'."""
+        if (moments := state.params.get("run", {}).get("magmoms")) is not None:
+            return moments
+        fixed = outcome.attempts[state.branch_start].parameters.get("system", {}).get("tot_magnetization")
+        return [fixed] if fixed is not None and len(atoms) == 1 else atoms.get_initial_magnetic_moments().tolist()
 
     def _attempt_step(
         self, atoms: Atoms, uid: str, nominal: PwInput, state: RecoveryState

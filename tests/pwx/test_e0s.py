@@ -43,8 +43,16 @@ def test_compute_e0s_gives_the_iron_atom_its_hund_moment_once(fast_config):
     assert e0.uid == e0_uid("Fe", settings_key("Fe", config)) and e0.settings_key.startswith(e0.uid[-12:])
     assert e0.magnetization == pytest.approx(4.0, abs=0.01)  # 3d6 4s2, not the bulk default of 5 μB
     assert -3456 < e0.energy < -3454  # pw.x: -253.9528 Ry at these cutoffs (benchmarks/README, lone atoms)
-    assert e0.attempts == 1 and e0.scf_iterations > 0
+    assert e0.attempts == 1 and e0.scf_iterations > 0 and e0.spin_states == {}  # a d atom: Hund's only (costly)
     assert e0.pseudo_file == "Fe.pbe-spn-rrkjus_psl.0.2.1.UPF" and len(e0.pseudo_md5) == 32
+
+
+def test_a_lone_silicon_atom_tries_its_lower_spin_state_and_keeps_the_lower_energy(fast_config):
+    (e0,) = compute_e0s(["Si"], fast_config).values()
+    assert sorted(e0.spin_states) == ["0", "2"]  # 3p²: Hund's triplet, then the singlet
+    assert e0.energy == min(e0.spin_states.values()) == e0.spin_states["2"]  # PBE: the triplet is lower
+    assert e0.spin_states["0"] - e0.spin_states["2"] > 0.1  # eV: a real difference, not noise
+    assert e0.magnetization == pytest.approx(2.0, abs=0.01) and e0.attempts == 2
 
 
 def mace_e0s_from_training_file(path: Path) -> dict[int, float]:
