@@ -78,9 +78,13 @@ def test_run_again_recomputes_nothing_and_export_gives_the_same_labels(tmp_path)
         assert atoms.info["REF_energy"] == reference.info["REF_energy"]
         np.testing.assert_array_equal(atoms.arrays["REF_forces"], reference.arrays["REF_forces"])
         np.testing.assert_array_equal(atoms.info["REF_stress"], reference.info["REF_stress"])
-    # the same uids with another smearing: one uid, one label — refused by name, nothing computed
+    # another smearing in the same data set: refused as a whole, with the reason and the ways out
     (tmp_path / "other.yaml").write_text(FAST + "degauss: 0.03\n")
-    other = qe_factory(tmp_path, "run", "in.extxyz", "-c", "other.yaml", "-o", "other.extxyz", "--no-e0s")
+    mixed = qe_factory(tmp_path, "run", "in.extxyz", "-c", "other.yaml", "-o", "other.extxyz", "--no-e0s")
+    assert mixed.returncode == 2 and "degauss is 0.03, the data set's is 0.02" in mixed.stderr, mixed.stderr
+    # as another data set of the home: the same uids, one uid, one label — refused by name, nothing computed
+    other = qe_factory(tmp_path, "run", "in.extxyz", "-c", "other.yaml", "-o", "other.extxyz", "--no-e0s",
+                       "--dataset", "smeared")
     assert other.returncode == 1 and other.stdout.count("already has a label") == 2, other.stdout
     assert sorted((tmp_path / "factory" / "runs").glob("run_*/attempt_*/pw.out")) == outputs
     assert "2 of 2 results written" in qe_factory(tmp_path, "export", "-o", "again.extxyz").stdout

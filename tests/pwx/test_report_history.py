@@ -158,8 +158,8 @@ def test_report_page_shows_outcomes_labels_recovery_and_failures(seen, tmp_path)
     assert [sum(int(row[i]) for row in recovery) for i in (1, 2, 3)] == [2, 1, 1], recovery
     assert {row[0] for row in recovery} <= {"more electron steps", "mixing_beta=0.3"}, recovery
     assert rows[("1", 3)] == ["2", "0"] and rows[("2", 3)] == ["1", "1"]  # attempts per structure: labelled, failed
-    assert rows[("isolated-atom references (E0s)", 4)][0] == "2"
-    assert rows[("all pw.x runs", 4)][0] == "8"  # 6 for the structures, 2 for the E0s
+    assert rows[("isolated-atom references (E0s)", 4)][0] == "4"  # Si, Ge: Hund's triplet and the singlet each
+    assert rows[("all pw.x runs", 4)][0] == "10"  # 6 for the structures, 4 for the E0s
     e0s = [row for row in page.cells() if len(row) == 4 and row[3].startswith("e0-")]
     assert sorted((row[0], row[1]) for row in e0s) == [("Ge", "labelled"), ("Si", "labelled")], e0s
     assert all(-5000 < float(row[2]) < -100 for row in e0s)
