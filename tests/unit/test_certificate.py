@@ -158,3 +158,18 @@ def test_every_sanitizer_problem_is_counted_under_its_check():
     assert check_of("pw.x used ecutwfc 30.0 (its XML), not the 25.0 asked for") == "xml_cross_check"
     assert check_of("pw.x wrote no data-file-schema.xml: the label cannot be checked") == "xml_cross_check"
     assert check_of("cohesive energy +88.300 eV/atom (E − ΣE0 per atom) outside [-10, 2]: ...") == "cohesive_energy"
+
+
+def test_show_prints_every_key_of_the_certificate(si_label):
+    from qe_factory.workflow.history import Story, story_lines
+
+    result, _ = si_label
+    lines = story_lines(Story(uid="si", outcome="labelled", formula="Si2", result=result))
+    start = next(i for i, line in enumerate(lines) if line.startswith("  certificate "))
+    block = [lines[start], *(line for line in lines[start + 1:] if line.startswith(" " * 13))]
+    assert all(len(line) <= 118 for line in block)
+    shown = dict(item.split("=", 1) for line in block for item in line.split()[line.startswith("  certificate"):])
+    cert = certificate(result)
+    assert set(shown) == set(cert)
+    for key, value in cert.items():
+        assert shown[key] == str(value) if isinstance(value, str) else float(shown[key]) == pytest.approx(value, 1e-5)
