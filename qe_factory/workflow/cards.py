@@ -29,7 +29,7 @@ def home_outcomes(home: Path, launchpad, store, uids: list[str] | None = None) -
     for story in reports:
         for check in sorted({check_of(problem) for problem in (story.result.problems if story.result else [])}):
             checks[check] = checks.get(check, 0) + 1
-    scope = "every structure in the home" if uids is None else f"the {len(structures)} structures of this run"
+    scope = "every structure in the home" if uids is None else f"the structures of this run ({len(structures)})"
     return Outcomes(scope=scope, counts=outcome_counts(structures), causes=dict(sorted(causes.items())),
                     refused_by_check=dict(sorted(checks.items())),
                     references={k: v for k, v in outcome_counts(references).items() if v and k != "marked"})

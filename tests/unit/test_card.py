@@ -67,7 +67,7 @@ def test_the_card_beside_a_run_s_export_counts_as_status_and_names_what_made_the
     counts = status_counts(capsys)
     assert counts == {"labelled": 2, "failed": 1, "refused": 1, "waiting": 0, "running": 0}
     assert {k: v for k, v in card.outcomes.counts.items() if k != "marked"} == counts
-    assert card.labels == report.written == 2 and card.outcomes.scope == "the 4 structures of this run"
+    assert card.labels == report.written == 2 and card.outcomes.scope == "the structures of this run (4)"
     (failed,) = report.failed
     assert card.outcomes.causes == {"UNPHYSICAL at validate": 1, "REFUSED at submit": 1}
     assert card.outcomes.refused_by_check["pseudopotential_provenance"] == 1  # carbon's file read for Si
