@@ -234,11 +234,12 @@ def story_lines(story: Story) -> list[str]:
 
 def certificate_lines(cert: dict[str, float | int | str], width: int = 118) -> list[str]:
     """The QC certificate (engine/certificate.py; README's table) as `key=value` lines, `width` characters at most."""
-    lines = ["  certificate"]
+    head = "  certificate "
+    lines = [head]
     for key, value in cert.items():
         item = f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}"
-        if len(lines[-1]) + 1 + len(item) > width and lines[-1] != "  certificate":
-            lines.append("             ")
+        if len(lines[-1]) + 1 + len(item) > width and lines[-1].strip():
+            lines.append(" " * len(head))
         lines[-1] += " " + item
     return lines
 

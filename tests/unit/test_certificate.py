@@ -166,7 +166,7 @@ def test_show_prints_every_key_of_the_certificate(si_label):
     result, _ = si_label
     lines = story_lines(Story(uid="si", outcome="labelled", formula="Si2", result=result))
     start = next(i for i, line in enumerate(lines) if line.startswith("  certificate "))
-    block = [lines[start], *(line for line in lines[start + 1:] if line.startswith(" " * 13))]
+    block = [lines[start], *(line for line in lines[start + 1:] if line.startswith(" " * 14))]
     assert all(len(line) <= 118 for line in block)
     shown = dict(item.split("=", 1) for line in block for item in line.split()[line.startswith("  certificate"):])
     cert = certificate(result)
