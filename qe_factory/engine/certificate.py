@@ -44,9 +44,10 @@ def _plain(value: Scalar) -> Scalar:
 def _force_keys(result: DFTResult, limits: SanitizerThresholds) -> dict[str, float]:
     """max |F|, the contact-based bound of the atom that carries it, and the largest |F_i| / bound_i over atoms (the
     sanitizer refuses above 1: sanitize.contact_force_bound)."""
-    if result.forces is None:
+    forces = np.asarray(result.forces if result.forces is not None else [], dtype=float)
+    if forces.shape != (len(result.structure.numbers), 3):  # none (a failure), or a malformed one the sanitizer refused
         return {}
-    norms = np.linalg.norm(np.asarray(result.forces, dtype=float), axis=1)
+    norms = np.linalg.norm(forces, axis=1)
     contacts = atom_contacts(result.structure.to_atoms())
     bounds = np.array([contact_force_bound(contacts.get(i, (None, None, None))[2], limits) for i in range(len(norms))])
     worst = int(norms.argmax())
