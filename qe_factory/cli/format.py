@@ -44,6 +44,7 @@ def reference_lines(reports: list) -> list[str]:
 
 def export_lines(export, output) -> None:
     """Say where the E0s went and what was left out of an export."""
+    from qe_factory.engine.card import card_paths
     from qe_factory.engine.export import mace_e0s
 
     for uid, why in export.unphysical.items():
@@ -57,6 +58,10 @@ def export_lines(export, output) -> None:
               f"{output}: NequIP trains on every frame) and in {export.e0s_file}")
     for element, why in export.missing.items():
         print(f"no E0 for {element}: {why}")
+    json_card, md_card = card_paths(output)
+    if md_card.exists():
+        print(f"data-set card: {md_card} (people), {json_card} (machines): protocol, pseudopotentials, versions, "
+              "outcomes, E0s, and the MACE and NequIP training commands")
 
 
 PROGRESS_FROM = 100  # structures from which a step (checking, making workflows, export) shows a progress bar

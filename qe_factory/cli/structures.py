@@ -104,9 +104,10 @@ def export(args: argparse.Namespace) -> int:
     """Write the validated results as a training set, with the E0s made with exactly their settings."""
     from qe_factory.engine.export import write_labels
     from qe_factory.engine.references import is_reference
+    from qe_factory.workflow.cards import export_card
     from qe_factory.workflow.home import activate
     from qe_factory.workflow.protocols import in_data_set, pinned_protocol
-    from qe_factory.workflow.state import get_jobstore, load_results
+    from qe_factory.workflow.state import get_jobstore, get_launchpad, load_results
 
     home = activate(args.home)
     protocol = pinned_protocol(home, args.dataset)
@@ -115,6 +116,8 @@ def export(args: argparse.Namespace) -> int:
         print(f"{others} result(s) of other data sets (another protocol than {args.dataset!r}'s "
               f"{protocol.hash[:12]}) left out")
     written = write_labels(results, args.output, args.include_marked, args.format, args.config_type)
+    export_card(home, get_launchpad(read_only=True), get_jobstore(), args.output, args.format, written,
+                dataset=args.dataset)
     export_lines(written, args.output)
     print(f"{written.labels} of {sum(not is_reference(r) for r in results)} results written to {args.output} "
           f"({args.format})")

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 from ase import Atoms
 from ase.data import atomic_numbers
 
+from qe_factory.engine.certificate import certificate
 from qe_factory.engine.config import SanitizerThresholds
 from qe_factory.engine.references import E0, is_reference
 from qe_factory.engine.results import DFTResult
@@ -19,14 +20,17 @@ from qe_factory.engine.sanitize import cohesive_check
 EXPORT_FORMATS = ("mace-extxyz", "nequip-extxyz", "ase-db")
 
 
-def training_atoms(result: DFTResult, ase_keys: bool = False, config_type: str | None = None) -> Atoms:
-    """A label as an MLIP trainer reads it. Default: REF_energy, REF_forces, REF_stress (MACE's keys); `ase_keys`:
-    ASE's own energy, forces, stress in a SinglePointCalculator (what NequIP/Allegro read by default and `ase db`
-    shows). Stress in eV/Å³, ASE's sign (NequIP's too). `config_type` for a structure that brought none."""
+def training_atoms(result: DFTResult, ase_keys: bool = False, config_type: str | None = None,
+                   limits: SanitizerThresholds | None = None) -> Atoms:
+    """A label as an MLIP trainer reads it, with its QC certificate (certificate.certificate, `limits`: the sanitizer's
+    thresholds) in its info. Default: REF_energy, REF_forces, REF_stress (MACE's keys); `ase_keys`: ASE's own energy,
+    forces, stress in a SinglePointCalculator (what NequIP/Allegro read by default and `ase db` shows). Stress in
+    eV/Å³, ASE's sign (NequIP's too). `config_type` for a structure that brought none."""
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.stress import full_3x3_to_voigt_6_stress
 
     atoms = result.to_atoms()
+    atoms.info.update(certificate(result, limits))
     if config_type is not None:
         atoms.info.setdefault("config_type", config_type)
     if ase_keys:
@@ -36,8 +40,11 @@ def training_atoms(result: DFTResult, ase_keys: bool = False, config_type: str |
     return atoms
 
 
-def db_key_value_pairs(result: DFTResult, config_type: str | None = None) -> dict[str, Any]:
-    """`ase db` columns of a label: uid, config_type, outcome flags, settings, pseudopotential files, effort."""
+def db_key_value_pairs(
+    result: DFTResult, config_type: str | None = None, limits: SanitizerThresholds | None = None,
+) -> dict[str, Any]:
+    """`ase db` columns of a label: uid, config_type, outcome flags, settings, pseudopotential files, effort, and its
+    QC certificate (certificate.certificate)."""
     system = result.parameters.get("system", {})
     pairs = {
         "uid": result.uid, "config_type": result.structure.config_type or config_type,
@@ -49,13 +56,14 @@ def db_key_value_pairs(result: DFTResult, config_type: str | None = None) -> dic
         "pw_version": result.pw_version, "scf_iterations": result.scf_iterations, "wall_time": result.wall_time,
         "total_magnetization": result.total_magnetization,
         **{f"pseudo_{element}": entry.get("filename") for element, entry in result.pseudopotentials.items()},
+        **certificate(result, limits),
     }
     return {key: value for key, value in pairs.items() if value is not None}
 
 
 def write_training_set(
     results: Iterable[DFTResult], path, include_marked: bool = False, format: str = "mace-extxyz",
-    config_type: str | None = None, references: Iterable[DFTResult] = (),
+    config_type: str | None = None, references: Iterable[DFTResult] = (), limits: SanitizerThresholds | None = None,
 ) -> int:
     """Write the labelled structures as a training set (the file is made anew); returns how many.
 
@@ -65,7 +73,7 @@ def write_training_set(
     unless `include_marked`. Failures have no label and are not written. `config_type` for structures without one.
     `references` (isolated-atom results, the E0s, whose structures carry no config_type) go first as
     `config_type=IsolatedAtom` frames (MACE's convention: it takes them as its E0s and does not train on them); they
-    are not counted.
+    are not counted. Every frame carries its QC certificate (`limits`: the sanitizer's thresholds, for the force bound).
     """
     from pathlib import Path
 
@@ -82,13 +90,13 @@ def write_training_set(
 
         with connect(path, type="db", append=False) as db:  # one transaction
             for result, kind in [*isolated, *((r, config_type) for r in keep)]:
-                db.write(training_atoms(result, True, kind), key_value_pairs=db_key_value_pairs(result, kind),
-                         data={"parameters": result.parameters})
+                db.write(training_atoms(result, True, kind, limits), data={"parameters": result.parameters},
+                         key_value_pairs=db_key_value_pairs(result, kind, limits))
                 count += kind != "IsolatedAtom"
         return count
     with open(path, "w") as handle:
         for result, kind in [*isolated, *((r, config_type) for r in keep)]:
-            write(handle, training_atoms(result, format == "nequip-extxyz", kind), format="extxyz")
+            write(handle, training_atoms(result, format == "nequip-extxyz", kind, limits), format="extxyz")
             count += kind != "IsolatedAtom"
     return count
 
@@ -167,8 +175,9 @@ def write_nequip_shifts(training_file: str | Path, energies: dict[str, float]) -
 class Export(NamedTuple):
     """What `write_labels` wrote: labels, the E0s beside them (element → eV), elements left without one (why), the
     E0 file (None when there is no E0), the labels left out because their cohesive energy, judged here against
-    those E0s, is outside the sanitizer's window (uid → why), NequIP's E0 file (nequip-extxyz with E0s, else None)
-    and whether the E0s are also IsolatedAtom frames in the training set."""
+    those E0s, is outside the sanitizer's window (uid → why), NequIP's E0 file (nequip-extxyz with E0s, else None),
+    whether the E0s are also IsolatedAtom frames in the training set, the labels written (as written: cohesive
+    energies judged here included) and the E0 result of each element."""
 
     labels: int
     e0s: dict[str, float]
@@ -177,13 +186,16 @@ class Export(NamedTuple):
     unphysical: dict[str, str] = {}
     nequip_file: Path | None = None
     isolated_frames: bool = False
+    exported: list[DFTResult] = []
+    references: dict[str, DFTResult] = {}
 
 
 def judge_cohesive(
     labels: list[DFTResult], e0s: dict[str, float], limits: SanitizerThresholds | None = None,
 ) -> tuple[list[DFTResult], dict[str, str]]:
     """The labels whose cohesive energy was not judged at validation (their E0s came later) judged now against
-    `e0s`: (those that pass or still cannot be judged, uid → why for those outside the window)."""
+    `e0s`: (those that pass, with the cohesive energy found here, or still cannot be judged; uid → why for those
+    outside the window)."""
     kept, unphysical = [], {}
     for label in labels:
         if label.cohesive_energy is not None:
@@ -192,8 +204,11 @@ def judge_cohesive(
         check = cohesive_check(label.energy, label.structure.to_atoms().get_chemical_symbols(), e0s, limits)
         if check.problems:
             unphysical[label.uid] = "; ".join(check.problems)
-        else:
+        elif check.cohesive_energy is None:
             kept.append(label)
+        else:
+            judged = [why for why in label.not_judged if not why.startswith("cohesive energy")]
+            kept.append(label.model_copy(update={"cohesive_energy": check.cohesive_energy, "not_judged": judged}))
     return kept, unphysical
 
 
@@ -214,10 +229,10 @@ def write_labels(
     labels, unphysical = judge_cohesive(labels, energies, limits)
     framed = format != "nequip-extxyz"
     references = [found[element] for element in sorted(found, key=atomic_numbers.get)] if framed else []
-    written = write_training_set(labels, path, include_marked, format, config_type, references)
+    written = write_training_set(labels, path, include_marked, format, config_type, references, limits)
     e0s_file = write_e0s(path, energies) if energies else None
     nequip_file = write_nequip_shifts(path, energies) if energies and not framed else None
     for made, old in ((e0s_file, e0s_path(path)), (nequip_file, nequip_path(path))):
         if made is None:
             old.unlink(missing_ok=True)  # never leave an older data set's E0s beside this one
-    return Export(written, energies, missing, e0s_file, unphysical, nequip_file, bool(references))
+    return Export(written, energies, missing, e0s_file, unphysical, nequip_file, bool(references), labels, found)

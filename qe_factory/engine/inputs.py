@@ -55,6 +55,7 @@ class PwInput(BaseModel):
     pseudopotentials: dict[str, str]
     pseudo_md5: dict[str, str]
     starting_magnetization: list[float] | None = None
+    starting_moments: list[float] | None = None  # μB per atom pw.x starts from (the fractions × valence); None: nspin 1
     vacuum_axes: tuple[bool, bool, bool] = (False, False, False)  # axes with a vacuum gap: 1 k-point
 
     @property
@@ -209,9 +210,10 @@ class InputGenerator:
                 f"calculation={parameters['control']['calculation']!r} refused: the factory runs only 'scf' "
                 "(relaxing would move the structures the data set is meant to sample)"
             )
-        magnetization = None
+        magnetization = start = None
         if moments is not None and parameters["system"]["nspin"] == 2:
             magnetization = [round(float(m), 6) for m in np.clip(moments / valence, -1.0, 1.0)]
+            start = [round(float(m), 6) for m in np.clip(moments, -valence, valence)]
         mesh = kpoint_mesh(atoms, cfg.kpoint_spacing)
         return PwInput(
             parameters=parameters,
@@ -220,6 +222,7 @@ class InputGenerator:
             pseudopotentials={el: p.path.name for el, p in pseudos.items()},
             pseudo_md5={el: p.md5 for el, p in pseudos.items()},
             starting_magnetization=magnetization,
+            starting_moments=start,
         )
 
     def create_input_string(self, atoms: Atoms, params: dict[str, dict[str, Any]] | None = None) -> str:

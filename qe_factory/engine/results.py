@@ -70,7 +70,9 @@ class DFTResult(Document):
     pw_version: str | None = None
     protocol_hash: str | None = None  # the settings it was made with (engine/protocol.py): one per data set
     scf_iterations: int | None = None
-    total_magnetization: float | None = None
+    total_magnetization: float | None = None  # μB per cell; None: spin-restricted (nspin 1)
+    absolute_magnetization: float | None = None
+    magnetic_start: list[float] | None = None  # μB per atom the label's run started from; None: spin-restricted
     pw_xml: dict[str, Any] | None = None  # pw.x's own record (data-file-schema.xml, pwxml.PwXml.summary), checked
     problems: list[str] = []
     cohesive_energy: float | None = None  # eV/atom: (energy − Σ isolated-atom energies E0) / N; None: not judged

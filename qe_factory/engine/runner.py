@@ -577,7 +577,8 @@ class QERunner:
                 el: {"filename": name, "md5": pw_input.pseudo_md5[el]} for el, name in pw_input.pseudopotentials.items()
             },
             pw_version=output.pw_version, scf_iterations=output.scf_iterations,
-            total_magnetization=output.total_magnetization, pw_xml=output.xml, problems=problems,
+            total_magnetization=output.total_magnetization, absolute_magnetization=output.absolute_magnetization,
+            magnetic_start=pw_input.starting_moments, pw_xml=output.xml, problems=problems,
             cohesive_energy=cohesive.cohesive_energy, not_judged=cohesive.not_judged, warnings=output.warnings,
             label_deviations=label_deviations(pw_input.parameters, nominal.parameters),
         )

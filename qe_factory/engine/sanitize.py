@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -185,6 +186,30 @@ def provenance_problems(output: PwOutput, expected_md5: dict[str, str], expected
                 f"{expected_names[element]} (md5 {md5})"
             )
     return problems
+
+
+# Each sanitizer check and the words its refusals start with (or hold), in the order a problem is matched: what a
+# data-set card counts refusals by (check_of). Named after the threshold they use where they have one.
+CHECKS = {
+    "xml_cross_check": r"XML|data-file-schema\.xml",
+    "pseudopotential_provenance": r"^pw\.x (read|reports no pseudopotential)",
+    "pw_warnings": r"^pw\.x printed '",
+    "scf_converged": r"^SCF not converged",
+    "missing_results": r"^no \w+ in the output",
+    "finite_values": r"(NaN/inf|have shape)",
+    "max_force": r"^max \|force\|",
+    "contact_force": r"^atom \d+ \(\w+\): \|F\|",
+    "energy_per_atom": r"^energy .* eV/atom outside",
+    "max_stress": r"^max \|stress\|",
+    "max_stress_asymmetry": r"^stress asymmetric",
+    "max_negative_rho": r"electrons of negative density",
+    "cohesive_energy": r"^cohesive energy",
+}
+
+
+def check_of(problem: str) -> str:
+    """The sanitizer check (CHECKS) a problem comes from; "other" for one no check words so."""
+    return next((name for name, pattern in CHECKS.items() if re.search(pattern, problem)), "other")
 
 
 # How far pw.x's XML may be from its stdout: the stdout's rounding (8 decimals in Ry units: ≤ 7e-8 eV, 1.3e-7 eV/Å,

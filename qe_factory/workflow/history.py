@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from qe_factory.engine.certificate import certificate
 from qe_factory.engine.outcomes import Outcome
 from qe_factory.engine.references import REFERENCE_UID
 from qe_factory.engine.results import DFTResult
@@ -210,6 +211,8 @@ def story_lines(story: Story) -> list[str]:
         lines.append(f"  {story.message}")
     if result is not None and story.outcome == "labelled":
         lines += _label_lines(result)
+    if result is not None and result.energy is not None:  # a label, or a converged result the sanitizer refused
+        lines += certificate_lines(certificate(result))
     if result is not None and result.attempts:
         wall = sum(a.wall_time for a in result.attempts)
         cpu = sum(a.cpu_time or 0.0 for a in result.attempts)
@@ -226,6 +229,18 @@ def story_lines(story: Story) -> list[str]:
     if story.fireworks:
         lines.append("fireworks: " + ", ".join(f"{fw_id} {name} {state}" for fw_id, name, state in story.fireworks))
     lines += [f"refused submission ({r['time']}): {r['reason']}" for r in story.refusals]
+    return lines
+
+
+def certificate_lines(cert: dict[str, float | int | str], width: int = 118) -> list[str]:
+    """The QC certificate (engine/certificate.py; README's table) as `key=value` lines, `width` characters at most."""
+    head = "  certificate "
+    lines = [head]
+    for key, value in cert.items():
+        item = f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}"
+        if len(lines[-1]) + 1 + len(item) > width and lines[-1].strip():
+            lines.append(" " * len(head))
+        lines[-1] += " " + item
     return lines
 
 

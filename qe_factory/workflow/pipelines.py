@@ -19,6 +19,7 @@ from qe_factory.engine.references import E0, element_references, isolated_atom
 from qe_factory.engine.results import DFTResult
 from qe_factory.engine.structure import read_structures
 from qe_factory.workflow import state
+from qe_factory.workflow.cards import export_card
 from qe_factory.workflow.coordinator import local_workers, run_coordinator
 from qe_factory.workflow.history import Story, home_history
 from qe_factory.workflow.home import activate, embedded_file
@@ -123,6 +124,8 @@ def label(
         results = state.load_results(store, [uid for uid in uids if uid not in submitted.refused])
         export = write_labels(results + state.load_results(store, list(references)), output, include_marked,
                               export_format, config_type, config.sanitizer)
+        export_card(home, launchpad, store, output, export_format, export, [*uids, *references], config.sanitizer,
+                    dataset)
         listener.exported(export)
         report.output, report.written, report.e0s = str(output), export.labels, export.e0s
     return report

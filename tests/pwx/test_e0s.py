@@ -86,6 +86,7 @@ def test_run_computes_the_e0s_first_exports_them_for_mace_and_never_again(tmp_pa
 
     status = qe_factory(tmp_path, "status").stdout  # the references are counted apart from the structures
     assert "structures seen: 1: 1 labelled" in status and "isolated-atom references (E0s): 2 computed" in status
+    check_certificates_and_card(tmp_path, labels, from_file)
 
     runs = sorted((tmp_path / "factory" / "runs").glob("run_*/attempt_*/pw.out"))
     again = qe_factory(tmp_path, "run", "in.extxyz", "-c", "fast.yaml", "-o", "labels.extxyz")
@@ -109,3 +110,32 @@ def test_run_computes_the_e0s_first_exports_them_for_mace_and_never_again(tmp_pa
     (water_label,) = load_results(get_jobstore(), ["water"])  # judged against the E0s at validation
     assert water_label.cohesive_energy == pytest.approx((water_label.energy - from_file[8] - 2 * from_file[1]) / 3)
     assert -10 < water_label.cohesive_energy < 0 and not water_label.not_judged
+
+
+def check_certificates_and_card(folder: Path, frames: list, e0s: dict[int, float]) -> None:
+    """Every frame, the IsolatedAtom ones too, carries the certificate with one protocol hash, the md5s of the
+    files pw.x read and pw.x's version; the card beside the export names them, counts as `status` does (1 labelled)
+    and gives a MACE command that fits the stress and takes the E0s from the frames."""
+    pw_outs = sorted((folder / "factory" / "runs").glob("run_*/attempt_*/pw.out"))
+    version = re.search(r"Program PWSCF (\S+)", pw_outs[0].read_text()).group(1)
+    read_md5 = {m.group(1): m.group(2) for out in pw_outs for m in re.finditer(
+        r"PseudoPot\. # \d+ for (\w+)\s+read from file:\n.*\n\s+MD5 check sum: (\w+)", out.read_text())}
+    assert set(read_md5) == {"H", "O"}
+    for frame in frames:
+        symbols = set(frame.get_chemical_symbols())
+        assert {frame.info[f"qc_pseudo_md5_{el}"] for el in symbols} == {read_md5[el] for el in symbols}
+        assert frame.info["qc_pw_version"] == version and frame.info["qc_xml_check"] == "agrees"
+        assert frame.info["qc_max_force"] <= frame.info["qc_force_bound"] and frame.info["qc_problems"] == 0
+        assert frame.info["qc_scf_iterations"] > 0 and 0 < frame.info["qc_scf_accuracy"] < 1e-4
+    assert len({frame.info["qc_protocol_hash"] for frame in frames}) == 1
+    (water,) = [frame for frame in frames if len(frame) > 1]
+    assert water.info["qc_cohesive_energy"] == pytest.approx((water.info["REF_energy"] - e0s[8] - 2 * e0s[1]) / 3)
+    card = json.loads((folder / "labels.card.json").read_text())
+    assert {el: [f["md5"] for f in files] for el, files in card["pseudopotentials"].items()} == {
+        el: [md5] for el, md5 in read_md5.items()}
+    assert card["pw_versions"] == {version: 1} and card["outcomes"]["counts"]["labelled"] == 1
+    assert {el: e0["energy"] for el, e0 in card["e0s"].items()} == {"H": e0s[1], "O": e0s[8]}
+    (mace,) = card["commands"]["mace"]
+    assert "--loss=stress" in mace and "--E0s" not in mace and "--train_file=labels.extxyz" in mace
+    markdown = (folder / "labels.card.md").read_text()
+    assert version in markdown and all(md5 in markdown for md5 in read_md5.values())
