@@ -8,8 +8,10 @@ runs are short and the data set's pair is still the largest of its elements'.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +69,20 @@ def test_a_multi_element_data_set_is_labelled_at_one_cutoff_pair_with_e0s_at_tha
     activate(tmp_path / "factory")
     results = load_results(get_jobstore())
     assert len(results) == 5 and {r.protocol_hash for r in results} == {protocol["hash"]}  # 3 labels, 2 E0s
+    assert {a.info["qc_protocol_hash"] for a in frames} == {protocol["hash"]}  # the E0 frames' too
+    assert all(a.info["qc_scf_iterations"] > 0 and a.info["qc_xml_check"] == "agrees" for a in frames)
+    md5 = {el: hashlib.md5((Path(directory) / protocol["pseudopotentials"][el]["filename"]).read_bytes()).hexdigest()
+           for el in ("Si", "Ge")}
+    assert frames[-1].info["qc_pseudo_md5_Si"] == md5["Si"] and frames[-1].info["qc_pseudo_md5_Ge"] == md5["Ge"]
+
+    card = json.loads((tmp_path / "labels.card.json").read_text())  # beside the export
+    assert card["protocol"]["hash"] == protocol["hash"] and card["protocol_hashes"] == {protocol["hash"]: 3}
+    assert {el: entry[0]["md5"] for el, entry in card["pseudopotentials"].items()} == md5
+    pw_out = (tmp_path / "factory" / "runs" / "run_si2" / "attempt_1" / "pw.out").read_text()
+    pw_version = re.search(r"Program PWSCF (\S+)", pw_out).group(1)
+    assert card["pw_versions"] == {pw_version: 3}
+    status = qe_factory(tmp_path, "status").stdout
+    assert f"structures seen: 3: {card['outcomes']['counts']['labelled']} labelled" in status, status
 
     write(tmp_path / "more.extxyz", [dimer("Si", "O", "sio")])  # O asks for 30/240 Ry
     lp_before = (tmp_path / "factory" / "state" / "launchpad.json").read_bytes()
