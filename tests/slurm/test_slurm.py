@@ -82,9 +82,10 @@ def make_home(tmp_path: Path, **qadapter) -> Path:
     return home
 
 
-def submit(home: Path, tmp_path: Path, structures: dict[str, Atoms], config: dict, recovery: str | None = None) -> None:
+def submit(home: Path, tmp_path: Path, structures: dict[str, Atoms], config: dict, recovery: str | None = None,
+           dataset: str = "default") -> None:
     """`qe-factory submit`; with `recovery` (a policy of tests/recovery_policies.py, as Python), the documented
-    Python `submit` with that RecoveryHandler."""
+    Python `submit` with that RecoveryHandler. `dataset`: the home's data set (its protocol) they join."""
     name = "-".join(structures)
     frames = []
     for uid, atoms in structures.items():
@@ -94,13 +95,14 @@ def submit(home: Path, tmp_path: Path, structures: dict[str, Atoms], config: dic
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
     if recovery is None:
         out = factory(home, "submit", str(tmp_path / f"{name}.extxyz"), "-c", str(tmp_path / f"{name}.yaml"),
-                      "--no-e0s")
+                      "--no-e0s", "--dataset", dataset)
     else:
         code = (
             f"from qe_factory.workflow.home import activate; activate({str(home)!r}); "
             "from qe_factory import DFTConfig; from qe_factory.workflow.submit import submit; "
             f"from recovery_policies import *; print(submit({str(tmp_path / f'{name}.extxyz')!r}, "
-            f"DFTConfig.from_yaml({str(tmp_path / f'{name}.yaml')!r}), recovery={recovery}).summary())"
+            f"DFTConfig.from_yaml({str(tmp_path / f'{name}.yaml')!r}), recovery={recovery}, "
+            f"dataset={dataset!r}).summary())"
         )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               env=base_env())
@@ -225,7 +227,8 @@ def test_twelve_structures_one_recovered_one_restarted_through_at_most_four_pilo
     endless = {"kpoint_spacing": 0.5, "ecutwfc": 25, "ecutrho": 200, "allow_low_cutoffs": True, "timeout": 600,
                "max_retries": 3,
                "pw_parameters": {"electrons": {"conv_thr": 0.0, "electron_maxstep": 100000}}}
-    submit(home, tmp_path, {"si-walltime": rattled_si(4)}, endless, recovery="RestartToConverge(conv_thr=1e-8)")
+    submit(home, tmp_path, {"si-walltime": rattled_si(4)}, endless, recovery="RestartToConverge(conv_thr=1e-8)",
+           dataset="endless")  # other k-points and an unreachable conv_thr: a protocol of its own
     uids = {*easy, "si-hard", "si-walltime"}
 
     most_running, output = run_qlaunch(home, tmp_path, ["-m", "2", "--idle-exit", "30"], limit=1200)
