@@ -70,7 +70,7 @@ class RecentOutputs:
         100,000 structures)."""
         path = self.sqlite_file()
         if path is None:
-            yield from self.store.query({}, properties=["_id", "index", "metadata"])
+            yield from self.store.query({}, properties=["_id", "uuid", "index", "metadata"])
             return
         import bson
 
@@ -132,6 +132,8 @@ class RecentOutputs:
             for value in label.values():
                 if value:
                     self.labels[value] = label
+            if isinstance(doc.get("uuid"), str):  # its job: the label read by id (state.stored_e0s)
+                label["uuid"] = doc["uuid"]
 
     def inserts(self) -> bool:
         """Whether a job's output can be written by its own id, `<uuid>:<index>` (one sqlite insert; maggma's

@@ -238,3 +238,35 @@ def test_what_the_indexed_collections_decide_themselves_mongomock_decides_alike(
         update = {"$set": {"state": rng.choice(values)}}
         found = [c.find_one_and_update(query, update, sort=sort, projection={"_id": 0}) for c in (plain, indexed)]
         assert found[0] == found[1], query
+
+
+def test_a_coordinators_e0s_are_read_by_their_labels_ids_not_by_a_query_of_every_document(tmp_path, monkeypatch):
+    """The first validation of a coordinator that finds an element's E0 labelled reads it (montydb's query of
+    the labels by uid loaded every row of the table at once)."""
+    import montydb.storage.sqlite
+    from jobflow import JobStore
+    from monty.json import jsanitize
+
+    from qe_factory import DFTConfig
+    from qe_factory.engine.references import Reference
+    from qe_factory.workflow.state import stored_e0s
+    from tests.unit.test_references import result
+
+    def label(uuid: str, uid: str, energy: float) -> dict:
+        return {"uuid": uuid, "index": 1, "output": jsanitize(result(uid, "Si", 25, energy), strict=True,
+                                                             allow_bson=True),
+                "metadata": {"stage": "validate", "uid": uid, "qe_factory_key": f"key-{uid}"}}
+
+    earlier = RecentOutputs(monty(tmp_path))
+    earlier.update([label("j1", "e0-Si-aaaaaaaaaaaa", -1.0), label("j2", "e0-Si-bbbbbbbbbbbb", -2.0),
+                    output("j3", 1, -3.0)], key=["uuid", "index"])
+    store = RecentOutputs(monty(tmp_path))
+    store.read()
+    rows = []
+    read_all = montydb.storage.sqlite.SQLiteKVEngine.read_all
+    monkeypatch.setattr(montydb.storage.sqlite.SQLiteKVEngine, "read_all",
+                        lambda self, *args: rows.append(args) or read_all(self, *args))
+    references = [Reference("Si", DFTConfig(), "b" * 12, "e0-Si-bbbbbbbbbbbb"),
+                  Reference("Si", DFTConfig(), "c" * 12, "e0-Si-cccccccccccc")]  # not computed
+    found = stored_e0s(JobStore(store, {}), references)
+    assert {uid: e0.energy for uid, e0 in found.items()} == {"e0-Si-bbbbbbbbbbbb": -2.0} and rows == []
