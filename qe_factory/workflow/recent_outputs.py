@@ -4,11 +4,14 @@ The embedded JobStore (montydb on sqlite) has no index: each query reads every d
 references (the SCF reads its inputs job's output, the validation the SCF's) grew with every structure the home
 ever labelled. The coordinator is the embedded home's one writer (lock.py) and a job reads the outputs of its own
 workflow's earlier jobs, written moments before by the same coordinator: `RecentOutputs` answers those reads from
-what it saw written, and passes every other call to the store. It never answers for a job whose output it has not
-seen from its first index on (jobflow numbers a job's outputs 1, 2, … as detours replace it), so an answer is never
-missing a document the store holds. Writes skip maggma's look-up of the document being replaced (another read of
-every document): a job's output is stored under its own id, `<uuid>:<index>`. Not for MongoDB: other coordinators
-write there too (and it has indexes). Figures: benchmarks/README.md, "coordinator.py".
+what it saw written, and passes every other call to the store. It never answers from memory for a job whose output
+it has not seen from its first index on (jobflow numbers a job's outputs 1, 2, … as detours replace it), so an
+answer is never missing a document the store holds. Writes skip maggma's look-up of the document being replaced
+(another read of every document): a job's output is stored under its own id, `<uuid>:<index>`. The jobs it has not
+seen (written before this process started: a coordinator taking over a workflow half done) are read by those ids,
+sqlite's primary key, instead of montydb's query, which loads every row of the table at once (170 MB and 20 s at
+100,000 structures labelled, for each reference resolved). Not for MongoDB: other coordinators write there too
+(and it has indexes). Figures: benchmarks/README.md, "coordinator.py".
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 CAPACITY = 4096  # jobs (a structure has three); the work in progress is a few hundred structures at most
+INDEX_DIGITS = 10  # a job's outputs read by id (stored_jobs): indexes of up to this many digits
 
 
 class RecentOutputs:
@@ -63,7 +67,19 @@ class RecentOutputs:
 
     def every_document(self) -> Iterator[dict]:
         """The store's documents one at a time (montydb's own query holds all of them in memory first: a GB at
-        100,000 structures).
+        100,000 structures)."""
+        path = self.sqlite_file()
+        if path is None:
+            yield from self.store.query({}, properties=["_id", "uuid", "index", "metadata"])
+            return
+        import bson
+
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as connection:
+            for (value,) in connection.execute("SELECT v FROM documents"):
+                yield bson.decode(value)
+
+    def sqlite_file(self) -> Path | None:
+        """The sqlite file of a MontyStore on sqlite; None for any other store.
 
         Relies on: a MontyStore on sqlite keeps a collection in
         `<database_path>/<database_name>/<collection>.collection`, table `documents`, each document BSON in `v`."""
@@ -71,13 +87,35 @@ class RecentOutputs:
             f"{getattr(self.store, 'collection_name', '')}.collection")
         if type(self.store).__name__ != "MontyStore" or getattr(self.store, "storage", "") != "sqlite" or (
                 not path.is_file()):
-            yield from self.store.query({}, properties=["_id", "index", "metadata"])
-            return
-        import bson
+            return None
+        return path
 
+    def stored_jobs(self, uuids: list[str]) -> dict[str, dict[int, dict]] | None:
+        """uuid → index → document of every output of these jobs in the store, read by their own ids
+        (`<uuid>:<index>`, which every job document has when `inserts`) through sqlite's primary key: a few rows
+        read, not every one. None when the store is not such a store (the store's own query must answer).
+
+        Relies on: montydb's sqlite table `documents` has the primary key `k`, a document's `_id` as
+        `montydb.types.bson.id_encode(_id)` (set up once the store is connected), and the document in `v` as
+        `bson.document_encode(doc)`."""
+        path = self.sqlite_file()
+        if path is None or not self.inserts():
+            return None
+        from montydb.types import bson as monty_bson
+
+        ranges = " OR ".join(["k BETWEEN ? AND ?"] * INDEX_DIGITS)
+        found: dict[str, dict[int, dict]] = {}
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as connection:
-            for (value,) in connection.execute("SELECT v FROM documents"):
-                yield bson.decode(value)
+            for uuid in uuids:
+                # the ids of indexes of one number of digits are one range of keys ('0'…'9' sort as the numbers)
+                bounds = [monty_bson.id_encode(f"{uuid}:{digit * digits}") for digits in range(1, INDEX_DIGITS + 1)
+                          for digit in "09"]
+                found[uuid] = {}
+                for (value,) in connection.execute(f"SELECT v FROM documents WHERE {ranges}", bounds):
+                    doc = monty_bson.document_decode(value)
+                    if doc.get("uuid") == uuid and isinstance(doc.get("index"), int):
+                        found[uuid][doc["index"]] = doc
+        return found
 
     def labels_with(self, keys, uids) -> list[dict]:
         """Metadata of the labels (validations' outputs) with one of these calculation keys or uids: from the one
@@ -94,6 +132,8 @@ class RecentOutputs:
             for value in label.values():
                 if value:
                     self.labels[value] = label
+            if isinstance(doc.get("uuid"), str):  # its job: the label read by id (state.stored_e0s)
+                label["uuid"] = doc["uuid"]
 
     def inserts(self) -> bool:
         """Whether a job's output can be written by its own id, `<uuid>:<index>` (one sqlite insert; maggma's
@@ -128,18 +168,24 @@ class RecentOutputs:
             yield copy.deepcopy({k: v for k, v in doc.items() if k in fields} if fields else doc)
 
     def answer(self, criteria: dict, sort: dict | None) -> list[dict] | None:
-        """The documents matching {"uuid": u or {"$in": [...]}[, "index": i]} sorted by index (or as stored),
-        when every job asked for was seen from its first output on; else None (the store answers)."""
+        """The documents matching {"uuid": u or {"$in": [...]}[, "index": i]} sorted by index (or as stored): of
+        the jobs seen from their first output on, from memory; of the others, read by their ids (stored_jobs).
+        None when that cannot be done (the store answers)."""
         if not set(criteria) <= {"uuid", "index"} or (sort and set(sort) != {"index"}):
             return None
         uuid, index = criteria.get("uuid"), criteria.get("index")
         uuids = [uuid] if isinstance(uuid, str) else (uuid or {}).get("$in") if isinstance(uuid, dict) else None
-        if not uuids or (isinstance(uuid, dict) and set(uuid) != {"$in"}) or not isinstance(index, int | None):
+        if not uuids or (isinstance(uuid, dict) and set(uuid) != {"$in"}) or not isinstance(index, int | None) or (
+                not all(isinstance(u, str) for u in uuids)):
             return None
-        outputs = [self.jobs.get(u) for u in uuids]
-        if any(not seen or set(seen) != set(range(1, max(seen) + 1)) for seen in outputs):
-            return None
-        docs = [doc for seen in outputs for i, doc in sorted(seen.items()) if index is None or i == index]
+        outputs = {u: self.jobs.get(u) for u in uuids}
+        unseen = [u for u, seen in outputs.items() if not seen or set(seen) != set(range(1, max(seen) + 1))]
+        if unseen:
+            stored = self.stored_jobs(unseen)
+            if stored is None:
+                return None
+            outputs.update(stored)
+        docs = [doc for u in uuids for i, doc in sorted(outputs[u].items()) if index is None or i == index]
         if sort:
             docs.sort(key=lambda doc: doc["index"], reverse=sort["index"] == -1)
         return docs

@@ -450,12 +450,17 @@ def label_summaries(store: JobStore, uids: list[str] | None = None, limit: int =
             for doc in docs]
 
 
-def load_results(store: JobStore, uids: list[str] | None = None) -> list[DFTResult]:
-    """Validated results from a JobStore (outputs of the workflows' validate jobs), in uid order."""
+def load_results(store: JobStore, uids: list[str] | None = None, jobs: list[str] | None = None) -> list[DFTResult]:
+    """Validated results from a JobStore (outputs of the workflows' validate jobs), in uid order; `jobs`: the
+    uuids of the labels of `uids`, asked for by uuid (recent_outputs.RecentOutputs reads them by id)."""
     criteria: dict[str, Any] = {"metadata.stage": "validate"}
     if uids is not None:
         criteria["metadata.uid"] = {"$in": list(uids)}
-    docs = store.query(criteria, properties=["output"], load=True)
+    if jobs is not None and uids is not None:
+        docs = [doc for doc in store.query({"uuid": {"$in": list(jobs)}}, properties=["output", "metadata"], load=True)
+                if (doc.get("metadata") or {}).get("stage") == "validate" and doc["metadata"].get("uid") in uids]
+    else:
+        docs = store.query(criteria, properties=["output"], load=True)
     results = [DFTResult.from_dict(doc["output"]) for doc in docs if doc.get("output")]
     return sorted(results, key=lambda r: r.uid)
 
@@ -467,9 +472,13 @@ def stored_e0s(store: JobStore, references: Iterable[Reference]) -> dict[str, E0
     wanted = {ref.uid: ref for ref in references}
     known: dict[str, E0 | None] | None = getattr(store.docs_store, "e0s", None)
     missing = [uid for uid in wanted if known is None or uid not in known]
+    jobs = None
     if known is not None and missing:
-        missing = [meta["uid"] for meta in store.docs_store.labels_with([], missing)]
-    results = load_results(store, missing) if missing else []
+        labels = store.docs_store.labels_with([], missing)
+        missing = [meta["uid"] for meta in labels]
+        if all(meta.get("uuid") for meta in labels):  # their jobs: read by id, not by a query of every document
+            jobs = [meta["uuid"] for meta in labels]
+    results = load_results(store, missing, jobs) if missing else []
     found = {r.uid: E0.from_result(r, wanted[r.uid].key) for r in results if r.succeeded}
     if known is None:
         return found

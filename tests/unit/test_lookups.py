@@ -62,7 +62,7 @@ def output(uuid: str, index: int, value: float) -> dict:
 def test_recent_outputs_answer_reads_of_what_they_saw_written_from_the_first_index_on(tmp_path):
     store = RecentOutputs(monty(tmp_path))
     store.update([output("a", 1, -1.0), output("a", 2, -2.0), output("b", 1, -3.0)], key=["uuid", "index"])
-    store.store.update([output("c", 2, -4.0)], key=["uuid", "index"])  # written by someone else
+    RecentOutputs(store.store).update([output("c", 2, -4.0)], key=["uuid", "index"])  # by an earlier coordinator
     store.update([output("c", 3, -5.0)], key=["uuid", "index"])
     calls = []
     real_query = store.store.query
@@ -75,9 +75,56 @@ def test_recent_outputs_answer_reads_of_what_they_saw_written_from_the_first_ind
     last[0]["output"]["energy"] = 0.0  # a caller's change is its own
     assert next(store.query({"uuid": "a", "index": 2}))["output"]["energy"] == -2.0
 
-    assert [d["index"] for d in store.query({"uuid": "c"}, sort={"index": 1})] == [2, 3]  # index 1..2 unseen
-    assert len(calls) == 1
-    assert len(list(store.query({"metadata.stage": "scf"}))) == 5 and len(calls) == 2  # other criteria: the store
+    assert [d["index"] for d in store.query({"uuid": "c"}, sort={"index": 1})] == [2, 3]  # 1..2 unseen: by id
+    assert calls == []
+    assert len(list(store.query({"metadata.stage": "scf"}))) == 5 and len(calls) == 1  # other criteria: the store
+
+
+def test_recent_outputs_read_the_jobs_they_did_not_see_by_their_ids_not_every_document(tmp_path, monkeypatch):
+    """A coordinator taking over workflows half done resolves their references to outputs an earlier coordinator
+    wrote: montydb's query loads every row of the table at once (170 MB at 100,000 structures labelled), for
+    each reference."""
+    import montydb.storage.sqlite
+
+    earlier = RecentOutputs(monty(tmp_path))
+    earlier.update([output("a", 1, -1.0), output("a", 2, -2.0), output("b", 1, -3.0)], key=["uuid", "index"])
+    earlier.update([output("c", i, -float(i)) for i in range(1, 12)], key=["uuid", "index"])  # indexes 1..11
+    earlier.update([output("c:1", 1, -9.0), output("cc", 1, -8.0)], key=["uuid", "index"])  # ids beside c's
+    earlier.update([{**output(f"other-{n}", 1, 0.0)} for n in range(50)], key=["uuid", "index"])
+    plain = monty(tmp_path)
+    store = RecentOutputs(plain)
+    store.read()  # as state.get_jobstore does: the one read of every document
+
+    def asked(criteria, properties=None, sort=None, limit=0):
+        return [{k: v for k, v in d.items() if k != "_id"} for d in plain.query(
+            criteria, properties=properties, sort=sort, limit=limit)]
+
+    rows = []
+    read_all = montydb.storage.sqlite.SQLiteKVEngine.read_all
+    monkeypatch.setattr(montydb.storage.sqlite.SQLiteKVEngine, "read_all",
+                        lambda self, *args: rows.append(args) or read_all(self, *args))
+    queries = [({"uuid": "a"}, ["index"], {"index": -1}, 1),  # jobflow: the latest index of a reference
+               ({"uuid": "a", "index": 2}, None, {"index": -1}, 1),  # jobflow: its output
+               ({"uuid": "c"}, None, {"index": 1}, 0), ({"uuid": "c", "index": 10}, ["output"], None, 0),
+               ({"uuid": {"$in": ["b", "missing", "c:1", "cc"]}}, None, None, 0)]  # offline.referenced_documents
+    answers = [[{k: v for k, v in d.items() if k != "_id"} for d in store.query(
+        criteria, properties=properties, sort=sort, limit=limit)] for criteria, properties, sort, limit in queries]
+    assert rows == []  # no montydb query, no document decoded but the few asked for
+    rows.clear()
+    assert answers == [asked(*query) for query in queries] and rows  # what the store's own query says
+    assert [d["index"] for d in answers[2]] == list(range(1, 12)) and answers[3] == [{"output": {"energy": -10.0}}]
+    assert sorted(d["uuid"] for d in answers[4]) == ["b", "c:1", "cc"]
+
+
+def test_recent_outputs_leave_the_jobs_they_did_not_see_to_the_store_where_jobs_have_other_ids(tmp_path):
+    plain = monty(tmp_path)
+    plain.update([output("a", 1, -1.0), output("a", 2, -2.0)], key=["uuid", "index"])  # maggma's: ObjectIds
+    store = RecentOutputs(plain)
+    store.read()
+    calls = []
+    real_query = store.store.query
+    store.store.query = lambda **kwargs: calls.append(kwargs) or real_query(**kwargs)
+    assert [d["index"] for d in store.query({"uuid": "a"}, sort={"index": -1})] == [2, 1] and len(calls) == 1
 
 
 def test_recent_outputs_write_a_job_by_its_own_id_and_a_rerun_replaces_it(tmp_path):
@@ -191,3 +238,35 @@ def test_what_the_indexed_collections_decide_themselves_mongomock_decides_alike(
         update = {"$set": {"state": rng.choice(values)}}
         found = [c.find_one_and_update(query, update, sort=sort, projection={"_id": 0}) for c in (plain, indexed)]
         assert found[0] == found[1], query
+
+
+def test_a_coordinators_e0s_are_read_by_their_labels_ids_not_by_a_query_of_every_document(tmp_path, monkeypatch):
+    """The first validation of a coordinator that finds an element's E0 labelled reads it (montydb's query of
+    the labels by uid loaded every row of the table at once)."""
+    import montydb.storage.sqlite
+    from jobflow import JobStore
+    from monty.json import jsanitize
+
+    from qe_factory import DFTConfig
+    from qe_factory.engine.references import Reference
+    from qe_factory.workflow.state import stored_e0s
+    from tests.unit.test_references import result
+
+    def label(uuid: str, uid: str, energy: float) -> dict:
+        return {"uuid": uuid, "index": 1, "output": jsanitize(result(uid, "Si", 25, energy), strict=True,
+                                                             allow_bson=True),
+                "metadata": {"stage": "validate", "uid": uid, "qe_factory_key": f"key-{uid}"}}
+
+    earlier = RecentOutputs(monty(tmp_path))
+    earlier.update([label("j1", "e0-Si-aaaaaaaaaaaa", -1.0), label("j2", "e0-Si-bbbbbbbbbbbb", -2.0),
+                    output("j3", 1, -3.0)], key=["uuid", "index"])
+    store = RecentOutputs(monty(tmp_path))
+    store.read()
+    rows = []
+    read_all = montydb.storage.sqlite.SQLiteKVEngine.read_all
+    monkeypatch.setattr(montydb.storage.sqlite.SQLiteKVEngine, "read_all",
+                        lambda self, *args: rows.append(args) or read_all(self, *args))
+    references = [Reference("Si", DFTConfig(), "b" * 12, "e0-Si-bbbbbbbbbbbb"),
+                  Reference("Si", DFTConfig(), "c" * 12, "e0-Si-cccccccccccc")]  # not computed
+    found = stored_e0s(JobStore(store, {}), references)
+    assert {uid: e0.energy for uid, e0 in found.items()} == {"e0-Si-bbbbbbbbbbbb": -2.0} and rows == []
