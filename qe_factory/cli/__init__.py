@@ -10,7 +10,7 @@ import os
 import sys
 
 from qe_factory.cli import compute, e0s, home, pseudos, structures, workers
-from qe_factory.cli.options import dataset_option, training_set_options
+from qe_factory.cli.options import dataset_option, protocol_option, training_set_options
 from qe_factory.engine.config import ConfigError
 from qe_factory.engine.outcomes import EnvironmentFault
 from qe_factory.engine.structure import StructureError
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("structures", help="any file ASE reads (extxyz, CIF, POSCAR, ...)")
         if config:
             p.add_argument("-c", "--config", help="YAML file of DFTConfig settings")
+            protocol_option(p)
         if output:
             p.add_argument("-o", "--output", default="results.extxyz", help="the training set file")
         p.set_defaults(func=func)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from qe_factory.engine.config import DFTConfig
+from qe_factory.engine.config import PRESETS, DFTConfig
 from qe_factory.engine.export import EXPORT_FORMATS
 
 
 def config_from(args: argparse.Namespace) -> DFTConfig:
-    return DFTConfig.from_yaml(args.config) if args.config else DFTConfig.create()
+    """The config file's settings (or the defaults) over the `--protocol` preset, if one was named."""
+    preset = {"protocol": args.protocol} if getattr(args, "protocol", None) else {}
+    return DFTConfig.from_yaml(args.config, **preset) if args.config else DFTConfig.create(**preset)
 
 
 def resources_from(args: argparse.Namespace) -> dict:
@@ -28,3 +30,8 @@ def dataset_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="default",
                    help="the home's data set: its protocol (one cutoff pair and one set of settings for all its "
                    "labels) is pinned by its first submission (default: default)")
+
+
+def protocol_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", choices=list(PRESETS), help="a named preset of settings under the config file's: "
+                   + "; ".join(f"{name}: {values}" for name, values in PRESETS.items()))

@@ -137,6 +137,14 @@ class ExecutionSettings(BaseSettings):
 
 EXECUTION_KEYS = tuple(ExecutionSettings.model_fields)
 
+# Named presets of a data set's settings (`protocol: NAME` in a config file, `--protocol NAME`), under what is given
+PRESETS: dict[str, dict[str, Any]] = {
+    # a quick try of the whole pipeline (seconds per small cell): low cutoffs, coarse k-points — never a data set
+    "fast-test": {"ecutwfc": 25.0, "ecutrho": 200.0, "allow_low_cutoffs": True, "kpoint_spacing": 0.5},
+    # SSSP efficiency 1.3's files and cutoffs (`qe-factory pseudos install sssp-efficiency-1.3 ARCHIVE` first)
+    "sssp-efficiency": {"pseudo_family": "sssp-efficiency-1.3"},
+}
+
 
 class DFTConfig(MSONProtocol, BaseSettings):
     """What is computed, identically for every structure of a data set, and how hard recovery tries.
@@ -308,7 +316,12 @@ class DFTConfig(MSONProtocol, BaseSettings):
 
     @classmethod
     def create(cls, _source: str = "settings", **values: Any) -> DFTConfig:
-        """Build a config, turning pydantic's errors into one ConfigError naming each bad key."""
+        """Build a config, turning pydantic's errors into one ConfigError naming each bad key. `protocol=NAME`:
+        a named preset (PRESETS) under the other values."""
+        if (preset := values.pop("protocol", None)) is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"unknown protocol preset {preset!r}: choose one of {', '.join(PRESETS)}")
+            values = {**PRESETS[preset], **values}
         flat = {key: values.pop(key) for key in EXECUTION_KEYS if key in values}
         errors, execution = [], values.pop("execution", None)
         if flat or execution is not None:

@@ -96,3 +96,20 @@ def test_export_keeps_the_labels_of_the_data_set():
     labels = [Label(protocol.hash), Label("another"), Label(None)]
     assert in_data_set(labels, protocol) == ([labels[0]], 2)
     assert in_data_set(labels, None) == (labels, 0)  # a home from before protocols: all of them
+
+
+def test_a_named_preset_lies_under_what_the_config_file_says(tmp_path):
+    import argparse
+
+    from qe_factory.cli.options import config_from
+    from qe_factory.engine.config import ConfigError
+
+    fast = DFTConfig.create(protocol="fast-test")
+    assert (fast.ecutwfc, fast.ecutrho, fast.kpoint_spacing, fast.allow_low_cutoffs) == (25.0, 200.0, 0.5, True)
+    (tmp_path / "c.yaml").write_text("protocol: fast-test\nkpoint_spacing: 0.3\n")
+    from_file = DFTConfig.from_yaml(tmp_path / "c.yaml")
+    assert (from_file.ecutwfc, from_file.kpoint_spacing) == (25.0, 0.3)  # the file's own value wins
+    args = argparse.Namespace(config=str(tmp_path / "c.yaml"), protocol="sssp-efficiency")
+    assert config_from(args).pseudo_family == "sssp-efficiency-1.3" and config_from(args).kpoint_spacing == 0.3
+    with pytest.raises(ConfigError, match="unknown protocol preset 'fastest': choose one of fast-test"):
+        DFTConfig.create(protocol="fastest")
