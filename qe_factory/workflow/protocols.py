@@ -87,9 +87,10 @@ def settle_submission(home: Path, config: DFTConfig, structures: Iterable[Atoms]
 
 def in_data_set(results: Iterable[DFTResult], protocol: Protocol | None) -> tuple[list[DFTResult], int]:
     """The results made under `protocol` (all of them when None: a home from before protocols), and how many were
-    made under another."""
+    made under another. Results from before protocols (no hash) are kept: their settings show in the card's and the
+    report's settings tables, and export gives an element whose labels disagree no E0."""
     results = list(results)
     if protocol is None:
         return results, 0
-    kept = [result for result in results if result.protocol_hash == protocol.hash]
+    kept = [result for result in results if result.protocol_hash in (protocol.hash, None)]
     return kept, len(results) - len(kept)

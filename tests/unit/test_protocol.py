@@ -94,7 +94,7 @@ def test_export_keeps_the_labels_of_the_data_set():
             self.protocol_hash = protocol_hash
 
     labels = [Label(protocol.hash), Label("another"), Label(None)]
-    assert in_data_set(labels, protocol) == ([labels[0]], 2)
+    assert in_data_set(labels, protocol) == ([labels[0], labels[2]], 1)  # one from before protocols: kept
     assert in_data_set(labels, None) == (labels, 0)  # a home from before protocols: all of them
 
 
