@@ -35,6 +35,14 @@ def refusal_lines(reports: list) -> list[str]:
     return [f"{uid:<24} REFUSED {why}" for report in reports for uid, why in report.refused.items()]
 
 
+def protocol_line(protocol) -> str:
+    """One line naming a data set's protocol: hash, elements and where they came from, the cutoff pair."""
+    ecutwfc, ecutrho = protocol.cutoffs
+    return (f"data set {protocol.name!r}: protocol {protocol.hash[:12]}, elements {', '.join(protocol.elements)} "
+            f"({protocol.elements_from}), {ecutwfc:g}/{ecutrho:g} Ry for every label "
+            f"(<home>/state/protocols/{protocol.name}.json)")
+
+
 def reference_lines(reports: list) -> list[str]:
     """Lines saying which isolated-atom references (E0s) were refused and how many were submitted."""
     lines = refusal_lines(reports)

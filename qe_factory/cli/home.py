@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qe_factory.cli.format import protocol_line
+
 
 def init(args: argparse.Namespace) -> int:
     """Create the factory home (configuration, embedded LaunchPad, JobStore) and say how to use it."""
@@ -41,6 +43,7 @@ def status(args: argparse.Namespace) -> int:
     from qe_factory.workflow.inbox import waiting
     from qe_factory.workflow.lock import holder
     from qe_factory.workflow.offline import pending_runs
+    from qe_factory.workflow.protocols import home_protocols
 
     home = activate(args.home)
     launchpad = state.get_launchpad(read_only=True)
@@ -52,6 +55,8 @@ def status(args: argparse.Namespace) -> int:
                                    "none running (the next run/worker/submit becomes it)"))
         if inbox := waiting(home):
             print(f"  inbox: {len(inbox)} submission(s) waiting for the coordinator")
+    for protocol in home_protocols(home):
+        print(protocol_line(protocol))
     stories = home_history(home, launchpad, state.get_jobstore())
     structures, references = split_references(stories)
     counts = outcome_counts(structures)

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qe_factory.cli.format import export_lines, failure_line, progress_bar, reference_lines, summary_line
+from qe_factory.cli.format import (
+    export_lines,
+    failure_line,
+    progress_bar,
+    protocol_line,
+    reference_lines,
+    summary_line,
+)
 from qe_factory.cli.options import config_from, resources_from
 from qe_factory.engine.results import DFTResult
 from qe_factory.engine.structure import read_structures
@@ -29,6 +36,8 @@ def submit_cmd(args: argparse.Namespace) -> int:
               "the workers (qe-factory worker -c FILE, or QE_FACTORY_<KEY>), not with the workflows")
     submitted = submit_data_set(args.structures, config, store=get_jobstore(), resources=resources_from(args),
                                 dataset=args.dataset, e0s=not args.no_e0s, progress=progress_bar)
+    if submitted.protocol is not None:
+        print(protocol_line(submitted.protocol))
     for line in reference_lines(submitted.reference_reports):
         print(line)
     report = submitted.report
@@ -57,6 +66,10 @@ class RunLines(Listener):
 
     def started(self, home: Path, launchpad: str, structures: int) -> None:
         print(f"factory home {home}; LaunchPad {launchpad}; {structures} structures")
+
+    def settled(self, protocol) -> None:
+        if protocol is not None:
+            print(protocol_line(protocol))
 
     def references_submitted(self, reports: list) -> None:
         for line in reference_lines(reports):

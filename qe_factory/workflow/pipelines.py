@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from qe_factory.engine.config import DFTConfig
 from qe_factory.engine.export import EXPORT_FORMATS, Export, write_labels
+from qe_factory.engine.protocol import Protocol
 from qe_factory.engine.references import E0, element_references, isolated_atom
 from qe_factory.engine.results import DFTResult
 from qe_factory.engine.structure import read_structures
@@ -32,6 +33,9 @@ class Listener:
     """What a pipeline tells as it goes; every method does nothing here (override what you want to hear)."""
 
     def started(self, home: Path, launchpad: str, structures: int) -> None: ...
+
+    def settled(self, protocol: Protocol | None) -> None:
+        """The structures joined their data set, whose protocol this is (None: no element to serve)."""
 
     def references_submitted(self, reports: list[SubmitReport]) -> None: ...
 
@@ -104,6 +108,7 @@ def label(
             data_set = submit_data_set([atoms for _, atoms in given], config, launchpad, store, dataset=dataset,
                                        e0s=e0s)
             references, submitted = data_set.references, data_set.report  # uid → Reference (E0): every element's
+            listener.settled(data_set.protocol)
             if e0s:
                 listener.references_submitted(data_set.reference_reports)
             before = {result.uid: result for result in state.load_results(store, list(submitted.duplicates))}

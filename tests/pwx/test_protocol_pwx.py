@@ -83,6 +83,8 @@ def test_a_multi_element_data_set_is_labelled_at_one_cutoff_pair_with_e0s_at_tha
     assert card["pw_versions"] == {pw_version: 3}
     status = qe_factory(tmp_path, "status").stdout
     assert f"structures seen: 3: {card['outcomes']['counts']['labelled']} labelled" in status, status
+    said = f"data set 'default': protocol {protocol['hash'][:12]}, elements Ge, Si (the first submission), 25/200 Ry"
+    assert said in run.stdout and said in status, run.stdout + status
 
     write(tmp_path / "more.extxyz", [dimer("Si", "O", "sio")])  # O asks for 30/240 Ry
     lp_before = (tmp_path / "factory" / "state" / "launchpad.json").read_bytes()
