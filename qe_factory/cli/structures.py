@@ -119,11 +119,15 @@ def export(args: argparse.Namespace) -> int:
     from qe_factory.engine.references import is_reference
     from qe_factory.workflow.cards import export_card
     from qe_factory.workflow.home import activate
-    from qe_factory.workflow.protocols import in_data_set, pinned_protocol
+    from qe_factory.workflow.protocols import home_protocols, in_data_set, pinned_protocol
     from qe_factory.workflow.state import get_jobstore, get_launchpad, load_results
 
     home = activate(args.home)
     protocol = pinned_protocol(home, args.dataset)
+    if protocol is None and (others := [p.name for p in home_protocols(home)]):
+        print(f"qe-factory: no data set {args.dataset!r} in this home; its data sets: {', '.join(others)} "
+              "(--dataset NAME)", file=sys.stderr)
+        return 2
     results, others = in_data_set(progress_bar(load_results(get_jobstore()), "export"), protocol)
     if others:
         print(f"{others} result(s) of other data sets (another protocol than {args.dataset!r}'s "

@@ -116,7 +116,7 @@ def settle(pinned: Protocol | None, config: DFTConfig, elements: Iterable[str], 
     the ways out, for a changed setting, a changed pseudopotential file, or an element that needs higher cutoffs."""
     elements = set(elements)
     if pinned is None:
-        return protocol_for(config, elements, name)
+        return cutoffs_served(protocol_for(config, elements, name), config)
     ecutwfc, ecutrho = pinned.cutoffs
     asked = config.with_changes(ecutwfc=config.ecutwfc or ecutwfc, ecutrho=config.ecutrho or ecutrho, elements=[])
     wanted = protocol_for(asked, elements | set(config.elements) | set(pinned.elements), name)
@@ -143,6 +143,18 @@ def settle(pinned: Protocol | None, config: DFTConfig, elements: Iterable[str], 
         "elements_from": f"{pinned.elements_from}; {', '.join(added)} added by a later submission",
         "pseudopotentials": {**pinned.pseudopotentials, **{el: wanted.pseudopotentials[el] for el in added}},
     })
+
+
+def cutoffs_served(protocol: Protocol, config: DFTConfig) -> Protocol:
+    """The protocol, unless its pair (the config's own) is below what one of its elements asks for and the config
+    does not allow that: refused before it is pinned (a pinned pair no structure may run at is a dead end)."""
+    ecutwfc, ecutrho = protocol.cutoffs
+    low = [f"{el} {entry['cutoff_wfc']:g}/{entry['cutoff_rho']:g}" for el, entry in protocol.pseudopotentials.items()
+           if entry["cutoff_wfc"] > ecutwfc or entry["cutoff_rho"] > ecutrho]
+    if low and not config.allow_low_cutoffs:
+        raise ProtocolError(f"refused: ecutwfc/ecutrho {ecutwfc:g}/{ecutrho:g} Ry is below what the family asks "
+                            f"for ({'; '.join(low)} Ry): raise them, or set allow_low_cutoffs for a quick test")
+    return protocol
 
 
 def _difference(key: str, asked: Any, pinned: Any) -> str:

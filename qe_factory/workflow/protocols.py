@@ -17,7 +17,7 @@ from ase import Atoms
 
 from qe_factory.engine.config import ConfigError, DFTConfig
 from qe_factory.engine.protocol import Protocol, settle
-from qe_factory.engine.pseudos import load_family, missing_pseudos
+from qe_factory.engine.pseudos import PseudopotentialError, load_family, missing_pseudos, resolve_pseudos
 from qe_factory.engine.results import DFTResult
 from qe_factory.workflow.offline import write_json
 
@@ -72,9 +72,21 @@ def pin_protocol(home: Path, config: DFTConfig, elements: Iterable[str], dataset
 
 
 def servable_elements(config: DFTConfig, structures: Iterable[Atoms]) -> set[str]:
-    """The structures' elements the config's family can serve (a structure with another is refused on its own)."""
+    """The structures' elements the config's family can serve (a structure with another is refused on its own,
+    by submit)."""
+    family = load_family(config.pseudo_family, config.pseudo_dir)
     elements = {symbol for atoms in structures for symbol in atoms.get_chemical_symbols()}
-    return elements - set(missing_pseudos(load_family(config.pseudo_family, config.pseudo_dir), elements))
+    return {el for el in elements - set(missing_pseudos(family, elements)) if resolves(family, el)}
+
+
+def resolves(family, element: str) -> bool:
+    """Whether the element's file passes the checks (md5, element, functional): else its structures are refused one
+    by one, and the data set is not pinned with it."""
+    try:
+        resolve_pseudos(family, [element])
+    except PseudopotentialError:
+        return False
+    return True
 
 
 def settle_submission(home: Path, config: DFTConfig, structures: Iterable[Atoms],
@@ -86,11 +98,24 @@ def settle_submission(home: Path, config: DFTConfig, structures: Iterable[Atoms]
 
 
 def in_data_set(results: Iterable[DFTResult], protocol: Protocol | None) -> tuple[list[DFTResult], int]:
-    """The results made under `protocol` (all of them when None: a home from before protocols), and how many were
-    made under another. Results from before protocols (no hash) are kept: their settings show in the card's and the
-    report's settings tables, and export gives an element whose labels disagree no E0."""
+    """The results of data set `protocol` (all of them when None: a home from before protocols), and how many were
+    left out. Isolated-atom references are all kept (one E0 serves every data set with its settings: export matches
+    them to the labels by settings). A label from before protocols (no hash) is kept when its cutoffs, smearing,
+    degauss and pseudopotential files are the protocol's."""
+    from qe_factory.engine.references import is_reference
+
     results = list(results)
     if protocol is None:
         return results, 0
-    kept = [result for result in results if result.protocol_hash in (protocol.hash, None)]
+    kept = [result for result in results if result.protocol_hash == protocol.hash or is_reference(result)
+            or (result.protocol_hash is None and made_as(result, protocol))]
     return kept, len(results) - len(kept)
+
+
+def made_as(result: DFTResult, protocol: Protocol) -> bool:
+    """Whether a label without a protocol hash was made with the protocol's label settings."""
+    system, settings = result.parameters.get("system", {}), protocol.settings
+    files = {el: entry.get("md5") for el, entry in result.pseudopotentials.items()}
+    return ((result.ecutwfc, result.ecutrho) == protocol.cutoffs
+            and (system.get("smearing"), system.get("degauss")) == (settings["smearing"], settings["degauss"])
+            and all(protocol.pseudopotentials.get(el, {}).get("md5") == md5 for el, md5 in files.items()))

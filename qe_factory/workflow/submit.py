@@ -33,7 +33,9 @@ def structure_key(atoms: Atoms, generator: InputGenerator) -> str:
     data = StructureDoc.from_atoms(atoms).model_dump(exclude={"config_type"})  # a label, not the calculation
     data["positions"] = [[round(x, 6) for x in row] for row in data["positions"]]
     data["cell"] = [[round(x, 6) for x in row] for row in data["cell"]]
-    payload = json.dumps([data, nominal.model_dump(mode="json")], sort_keys=True, default=str)
+    # starting_moments: derived from what is hashed already (left out: the keys of labels made before it existed)
+    payload = json.dumps([data, nominal.model_dump(mode="json", exclude={"starting_moments"})], sort_keys=True,
+                         default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

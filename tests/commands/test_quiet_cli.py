@@ -49,8 +49,9 @@ def test_run_shows_one_bar_and_a_line_per_structure_and_library_logs_only_with_v
                 "--format", "nequip-extxyz", "--config-type", "md")
     assert quiet.returncode == 0, quiet.stdout + quiet.stderr
     lines = quiet.stdout.splitlines()
-    assert {line.split()[0] for line in lines[1:3]} == {"si-a", "si-b"}, quiet.stdout
-    assert all(" OK  E=" in line for line in lines[1:3]) and lines[-1].startswith("2 labelled structures")
+    assert lines[1].startswith("data set 'default': protocol "), quiet.stdout
+    assert {line.split()[0] for line in lines[2:4]} == {"si-a", "si-b"}, quiet.stdout
+    assert all(" OK  E=" in line for line in lines[2:4]) and lines[-1].startswith("2 labelled structures")
     assert not LIBRARY_LINES.search(quiet.stdout + quiet.stderr), quiet.stdout + quiet.stderr
     bars = {chunk.split(":")[0] for chunk in re.split(r"[\r\n]", quiet.stderr) if chunk.strip()}
     assert bars == {"structures"}, quiet.stderr  # one progress bar, nothing else on stderr

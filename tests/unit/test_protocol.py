@@ -83,19 +83,31 @@ def test_a_home_pins_one_protocol_per_data_set_and_submit_runs_with_its_pair(hom
         pinned_protocol(home, "../elsewhere")
 
 
-def test_export_keeps_the_labels_of_the_data_set():
+def test_export_keeps_the_labels_of_the_data_set_its_e0s_and_older_labels_made_alike():
+    from ase import Atoms
+    from ase.build import bulk
+
     from qe_factory.engine.protocol import protocol_for
+    from qe_factory.engine.results import DFTResult
+    from qe_factory.engine.structure import StructureDoc
     from qe_factory.workflow.protocols import in_data_set
 
     protocol = protocol_for(DFTConfig(), ["Si"])
+    md5 = protocol.pseudopotentials["Si"]["md5"]
 
-    class Label:
-        def __init__(self, protocol_hash):
-            self.protocol_hash = protocol_hash
+    def label(uid, protocol_hash, ecutwfc=45.0, atoms=None):
+        atoms = atoms or bulk("Si")
+        return DFTResult(uid=uid, succeeded=True, wall_time=1.0, formula=atoms.get_chemical_formula(),
+                         structure=StructureDoc.from_atoms(atoms), ecutwfc=ecutwfc, ecutrho=360.0,
+                         parameters={"system": {"smearing": "cold", "degauss": 0.02}}, protocol_hash=protocol_hash,
+                         pseudopotentials={"Si": {"filename": "Si.UPF", "md5": md5}})
 
-    labels = [Label(protocol.hash), Label("another"), Label(None)]
-    assert in_data_set(labels, protocol) == ([labels[0], labels[2]], 1)  # one from before protocols: kept
-    assert in_data_set(labels, None) == (labels, 0)  # a home from before protocols: all of them
+    ours, theirs = label("ours", protocol.hash), label("theirs", "another")
+    older_alike, older_other = label("older", None), label("older-25", None, ecutwfc=25.0)
+    e0 = label("e0-Si-0123456789ab", "another", atoms=Atoms("Si", cell=[10, 10, 10], pbc=True))  # shared E0
+    kept, left_out = in_data_set([ours, theirs, older_alike, older_other, e0], protocol)
+    assert [r.uid for r in kept] == ["ours", "older", "e0-Si-0123456789ab"] and left_out == 2
+    assert in_data_set([ours, theirs], None) == ([ours, theirs], 0)  # a home from before protocols: all of them
 
 
 def test_a_named_preset_lies_under_what_the_config_file_says(tmp_path):
@@ -113,3 +125,26 @@ def test_a_named_preset_lies_under_what_the_config_file_says(tmp_path):
     assert config_from(args).pseudo_family == "sssp-efficiency-1.3" and config_from(args).kpoint_spacing == 0.3
     with pytest.raises(ConfigError, match="unknown protocol preset 'fastest': choose one of fast-test"):
         DFTConfig.create(protocol="fastest")
+
+
+def test_a_first_pair_below_what_an_element_asks_for_is_refused_before_it_is_pinned():
+    with pytest.raises(ProtocolError, match=r"ecutwfc/ecutrho 30/240 Ry is below what the family asks for \(Si 45/360"):
+        settle(None, DFTConfig(ecutwfc=30, ecutrho=240), ["Si"])
+    assert settle(None, DFTConfig(ecutwfc=30, ecutrho=240, allow_low_cutoffs=True), ["Si"]).cutoffs == (30, 240)
+
+
+def test_an_element_whose_file_fails_its_checks_does_not_join_the_data_set(tmp_path):
+    import json
+
+    from ase import Atoms
+
+    from qe_factory.engine.pseudos import load_family
+    from qe_factory.workflow.protocols import servable_elements
+
+    debian = load_family("debian-pbe")
+    rows = {el: {"filename": debian.entries[el].filename, "md5": debian.entries[el].md5, "cutoff_wfc": 30.0,
+                 "cutoff_rho": 240.0} for el in ("Si", "Ge")}
+    rows["Si"]["md5"] = "0" * 32  # the table names another file than the one in place
+    (tmp_path / "family.json").write_text(json.dumps({"name": "t", "functional": "PBE", "pseudopotentials": rows}))
+    config = DFTConfig(pseudo_family=str(tmp_path / "family.json"), pseudo_dir=debian.directory)
+    assert servable_elements(config, [Atoms("Si2"), Atoms("Ge2"), Atoms("Xe")]) == {"Ge"}  # each refused alone
