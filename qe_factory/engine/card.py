@@ -146,14 +146,17 @@ def nequip_lines(training_file: Path, labels: int, reexport: str | None) -> list
             f"data.split_dataset.test={test} dataloader.batch_size={min(NEQUIP_BATCH, train)}"]
 
 
-def training_commands(training_file: Path, format: str, labels: int, e0s: bool) -> dict[str, list[str]]:
+def training_commands(training_file: Path, format: str, labels: int, e0s: bool,
+                      dataset: str | None = None) -> dict[str, list[str]]:
     """The shell lines that train MACE and NequIP on this export (run in its directory); a trainer that reads
-    another format starts with the export command that writes it from the same home. `e0s`: the export has E0s
-    (MACE's extxyz holds them as IsolatedAtom frames; without any, MACE fits them: --E0s=average)."""
+    another format starts with the export command that writes it from the same home (and data set, `dataset`).
+    `e0s`: the export has E0s (MACE's extxyz holds them as IsolatedAtom frames; without any, MACE fits them:
+    --E0s=average)."""
     stem, suffix = training_file.stem, training_file.suffix if format != "ase-db" else ".extxyz"
     mace_file = training_file if format == "mace-extxyz" else training_file.with_name(f"{stem}-mace{suffix}")
     nequip_file = training_file if format == "nequip-extxyz" else training_file.with_name(f"{stem}-nequip{suffix}")
-    again = "qe-factory export -o {} --format {}  # add this export's --include-marked/--config-type, if given"
+    again = ("qe-factory export -o {} --format {}" + (f" --dataset {dataset}" if dataset else "")
+             + "  # add this export's --home/--include-marked/--config-type, if given")
     return {
         "mace": mace_lines(mace_file, labels, e0s,
                            None if mace_file == training_file else again.format(mace_file.name, "mace-extxyz")),
@@ -201,7 +204,8 @@ def dataset_card(
         left_out_at_export=dict(export.unphysical), sanitizer=limits or SanitizerThresholds(),
         e0s=_e0s(export.references), e0s_missing=dict(export.missing),
         files={name: Path(file).name for name, file in files.items() if file is not None},
-        commands=training_commands(path, format, export.labels, bool(export.e0s)), advice=[],
+        commands=training_commands(path, format, export.labels, bool(export.e0s), protocol and protocol.name),
+        advice=[],
     )
     return card.model_copy(update={"advice": advice(card)})
 

@@ -130,6 +130,7 @@ def test_qe_factory_export_writes_the_card_of_the_whole_home(labelled, tmp_path,
     card, markdown = read_card(tmp_path / "again.db")
     assert card.outcomes.scope == "every structure in the home" and card.format == "ase-db"
     assert {k: v for k, v in card.outcomes.counts.items() if k != "marked"} == status_counts(capsys)
-    assert card.commands["mace"][0].startswith("qe-factory export -o again-mace.extxyz --format mace-extxyz")
+    assert card.commands["mace"][0].startswith("qe-factory export -o again-mace.extxyz --format mace-extxyz "
+                                               "--dataset default")  # the same data set's labels
     assert card.commands["nequip"][0].startswith("qe-factory export -o again-nequip.extxyz --format nequip-extxyz")
     assert "# Data-set card: again.db" in markdown
