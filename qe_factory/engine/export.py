@@ -101,7 +101,8 @@ def write_training_set(
     return count
 
 
-def _label_settings(result: DFTResult, element: str) -> tuple:
+def label_settings(result: DFTResult, element: str) -> tuple:
+    """What an element's E0 must share with a label: (pseudopotential md5, ecutwfc, ecutrho, smearing, degauss)."""
     system = result.parameters.get("system", {})
     md5 = result.pseudopotentials.get(element, {}).get("md5")
     return md5, result.ecutwfc, result.ecutrho, system.get("smearing"), system.get("degauss")
@@ -114,7 +115,7 @@ def matching_references(labels: list[DFTResult], e0s: list[DFTResult]) -> tuple[
     needed: dict[str, set[tuple]] = {}
     for label in labels:
         for element in set(label.structure.to_atoms().get_chemical_symbols()):
-            needed.setdefault(element, set()).add(_label_settings(label, element))
+            needed.setdefault(element, set()).add(label_settings(label, element))
     found: dict[str, DFTResult] = {}
     missing: dict[str, str] = {}
     for element, settings in sorted(needed.items()):
@@ -123,7 +124,7 @@ def matching_references(labels: list[DFTResult], e0s: list[DFTResult]) -> tuple[
                                 "ecutwfc and ecutrho in the config for one E0 per element)")
             continue
         (wanted,) = settings
-        match = [e0 for e0 in e0s if e0.succeeded and e0.formula == element and _label_settings(e0, element) == wanted]
+        match = [e0 for e0 in e0s if e0.succeeded and e0.formula == element and label_settings(e0, element) == wanted]
         if match:
             found[element] = match[0]
         else:

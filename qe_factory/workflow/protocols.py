@@ -17,7 +17,7 @@ from ase import Atoms
 
 from qe_factory.engine.config import ConfigError, DFTConfig
 from qe_factory.engine.protocol import Protocol, settle
-from qe_factory.engine.pseudos import PseudopotentialError, load_family, missing_pseudos, resolve_pseudos
+from qe_factory.engine.pseudos import PseudopotentialError, load_family, resolve_pseudos
 from qe_factory.engine.results import DFTResult
 from qe_factory.workflow.offline import write_json
 
@@ -76,12 +76,12 @@ def servable_elements(config: DFTConfig, structures: Iterable[Atoms]) -> set[str
     by submit)."""
     family = load_family(config.pseudo_family, config.pseudo_dir)
     elements = {symbol for atoms in structures for symbol in atoms.get_chemical_symbols()}
-    return {el for el in elements - set(missing_pseudos(family, elements)) if resolves(family, el)}
+    return {el for el in elements if resolves(family, el)}
 
 
 def resolves(family, element: str) -> bool:
-    """Whether the element's file passes the checks (md5, element, functional): else its structures are refused one
-    by one, and the data set is not pinned with it."""
+    """Whether the family has the element's file and it passes the checks (md5, element, functional): else its
+    structures are refused one by one, and the data set is not pinned with it."""
     try:
         resolve_pseudos(family, [element])
     except PseudopotentialError:
@@ -113,9 +113,11 @@ def in_data_set(results: Iterable[DFTResult], protocol: Protocol | None) -> tupl
 
 
 def made_as(result: DFTResult, protocol: Protocol) -> bool:
-    """Whether a label without a protocol hash was made with the protocol's label settings."""
-    system, settings = result.parameters.get("system", {}), protocol.settings
-    files = {el: entry.get("md5") for el, entry in result.pseudopotentials.items()}
-    return ((result.ecutwfc, result.ecutrho) == protocol.cutoffs
-            and (system.get("smearing"), system.get("degauss")) == (settings["smearing"], settings["degauss"])
-            and all(protocol.pseudopotentials.get(el, {}).get("md5") == md5 for el, md5 in files.items()))
+    """Whether a label without a protocol hash was made with the protocol's label settings (export.label_settings:
+    the pseudopotential file, cutoffs, smearing and degauss of each of its elements)."""
+    from qe_factory.engine.export import label_settings
+
+    shared = (*protocol.cutoffs, protocol.settings["smearing"], protocol.settings["degauss"])
+    return bool(result.pseudopotentials) and all(
+        label_settings(result, el) == (protocol.pseudopotentials.get(el, {}).get("md5"), *shared)
+        for el in result.pseudopotentials)
