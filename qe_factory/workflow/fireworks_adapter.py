@@ -110,6 +110,9 @@ def embedded_store(launchpad: LaunchPad) -> Any | None:
 # the fields FireWorks (and state.py) look documents up by, per LaunchPad collection (values never change, or only grow)
 INDEXED_FIELDS = {"fireworks": ("fw_id", "launches"), "launches": ("launch_id", "fw_id", "launch_dir"),
                   "workflows": ("nodes",), "offline_runs": ("launch_id",)}
+# fields (tuples: looked up together) whose values change in place, that FireWorks looks documents up by: its
+# checkout of the next READY Firework (of a stage: state.stage_fworker), the count of those waiting
+CHANGING_FIELDS = {"fireworks": (("state", "spec.stage"), ("state",))}
 
 
 def index_embedded_collections(launchpad: LaunchPad) -> None:
@@ -121,17 +124,18 @@ def index_embedded_collections(launchpad: LaunchPad) -> None:
     filter applied to each of `_store.documents` (CollectionStore, keyed by _id, in insertion order).
     """
     for name, fields in INDEXED_FIELDS.items():
-        index_collection(getattr(launchpad, name), fields)
+        index_collection(getattr(launchpad, name), fields, CHANGING_FIELDS.get(name, ()))
 
 
-def index_collection(collection: Any, fields: tuple[str, ...]) -> None:
-    """Give one mongomock collection IndexedDocuments on `fields` and a find_one that copies only what it returns.
+def index_collection(collection: Any, fields: tuple[str, ...], changing: tuple[tuple[str, ...], ...] = ()) -> None:
+    """Give one mongomock collection IndexedDocuments on `fields` (and `changing` ones) and a find_one that copies
+    only what it returns.
 
     Relies on: mongomock's `find_one` and `_find_and_modify` (find_one_and_update, FireWorks' checkout of the next
     READY Firework) go through `self.find_one`, looked up on the instance; its Cursor copies every matching
     document (`_get_dataset`, a generator of copies, made into a list) before returning the first.
     """
-    collection._iter_documents = IndexedDocuments(collection, fields)
+    collection._iter_documents = IndexedDocuments(collection, fields, changing)
     collection.find_one = functools.partial(find_first, collection, collection.find_one)
 
 
@@ -148,19 +152,25 @@ def find_first(collection: Any, find_one: Callable, filter: Any = None, *args: A
 
 
 class IndexedDocuments:
-    """`_iter_documents` of one mongomock collection: a filter naming one _id, or values of one of `fields`, is
-    applied to the few documents that can match; any other filter to all of them. What FireWorks asks is decided
-    cheaply (`decide`); mongomock's filter decides the rest."""
+    """`_iter_documents` of one mongomock collection: a filter naming one _id, or values of one of `fields` or of
+    `changing` fields, is applied to the few documents that can match; any other filter to all of them. What
+    FireWorks asks is decided cheaply (`decide`); mongomock's filter decides the rest.
 
-    def __init__(self, collection: Any, fields: tuple[str, ...]):
+    Relies on: mongomock changes a stored document in place only in `_update` (update_*, replace_*,
+    find_one_and_*), and only a document this method yielded; so every document yielded is noted (`touched`) and
+    the changing indexes read its field again before their next look-up."""
+
+    def __init__(self, collection: Any, fields: tuple[str, ...], changing: tuple[tuple[str, ...], ...] = ()):
         self.collection, self.scan = collection, collection._iter_documents
         self.indexes = [FieldIndex(field) for field in fields]
+        self.changing = [ChangingFieldIndex(together) for together in changing]
+        self.touched: set[Any] = set()  # _ids of documents yielded since the changing indexes last looked
 
     def __call__(self, filter: Any):
         from mongomock.filtering import filter_applies
 
         if not isinstance(filter, dict):
-            return self.scan(filter)
+            return self.noted(self.scan(filter))
         candidates = self.candidates(filter)
         if candidates is None:
             candidates = self.collection._store._documents.values()
@@ -169,7 +179,13 @@ class IndexedDocuments:
             verdict = decide(filter, doc)
             return verdict if verdict is not None else filter_applies(filter, doc)
 
-        return (doc for doc in list(candidates) if selected(doc))
+        return self.noted(doc for doc in list(candidates) if selected(doc))
+
+    def noted(self, documents: Iterator[dict]) -> Iterator[dict]:
+        for doc in documents:
+            if self.changing:
+                self.touched.add(doc.get("_id"))  # the caller may change it in place
+            yield doc
 
     def candidates(self, filter: dict) -> list[dict] | None:
         from bson import ObjectId
@@ -180,6 +196,12 @@ class IndexedDocuments:
             return [documents[key]] if key in documents else []
         for index in self.indexes:
             if (values := index.values_in(filter)) is not None:
+                return index.documents(documents, values)
+        for index in self.changing:
+            if (values := index.values_in(filter)) is not None:
+                for each in self.changing:
+                    each.refresh(documents, self.touched)
+                self.touched = set()
                 return index.documents(documents, values)
         return None
 
@@ -306,6 +328,54 @@ class FieldIndex:
     @staticmethod
     def holds(field: Any, value: Any) -> bool:
         return value in field if isinstance(field, list) else value == field
+
+
+class ChangingFieldIndex:
+    """values → _ids of the documents holding them in fields whose values change in place (a Firework's state and
+    stage; looked up together). `refresh` reads the fields again in the documents added since it last looked and in
+    those named `touched` (IndexedDocuments: yielded, so maybe changed). A document where one is not a plain str or
+    int (a list, a number of another type, none) is a candidate for every look-up: the filter decides."""
+
+    def __init__(self, fields: tuple[str, ...]):
+        self.fields = fields
+        self.ids: dict[Any, set[Any]] = {}
+        self.value_of: dict[Any, Any] = {}  # _id → the values it is filed under (OTHER: not plain values)
+        self.place: dict[Any, int] = {}  # _id → its place in insertion order
+        self.last: Any = None
+
+    def values_in(self, filter: dict) -> list[tuple] | None:
+        """The value combinations the filter asks these fields for (each: one, or `$in` a list), if it asks all."""
+        asked = [FieldIndex(field).values_in(filter) if field in filter else None for field in self.fields]
+        return None if None in asked else list(itertools.product(*asked))
+
+    def refresh(self, documents: dict, touched: set[Any]) -> None:
+        if len(self.place) > 2 * len(documents) + 100:  # mostly deleted documents: start again
+            self.ids, self.value_of, self.place, self.last = {}, {}, {}, None
+        new = list(itertools.takewhile(lambda doc_id: doc_id != self.last, reversed(documents)))
+        if len(new) == len(documents):
+            self.ids, self.value_of, self.place = {}, {}, {}
+        for doc_id in reversed(new):
+            self.place[doc_id] = len(self.place)
+        if new:
+            self.last = new[0]
+        for doc_id in itertools.chain(new, touched):
+            self.file(doc_id, documents.get(doc_id))
+
+    def file(self, doc_id: Any, doc: dict | None) -> None:
+        if (old := self.value_of.pop(doc_id, None)) is not None:
+            self.ids[old].discard(doc_id)
+        if doc is not None:
+            values = tuple(field_value(doc, field) for field in self.fields)
+            self.value_of[doc_id] = values if all(type(v) in (str, int) for v in values) else OTHER
+            self.ids.setdefault(self.value_of[doc_id], set()).add(doc_id)
+
+    def documents(self, documents: dict, values: list[tuple]) -> list[dict]:
+        ids = {doc_id for value in [*values, OTHER] for doc_id in self.ids.get(value, ())}
+        docs = [documents[doc_id] for doc_id in ids if doc_id in documents]
+        return sorted(docs, key=lambda doc: self.place.get(doc.get("_id"), 0))  # in mongomock's order
+
+
+OTHER = object()  # ChangingFieldIndex: filed under no value of its own
 
 
 def stored_form(workflow: Any) -> dict:

@@ -39,6 +39,56 @@ def test_indexed_lookups_answer_as_full_scans_do_through_inserts_updates_and_del
     assert indexed.find_one({"_id": any_doc["_id"]}) == any_doc  # by _id: the store's own key
 
 
+
+def test_lookups_by_a_field_changed_in_place_answer_as_full_scans_do():
+    """A Firework's state (and stage) change in place (update_*, find_one_and_*, replace_*): the indexes on them
+    read them again wherever mongomock may have changed them, so every look-up by state, or state and stage
+    (FireWorks' checkout of the next READY Firework of a stage, sorted), finds what mongomock's full scan finds,
+    through inserts, updates, upserts and deletes, with values no index can file (lists, None, floats, booleans,
+    missing)."""
+    from qe_factory.workflow.fireworks_adapter import index_collection
+
+    client = mongomock.MongoClient()
+    plain, indexed = client.db.plain, client.db.indexed
+    index_collection(indexed, ("fw_id",), (("state", "spec.stage"), ("state",)))
+    rng = random.Random(3)
+    states = ["READY", "RESERVED", "WAITING", 1, 1.0, True, None, ["READY"]]
+    specs = [{"stage": "scf"}, {"stage": "quick"}, {}, {"stage": 1.0}, {"stage": ["scf"]}, {"stage": {"x": 1}}]
+    for step in range(600):
+        fw_id, state, new, stage = rng.randrange(50), rng.choice(states[:3]), rng.choice(states), rng.choice(states)
+        op = rng.choice(["insert", "insert_many", "update_one", "update_many", "checkout", "replace", "upsert",
+                         "delete", "delete_many", "unset"])
+        for collection in (plain, indexed):
+            doc = {"fw_id": fw_id, "n": step, "spec": specs[step % len(specs)],
+                   **({} if new is None and step % 2 else {"state": new})}
+            if op == "insert":
+                collection.insert_one(dict(doc))
+            elif op == "insert_many":
+                collection.insert_many([dict(doc), {**doc, "fw_id": fw_id + 1}])
+            elif op == "update_one":
+                collection.update_one({"fw_id": fw_id}, {"$set": {"state": new, "spec.stage": stage}})
+            elif op == "update_many":
+                collection.update_many({"state": state}, {"$set": {"state": new}})
+            elif op == "checkout":
+                collection.find_one_and_update({"state": state}, {"$set": {"state": "RESERVED"}},
+                                               sort=[("fw_id", -1), ("n", 1)])
+            elif op == "replace":
+                collection.find_one_and_replace({"fw_id": fw_id}, dict(doc))
+            elif op == "upsert":
+                collection.update_one({"fw_id": fw_id + 100}, {"$set": {"state": new}}, upsert=True)
+            elif op == "delete":
+                collection.delete_one({"state": state})
+            elif op == "delete_many":
+                collection.delete_many({"fw_id": fw_id})
+            else:
+                collection.update_many({"fw_id": {"$in": [fw_id, fw_id + 1]}}, {"$unset": {"state": ""}})
+        for query in ({"state": state}, {"state": {"$in": [state, "WAITING"]}}, {"state": 1},
+                      {"state": "READY", "fw_id": {"$ne": 3}}, {"state": state, "spec.stage": "scf"},
+                      {"state": "READY", "spec.stage": {"$in": ["scf", "quick"]}}, {"state": state, "spec.stage": 1}):
+            found = [[(d["fw_id"], d.get("n")) for d in c.find(query, sort=[("n", -1)])] for c in (plain, indexed)]
+            assert found[0] == found[1], (step, op, query)
+
+
 def test_indexed_lookups_of_list_fields_find_every_document_holding_the_value():
     client = mongomock.MongoClient()
     workflows = client.db.workflows
