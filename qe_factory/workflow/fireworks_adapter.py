@@ -135,7 +135,9 @@ def index_collection(collection: Any, fields: tuple[str, ...], changing: tuple[t
     READY Firework) go through `self.find_one`, looked up on the instance; its Cursor copies every matching
     document (`_get_dataset`, a generator of copies, made into a list) before returning the first.
     """
-    collection._iter_documents = IndexedDocuments(collection, fields, changing)
+    texts = DocumentTexts()
+    collection._store.document_texts = texts  # write_store reuses the texts of documents that did not change
+    collection._iter_documents = IndexedDocuments(collection, fields, changing, texts)
     collection.find_one = functools.partial(find_first, collection, collection.find_one)
 
 
@@ -157,14 +159,16 @@ class IndexedDocuments:
     FireWorks asks is decided cheaply (`decide`); mongomock's filter decides the rest.
 
     Relies on: mongomock changes a stored document in place only in `_update` (update_*, replace_*,
-    find_one_and_*), and only a document this method yielded; so every document yielded is noted (`touched`) and
-    the changing indexes read its field again before their next look-up."""
+    find_one_and_*), and only a document this method yielded; so every document yielded is noted (`touched`), the
+    changing indexes read its field again before their next look-up, and its saved text (`texts`) is made again."""
 
-    def __init__(self, collection: Any, fields: tuple[str, ...], changing: tuple[tuple[str, ...], ...] = ()):
+    def __init__(self, collection: Any, fields: tuple[str, ...], changing: tuple[tuple[str, ...], ...] = (),
+                 texts: DocumentTexts | None = None):
         self.collection, self.scan = collection, collection._iter_documents
         self.indexes = [FieldIndex(field) for field in fields]
         self.changing = [ChangingFieldIndex(together) for together in changing]
         self.touched: set[Any] = set()  # _ids of documents yielded since the changing indexes last looked
+        self.texts = texts
 
     def __call__(self, filter: Any):
         from mongomock.filtering import filter_applies
@@ -182,9 +186,15 @@ class IndexedDocuments:
         return self.noted(doc for doc in list(candidates) if selected(doc))
 
     def noted(self, documents: Iterator[dict]) -> Iterator[dict]:
-        for doc in documents:
+        from mongomock.helpers import hashdict
+
+        for doc in documents:  # the caller may change it in place
+            key = doc.get("_id")
+            key = hashdict(key) if isinstance(key, dict) else key  # as mongomock keys it
             if self.changing:
-                self.touched.add(doc.get("_id"))  # the caller may change it in place
+                self.touched.add(key)
+            if self.texts is not None:
+                self.texts.changed.add(key)
             yield doc
 
     def candidates(self, filter: dict) -> list[dict] | None:
@@ -378,6 +388,28 @@ class ChangingFieldIndex:
 OTHER = object()  # ChangingFieldIndex: filed under no value of its own
 
 
+class DocumentTexts:
+    """The saved (extended-JSON) text of each document of one collection, made again only for a document added,
+    replaced or `changed` (yielded by the collection's look-ups) since the last save: a save then costs what changed
+    since, not the whole LaunchPad (benchmarks/README.md, coordinator.py)."""
+
+    def __init__(self):
+        self.texts: dict[Any, tuple[dict, str]] = {}  # _id → (the document it was made of, its text)
+        self.changed: set[Any] = set()
+
+    def text(self, documents: dict) -> str:
+        """`[[_id, document], ...]` as mongomock-persistence saves a collection's documents."""
+        texts = {}
+        for doc_id, doc in documents.items():
+            made = self.texts.get(doc_id)
+            if made is None or made[0] is not doc or doc_id in self.changed:
+                made = (doc, json.dumps([doc_id, doc], default=extended_json))
+            texts[doc_id] = made
+        self.texts = texts
+        self.changed.clear()
+        return "[" + ", ".join(text for _, text in texts.values()) + "]"
+
+
 def stored_form(workflow: Any) -> dict:
     """A new workflow as the LaunchPad will hold it (its root Fireworks READY, its ids not yet assigned): the
     workflow's document (timestamps as ISO text) and its Fireworks' documents, JSON-ready.
@@ -449,15 +481,16 @@ def write_store(store: Any, path: Path | None = None) -> None:
     """Write an embedded store to its file (or `path`) atomically: a temporary file, fsync, rename; the file it
     replaces is kept as `<name>.prev` (the previous good state). On a full disk nothing is left half-written.
 
-    Relies on: `store.to_dict()` (mongomock-persistence) gives the whole database, and its loader reads MongoDB
-    extended JSON with `bson.json_util.loads` (written here by the standard library's C encoder: 4× faster than
-    `bson.json_util.dumps`, the same document).
+    Relies on: mongomock-persistence saves `store.to_dict()`, the whole database as {database: {collection:
+    {"name": name, "documents": [[_id, document], ...]}}}, and its loader reads MongoDB extended JSON with
+    `bson.json_util.loads` (written here by the standard library's C encoder: 4× faster than `bson.json_util.dumps`,
+    the same document; each collection's documents from its DocumentTexts where it has them).
     """
     target = path or store_file(store)
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(store.to_dict(), default=extended_json))  # dumps: the C encoder (dump: Python)
+            handle.write(store_text(store))
             handle.flush()
             os.fsync(handle.fileno())
         replace_keeping_previous(tmp, target)
@@ -468,6 +501,21 @@ def write_store(store: Any, path: Path | None = None) -> None:
             raise DiskFullError(exc.errno, f"no space left to save {target} (the last saved state is intact; "
                                 "free space, then run the command again)") from exc
         raise
+
+
+def store_text(store: Any) -> str:
+    """The JSON text of `store.to_dict()`, each collection's documents from its DocumentTexts where it has them."""
+
+    def collection_text(collection: Any) -> str:
+        texts = getattr(collection, "document_texts", None)
+        documents = texts.text(collection._documents) if texts else json.dumps(
+            list(collection._documents.items()), default=extended_json)  # dumps: the C encoder (dump: Python)
+        return f'{{"name": {json.dumps(collection.name)}, "documents": {documents}}}'
+
+    return "{" + ", ".join(
+        f"{json.dumps(name)}: {{" + ", ".join(f"{json.dumps(key)}: {collection_text(collection)}"
+                                              for key, collection in database._collections.items()) + "}"
+        for name, database in store._databases.items()) + "}"
 
 
 def remove_leftovers(target: Path) -> None:

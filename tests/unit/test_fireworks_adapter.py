@@ -133,12 +133,18 @@ def test_write_store_writes_what_bson_json_util_writes(home, tmp_path, monkeypat
 
     launchpad = get_launchpad()
     launchpad.add_wf(Firework(ScriptTask.from_str("true"), name="one"))
+    launchpad.add_wf(Firework(ScriptTask.from_str("true"), name="two"))
     monkeypatch.chdir(tmp_path)
     launch_rocket(launchpad, FWorker(), strm_lvl="ERROR")  # launches: ObjectIds, dates with and without a zone
     store = embedded_store(launchpad)
     write_store(store, tmp_path / "ours.json")
     expected = bson.json_util.loads(bson.json_util.dumps(store.to_dict()))
     assert bson.json_util.loads((tmp_path / "ours.json").read_text()) == expected
+    for change in (lambda: launch_rocket(launchpad, FWorker(), strm_lvl="ERROR"), lambda: launchpad.delete_wf(1)):
+        change()  # the next save makes again the texts of what changed only
+        write_store(store, tmp_path / "ours.json")
+        expected = bson.json_util.loads(bson.json_util.dumps(store.to_dict()))
+        assert bson.json_util.loads((tmp_path / "ours.json").read_text()) == expected
 
 
 OFFLINE_ROCKET = """

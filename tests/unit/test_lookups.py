@@ -4,6 +4,7 @@ what they know whole."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import mongomock
@@ -45,8 +46,8 @@ def test_lookups_by_a_field_changed_in_place_answer_as_full_scans_do():
     read them again wherever mongomock may have changed them, so every look-up by state, or state and stage
     (FireWorks' checkout of the next READY Firework of a stage, sorted), finds what mongomock's full scan finds,
     through inserts, updates, upserts and deletes, with values no index can file (lists, None, floats, booleans,
-    missing)."""
-    from qe_factory.workflow.fireworks_adapter import index_collection
+    missing). The text a save writes of them, made again only for the documents that changed, stays the whole one's."""
+    from qe_factory.workflow.fireworks_adapter import extended_json, index_collection
 
     client = mongomock.MongoClient()
     plain, indexed = client.db.plain, client.db.indexed
@@ -87,6 +88,9 @@ def test_lookups_by_a_field_changed_in_place_answer_as_full_scans_do():
                       {"state": "READY", "spec.stage": {"$in": ["scf", "quick"]}}, {"state": state, "spec.stage": 1}):
             found = [[(d["fw_id"], d.get("n")) for d in c.find(query, sort=[("n", -1)])] for c in (plain, indexed)]
             assert found[0] == found[1], (step, op, query)
+        documents = indexed._store._documents  # the saved text, made again only for what changed, is the whole one's
+        saved = json.dumps(list(documents.items()), default=extended_json)
+        assert indexed._store.document_texts.text(documents) == saved, (step, op)
 
 
 def test_indexed_lookups_of_list_fields_find_every_document_holding_the_value():
