@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -58,6 +60,13 @@ def _worker_main(conn, execution: ExecutionSettings, log: str | None, environmen
         conn.send(state)
 
 
+def start_method() -> str:
+    """How a worker process starts: a fork of this one while it runs no other thread (its imports done: ready at
+    once, where a fresh interpreter spends ~1 s of CPU importing; benchmarks/README.md, factory.py), else a fresh
+    interpreter (a fork could copy a lock another thread holds)."""
+    return "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 class LocalWorkers:
     """`count` worker processes on this machine, each running one launch at a time with `execution` (its
     mpi_ranks set to this slot's share of the cores)."""
@@ -74,11 +83,15 @@ class LocalWorkers:
         self.busy: dict[Any, tuple[Any, OfflineRun]] = {}  # connection → (process, run)
 
     def _spawn(self) -> tuple[Any, Any]:
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the coordinator's state
+        context = multiprocessing.get_context(start_method())
         ours, theirs = context.Pipe()
         process = context.Process(target=_worker_main, args=(theirs, self.execution, self.log, self.environment),
                                   daemon=True)
-        process.start()
+        gc.freeze()  # a forked worker's collector then never walks (and so copies) the coordinator's objects
+        try:
+            process.start()
+        finally:
+            gc.unfreeze()
         theirs.close()
         return ours, process
 
