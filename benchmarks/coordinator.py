@@ -169,7 +169,8 @@ def c3(workdir: Path, structures: int, max_jobs: int, slots: int) -> None:
                          capture_output=True, text=True).stdout
     wall = time.perf_counter() - start
     jobs = int(out.split("qlaunch: ")[1].split()[0])
-    while not all(h.state == "ENDED" or not queue_job_alive(h.job_id) for h in host_records(queue_folder(home))):
+    while not all(h.state == "ENDED" or not (h.job_id and queue_job_alive(h.job_id))
+                  for h in host_records(queue_folder(home))):
         time.sleep(0.5)  # each host's last record (it exits after --idle-exit s without work): then its figures
     hosts = host_records(queue_folder(home))
     print(f"C3 {structures} structures through pilot jobs (-m {max_jobs}, {slots} slot(s) each) in {wall:.0f} s: "
