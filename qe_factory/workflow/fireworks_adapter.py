@@ -283,6 +283,20 @@ def equals_one(node: Any, values: list) -> bool | None:
     return None if any(node == value for value in values) else False
 
 
+def asked_values(filter: dict, field: str) -> list | None:
+    """The values a filter asks a field for (one, or `$in` a list), if they can be looked up (str or int)."""
+    value = filter.get(field)
+    values = value.get("$in") if isinstance(value, dict) and set(value) == {"$in"} else [value]
+    ok = isinstance(values, list) and all(isinstance(v, int | str) and not isinstance(v, bool) for v in values)
+    return values if ok else None
+
+
+def added_since(documents: dict, last: Any) -> list:
+    """The _ids after `last` in a collection's documents (insertion order), newest first: every _id if `last` is
+    gone."""
+    return list(itertools.takewhile(lambda doc_id: doc_id != last, reversed(documents)))
+
+
 class FieldIndex:
     """value → _ids of the documents holding it in one field (a list field: each of its items). The documents added
     since it last looked (at the end: a new document has a new _id; an update keeps its place) are added to it; a
@@ -296,11 +310,7 @@ class FieldIndex:
         self.place: dict[Any, int] = {}  # _id → its place in insertion order
 
     def values_in(self, filter: dict) -> list | None:
-        """The values the filter asks this field for (one, or `$in` a list), if they can be looked up."""
-        value = filter.get(self.field)
-        values = value.get("$in") if isinstance(value, dict) and set(value) == {"$in"} else [value]
-        ok = isinstance(values, list) and all(isinstance(v, int | str) and not isinstance(v, bool) for v in values)
-        return values if ok else None
+        return asked_values(filter, self.field)
 
     def documents(self, documents: dict, values: list) -> list[dict]:
         self.add_new(documents)
@@ -313,7 +323,7 @@ class FieldIndex:
         index names is gone)."""
         if len(self.place) > 2 * len(documents) + 100:
             self.ids, self.last, self.place = {}, None, {}
-        new = list(itertools.takewhile(lambda doc_id: doc_id != self.last, reversed(documents)))
+        new = added_since(documents, self.last)
         if len(new) == len(documents):
             self.ids, self.place = {}, {}
         for doc_id in reversed(new):
@@ -355,13 +365,13 @@ class ChangingFieldIndex:
 
     def values_in(self, filter: dict) -> list[tuple] | None:
         """The value combinations the filter asks these fields for (each: one, or `$in` a list), if it asks all."""
-        asked = [FieldIndex(field).values_in(filter) if field in filter else None for field in self.fields]
+        asked = [asked_values(filter, field) if field in filter else None for field in self.fields]
         return None if None in asked else list(itertools.product(*asked))
 
     def refresh(self, documents: dict, touched: set[Any]) -> None:
         if len(self.place) > 2 * len(documents) + 100:  # mostly deleted documents: start again
             self.ids, self.value_of, self.place, self.last = {}, {}, {}, None
-        new = list(itertools.takewhile(lambda doc_id: doc_id != self.last, reversed(documents)))
+        new = added_since(documents, self.last)
         if len(new) == len(documents):
             self.ids, self.value_of, self.place = {}, {}, {}
         for doc_id in reversed(new):
